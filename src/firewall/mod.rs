@@ -1,0 +1,1 @@
+//! The nftables side of dnsfence (placeholder until it lands).

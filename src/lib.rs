@@ -1,0 +1,20 @@
+//! dnsfence: a filtering DNS resolver that contains the network egress of AI agents.
+//!
+//! A query flows through these modules, in this order:
+//!
+//! 1. [`server`] receives it over UDP or TCP (hickory-server) and hands it to the pipeline.
+//! 2. [`pipeline::request`] rejects what is not one plain `QUERY` for one `IN` question.
+//! 3. [`pipeline::decision`] asks the [`policy`] whether the name and type may leave; a denied
+//!    query is answered locally and never forwarded.
+//! 4. [`pipeline::upstream`] forwards an allowed query, as a fresh message, to a trusted resolver.
+//! 5. [`pipeline::answer_filter`] keeps only the records that belong to the question's name or its
+//!    CNAME chain, and clamps their TTLs.
+//! 6. [`firewall`] admits every address of that answer to the kernel's nftables sets, and the
+//!    kernel acknowledges it, before the reply is sent (fail closed: SERVFAIL otherwise).
+//! 7. [`querylog`] writes one JSON line per query.
+
+pub mod firewall;
+pub mod pipeline;
+pub mod policy;
+pub mod querylog;
+pub mod server;

@@ -1,0 +1,1 @@
+//! The query pipeline (placeholder).
