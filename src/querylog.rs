@@ -1,1 +1,183 @@
-//! Query log (placeholder).
+//! The query log: one JSON object per query, one per line, flushed as it happens.
+//!
+//! It is what an operator tails to see what an agent tried (`jq 'select(.decision=="deny")'`).
+//! Records go through a bounded channel to a dedicated writer thread, so a slow disk never
+//! stalls a query and serialization stays off the query path. When the channel is full the
+//! record is dropped and counted rather than letting an agent's flood grow memory; the count is
+//! reported on stderr.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::policy::LogTarget;
+
+/// Records waiting to be written before new ones are dropped.
+const QUEUE_LEN: usize = 16_384;
+
+/// One address handed to the client, with the TTL it was told.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedAddress {
+    pub addr: IpAddr,
+    pub ttl: u32,
+}
+
+/// One line of the query log.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub client: IpAddr,
+    pub port: u16,
+    pub transport: &'static str,
+    /// The name as received, in presentation form with every unusual byte escaped.
+    pub qname: String,
+    pub qtype: String,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The client group whose allowlist applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The rule that allowed the name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why the query was denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    pub rcode: String,
+    pub answers: Vec<LoggedAddress>,
+    /// Answer addresses the address guard took out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<SocketAddr>,
+    /// Why an allowed query failed (upstream down, firewall admission refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    pub latency_us: u64,
+}
+
+fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*time))
+}
+
+/// The sending side, cheap to clone.
+#[derive(Clone)]
+pub struct QueryLog {
+    sender: SyncSender<QueryRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Owns the writer thread; dropping every [`QueryLog`] and joining this flushes the tail.
+pub struct QueryLogWriter {
+    thread: Option<JoinHandle<()>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl QueryLog {
+    /// Opens `target` (appending to a file) and starts the writer thread.
+    pub fn open(target: &LogTarget) -> io::Result<(QueryLog, QueryLogWriter)> {
+        let sink: Box<dyn Write + Send> = match target {
+            LogTarget::Stdout => Box::new(io::stdout()),
+            LogTarget::File(path) => Box::new(open_append(path)?),
+        };
+        let (sender, receiver) = mpsc::sync_channel(QUEUE_LEN);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new()
+            .name("dnsfence-querylog".into())
+            .spawn(move || write_records(receiver, BufWriter::new(sink)))?;
+        Ok((
+            QueryLog {
+                sender,
+                dropped: dropped.clone(),
+            },
+            QueryLogWriter {
+                thread: Some(thread),
+                dropped,
+            },
+        ))
+    }
+
+    /// Queues one record; never blocks.
+    pub fn record(&self, record: QueryRecord) {
+        match self.sender.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let before = self.dropped.fetch_add(1, Ordering::Relaxed);
+                if before.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = before + 1,
+                        "query log cannot keep up; records dropped"
+                    );
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+impl QueryLogWriter {
+    /// Waits until every queued record is written (all senders must be gone).
+    pub fn finish(mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("query log writer thread panicked");
+            }
+        }
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(dropped, "query log records were dropped under load");
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))
+}
+
+fn write_records(receiver: Receiver<QueryRecord>, mut out: BufWriter<Box<dyn Write + Send>>) {
+    let mut failing = false;
+    while let Ok(first) = receiver.recv() {
+        let mut next = Some(first);
+        // Write whatever is queued, then flush once: one syscall per burst, and nothing sits in
+        // the buffer while the queue is idle.
+        while let Some(record) = next {
+            write_line(&mut out, &record, &mut failing);
+            next = receiver.try_recv().ok();
+        }
+        if let Err(error) = out.flush() {
+            report_write_error(&error, &mut failing);
+        }
+    }
+}
+
+fn write_line(out: &mut impl Write, record: &QueryRecord, failing: &mut bool) {
+    let result = serde_json::to_writer(&mut *out, record)
+        .map_err(io::Error::from)
+        .and_then(|()| out.write_all(b"\n"));
+    match result {
+        Ok(()) => *failing = false,
+        Err(error) => report_write_error(&error, failing),
+    }
+}
+
+fn report_write_error(error: &io::Error, failing: &mut bool) {
+    if !*failing {
+        tracing::error!(%error, "cannot write the query log");
+        *failing = true;
+    }
+}

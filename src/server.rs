@@ -1,1 +1,169 @@
-//! Server (placeholder).
+//! The DNS server: listeners, the hickory request handler, and graceful shutdown.
+//!
+//! Every listen address gets a UDP socket and a TCP listener served by `hickory-server`, which
+//! parses messages (answering FORMERR to what does not parse and ignoring responses sent to
+//! the port) and hands each request to [`Handler`]. The handler runs the
+//! [`Pipeline`](crate::pipeline::Pipeline), builds the reply with dnsfence's own EDNS (so a UDP
+//! reply never exceeds 1232 bytes and is truncated with TC instead of fragmented), sends it, and
+//! only then writes the log record, which carries the truncation flag and the real latency.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::pipeline::decision::DenyReason;
+use crate::pipeline::request::{Rejection, question_of};
+use crate::pipeline::{Pipeline, Transport};
+use crate::querylog::QueryLog;
+
+/// Largest UDP reply: the DNS Flag Day 2020 size, which fits every common path MTU, so replies
+/// are truncated (TC) and retried over TCP rather than fragmented.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// Idle time after which a TCP connection is closed.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `pipeline` on `listen` (UDP and TCP on each) until `shutdown` completes.
+pub async fn serve(
+    pipeline: Arc<Pipeline>,
+    log: QueryLog,
+    listen: &[SocketAddr],
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let handler = Handler { pipeline, log };
+    let mut server = Server::new(handler);
+    for &addr in listen {
+        server.register_socket(bind_udp(addr)?);
+        server.register_listener(bind_tcp(addr)?, TCP_IDLE_TIMEOUT, usize::from(u16::MAX));
+        tracing::info!(%addr, "listening on UDP and TCP");
+    }
+    shutdown.await;
+    tracing::info!("shutting down");
+    server.shutdown_token().cancel();
+    server
+        .block_until_done()
+        .await
+        .map_err(|error| io::Error::other(error.to_string()))
+}
+
+fn socket_for(addr: SocketAddr, kind: socket2::Type) -> io::Result<socket2::Socket> {
+    let protocol = if kind == socket2::Type::DGRAM {
+        socket2::Protocol::UDP
+    } else {
+        socket2::Protocol::TCP
+    };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, Some(protocol))?;
+    if addr.is_ipv6() {
+        // `[::]:53` must not also grab IPv4, or `0.0.0.0:53` beside it fails to bind.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket_for(addr, socket2::Type::DGRAM)?;
+    // A deeper receive queue rides out bursts; failure to raise it is harmless.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.bind(&addr.into()).map_err(|error| {
+        io::Error::new(error.kind(), format!("cannot bind UDP {addr}: {error}"))
+    })?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket_for(addr, socket2::Type::STREAM)?;
+    socket.bind(&addr.into()).map_err(|error| {
+        io::Error::new(error.kind(), format!("cannot bind TCP {addr}: {error}"))
+    })?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Bridges hickory's server to the pipeline.
+struct Handler {
+    pipeline: Arc<Pipeline>,
+    log: QueryLog,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let client = request.src();
+        let transport = match request.protocol() {
+            Protocol::Udp => Transport::Udp,
+            _ => Transport::Tcp,
+        };
+        let (reply, mut record) = match question_of(request) {
+            Ok(question) => self.pipeline.answer(client, transport, &question).await,
+            Err(rejection) => {
+                let reason = match rejection {
+                    Rejection::OpCode => DenyReason::Opcode,
+                    Rejection::Malformed => DenyReason::Malformed,
+                    Rejection::Class => DenyReason::Qtype,
+                };
+                self.pipeline
+                    .rejected(client, transport, None, rejection.rcode(), reason)
+            }
+        };
+        if let Some(question) = request.queries.queries().first() {
+            if record.qname.is_empty() {
+                record.qname = question.original().name().to_string();
+                record.qtype = question.query_type().to_string();
+            }
+        }
+
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        metadata.response_code = reply.rcode;
+        let edns = request.edns.as_ref().map(|client_edns| {
+            let mut edns = Edns::new();
+            edns.set_max_payload(client_edns.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            edns
+        });
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(edns) = &edns {
+            builder.edns(edns);
+        }
+        let response = builder.build(
+            metadata,
+            reply.answers.iter(),
+            std::iter::empty(),
+            reply.soa.iter(),
+            std::iter::empty(),
+        );
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(%error, %client, "cannot send the reply");
+                record.error = Some(format!("reply not sent: {error}"));
+                let mut failed = Metadata::response_from_request(&request.metadata);
+                failed.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header {
+                    metadata: failed,
+                    counts: HeaderCounts::default(),
+                })
+            }
+        };
+        record.truncated = info.truncation;
+        record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.log.record(record);
+        info
+    }
+}

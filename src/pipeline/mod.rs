@@ -1,1 +1,253 @@
-//! The query pipeline (placeholder).
+//! The query pipeline: one stage per concern, in the order a query meets them.
+//!
+//! ```text
+//! request ─► decision ─► upstream ─► answer_filter ─► firewall admission ─► reply ─► query log
+//!  (shape)   (policy)    (forward)   (chain, TTLs,     (kernel ACK before     (server)  (querylog)
+//!                                     address guard)    the reply leaves)
+//! ```
+//!
+//! [`Pipeline::answer`] runs the stages for one question and returns the reply to send together
+//! with the log record describing it. Nothing here touches sockets: the server owns transports.
+
+pub mod address_guard;
+pub mod answer_filter;
+pub mod decision;
+pub mod request;
+pub mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{Name, Record};
+use ipnet::IpNet;
+
+use crate::firewall::Admitter;
+use crate::policy::{CnameMode, DenyWith, Policy};
+use crate::querylog::{LoggedAddress, QueryRecord};
+use address_guard::AddressGuard;
+use answer_filter::{AnswerContext, filter_answer};
+use decision::{Decision, DenyReason, decide};
+use request::Question;
+use upstream::Upstreams;
+
+/// The transport a query arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// What to send back: an rcode, the answer records and, for negative answers, the SOA.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub rcode: ResponseCode,
+    pub answers: Vec<Record>,
+    pub soa: Option<Record>,
+}
+
+impl Reply {
+    fn empty(rcode: ResponseCode) -> Reply {
+        Reply {
+            rcode,
+            answers: Vec::new(),
+            soa: None,
+        }
+    }
+}
+
+/// Everything a query needs, shared by all of them.
+pub struct Pipeline {
+    policy: Arc<Policy>,
+    upstreams: Upstreams,
+    guard: AddressGuard,
+    admitter: Option<Admitter>,
+}
+
+impl Pipeline {
+    pub fn new(policy: Arc<Policy>, upstreams: Upstreams, admitter: Option<Admitter>) -> Pipeline {
+        let upstream_ips: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
+        let guard = AddressGuard::new(&policy.deny_answers, &upstream_ips);
+        Pipeline {
+            policy,
+            upstreams,
+            guard,
+            admitter,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The reply to a message that was rejected before reaching the policy.
+    pub fn rejected(
+        &self,
+        client: SocketAddr,
+        transport: Transport,
+        question: Option<&Question>,
+        rcode: ResponseCode,
+        reason: DenyReason,
+    ) -> (Reply, QueryRecord) {
+        let mut record = new_record(client, transport, question);
+        record.decision = "deny";
+        record.reason = Some(reason.as_str());
+        record.rcode = rcode.to_string();
+        (Reply::empty(rcode), record)
+    }
+
+    /// Runs the whole pipeline for one question.
+    pub async fn answer(
+        &self,
+        client: SocketAddr,
+        transport: Transport,
+        question: &Question,
+    ) -> (Reply, QueryRecord) {
+        let mut record = new_record(client, transport, Some(question));
+        let client_ip = client.ip();
+
+        let (group_name, rule) =
+            match decide(&self.policy, client_ip, &question.name, question.qtype) {
+                Decision::Allow { group, rule } => (group, rule),
+                Decision::Deny(reason) => return self.deny(record, reason),
+            };
+        record.decision = "allow";
+        record.group = Some(group_name.to_owned());
+        record.rule = Some(rule.pattern.clone());
+
+        let answer = match self.upstreams.resolve(&question.name, question.qtype).await {
+            Ok(answer) => answer,
+            Err(failure) => {
+                record.upstream = failure.upstream;
+                record.error = Some(failure.reason);
+                return servfail(record);
+            }
+        };
+        record.upstream = Some(answer.upstream);
+
+        let group = self.policy.group_for(client_ip);
+        let allow_answers: Vec<IpNet> = rule
+            .allow_answers
+            .iter()
+            .chain(group.allow_answers.iter())
+            .copied()
+            .collect();
+        let name_allowed = |name: &Name| group.rules.find(name).is_some();
+        let strict = |name: &Name| name == &question.name || group.rules.find(name).is_some();
+        let cx = AnswerContext {
+            qname: &question.name,
+            qtype: question.qtype,
+            ttl: self.policy.ttl,
+            guard: &self.guard,
+            allow_answers: &allow_answers,
+            strict_chain: match self.policy.cname {
+                CnameMode::Strict => Some(&strict),
+                CnameMode::Follow => None,
+            },
+            name_allowed: &name_allowed,
+            hints: self.policy.https_hints,
+        };
+        let filtered = filter_answer(&cx, &answer.answers);
+        record.refused = filtered.refused_addresses.clone();
+        if let Some(name) = &filtered.chain_violation {
+            record.error = Some(format!("CNAME chain leaves the allowlist at {name}"));
+            return self.deny(record, DenyReason::Policy);
+        }
+        if filtered.stripped_to_nothing() {
+            return self.deny(record, DenyReason::Rebinding);
+        }
+
+        if let Some(admitter) = &self.admitter {
+            if !filtered.admit.is_empty() {
+                if let Err(error) = admitter.admit(client_ip, &filtered.admit).await {
+                    record.error = Some(format!("firewall admission failed: {error}"));
+                    return servfail(record);
+                }
+            }
+        }
+
+        record.rcode = answer.rcode.to_string();
+        record.answers = logged_addresses(&filtered.records);
+        let mut soa = answer.soa;
+        if let Some(soa) = &mut soa {
+            soa.ttl = answer_filter::reply_ttl(soa.ttl, &self.policy.ttl);
+        }
+        let reply = Reply {
+            rcode: answer.rcode,
+            answers: filtered.records,
+            soa,
+        };
+        (reply, record)
+    }
+
+    fn deny(&self, mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
+        let rcode = match self.policy.deny_with {
+            DenyWith::NxDomain => ResponseCode::NXDomain,
+            DenyWith::Refused => ResponseCode::Refused,
+        };
+        record.decision = "deny";
+        record.reason = Some(reason.as_str());
+        record.rcode = rcode.to_string();
+        (Reply::empty(rcode), record)
+    }
+}
+
+fn servfail(mut record: QueryRecord) -> (Reply, QueryRecord) {
+    record.rcode = ResponseCode::ServFail.to_string();
+    (Reply::empty(ResponseCode::ServFail), record)
+}
+
+fn new_record(
+    client: SocketAddr,
+    transport: Transport,
+    question: Option<&Question>,
+) -> QueryRecord {
+    QueryRecord {
+        time: SystemTime::now(),
+        client: client.ip(),
+        port: client.port(),
+        transport: transport.as_str(),
+        qname: question.map(|q| q.name.to_string()).unwrap_or_default(),
+        qtype: question.map(|q| q.qtype.to_string()).unwrap_or_default(),
+        decision: "deny",
+        group: None,
+        rule: None,
+        reason: None,
+        rcode: String::new(),
+        answers: Vec::new(),
+        refused: Vec::new(),
+        upstream: None,
+        error: None,
+        truncated: false,
+        latency_us: 0,
+    }
+}
+
+/// The addresses of the records handed out, for the log.
+fn logged_addresses(records: &[Record]) -> Vec<LoggedAddress> {
+    use hickory_proto::rr::RData;
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(LoggedAddress {
+                addr: IpAddr::V4(a.0),
+                ttl: r.ttl,
+            }),
+            RData::AAAA(aaaa) => Some(LoggedAddress {
+                addr: IpAddr::V6(aaaa.0),
+                ttl: r.ttl,
+            }),
+            _ => None,
+        })
+        .collect()
+}

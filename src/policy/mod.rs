@@ -4,7 +4,7 @@
 //! file, line and column. Everything after loading works on these validated types only.
 
 mod matcher;
-pub use matcher::RuleSet;
+pub use matcher::{CnameMode, HintMode, RuleSet};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,11 @@ pub struct Policy {
     pub ttl: TtlPolicy,
     /// The nftables side.
     pub firewall: FirewallPolicy,
+    pub deny_answers: Vec<IpNet>,
+    pub cname: CnameMode,
+    pub https_hints: HintMode,
+    pub warnings: Vec<String>,
+    pub upstream_timeout2: (),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,7 @@ pub struct Group {
     pub name: String,
     pub from: Vec<IpNet>,
     pub rules: RuleSet,
+    pub allow_answers: Vec<IpNet>,
 }
 
 /// How a rule matches.
@@ -80,6 +86,7 @@ pub struct Rule {
     pub kind: RuleKind,
     /// Line of the rule in the policy file (1-based).
     pub line: usize,
+    pub allow_answers: Vec<IpNet>,
 }
 
 /// Lifetimes of admitted addresses: `clamp(ttl, min, max) + grace`.

@@ -1,0 +1,284 @@
+//! The `dnsfence` command line: `serve`, `check`, `explain` and `ruleset`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use hickory_proto::rr::{Name, RecordType};
+
+use dnsfence::firewall::{self, Firewall};
+use dnsfence::pipeline::Pipeline;
+use dnsfence::pipeline::decision::{Decision, decide};
+use dnsfence::pipeline::upstream::Upstreams;
+use dnsfence::policy::{LogTarget, Policy};
+use dnsfence::querylog::QueryLog;
+use dnsfence::server;
+
+/// A filtering DNS resolver that contains the network egress of AI agents.
+///
+/// dnsfence answers only names on a policy's allowlist, by forwarding them to a trusted
+/// upstream, answers everything else locally without forwarding it, and admits every address it
+/// hands out to an nftables set before the answer leaves, so a default-drop firewall lets
+/// agents reach exactly what dnsfence resolved for them.
+#[derive(Parser)]
+#[command(name = "dnsfence", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the resolver (UDP and TCP on every listen address) until SIGTERM or SIGINT.
+    #[command(after_help = "Examples:
+  dnsfence serve --policy policy/default.yaml
+  dnsfence serve --policy /etc/dnsfence/agent.yaml --listen 127.0.0.1:53 --listen [::1]:53
+  dnsfence serve --policy policy/default.yaml --log /var/log/dnsfence/queries.jsonl
+
+The query log has one JSON object per line; see the deny decisions with:
+  dnsfence serve --policy policy/default.yaml | jq 'select(.decision==\"deny\")'
+
+Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to change their level.")]
+    Serve {
+        /// Policy file (YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Address to serve on, UDP and TCP; repeat for several. Overrides the policy's `listen`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Vec<SocketAddr>,
+        /// Query log: a file path to append to, or - for stdout. Overrides the policy's `log`.
+        #[arg(long, value_name = "PATH|-")]
+        log: Option<String>,
+    },
+    /// Validate a policy file: exit 0 when valid, 1 with every error (file:line:column) when not.
+    #[command(after_help = "Examples:
+  dnsfence check --policy policy/default.yaml
+  dnsfence check --policy new.yaml && sudo systemctl restart dnsfence")]
+    Check {
+        /// Policy file (YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+    },
+    /// Print the decision the server would take for one query: allow (with the rule) or deny
+    /// (with the reason). Exit 0 for allow, 1 for deny, 2 for an error.
+    #[command(after_help = "Examples:
+  dnsfence explain --policy policy/default.yaml pypi.org
+  dnsfence explain --policy policy/research-agent.yaml --client 10.200.0.7 api.openai.com AAAA
+  dnsfence explain --policy policy/default.yaml example.com TXT")]
+    Explain {
+        /// Policy file (YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Source address of the client asking (selects its client group).
+        #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+        client: IpAddr,
+        /// The name asked for (Unicode names are converted to A-labels).
+        name: String,
+        /// The query type.
+        #[arg(default_value = "A")]
+        qtype: String,
+    },
+    /// Print, as an nft script, the ruleset `serve` installs for this policy (review it, diff it,
+    /// or load it yourself with `nft -f`).
+    #[command(after_help = "Examples:
+  dnsfence ruleset --policy policy/research-agent.yaml
+  dnsfence ruleset --policy policy/research-agent.yaml | nft -c -f -")]
+    Ruleset {
+        /// Policy file (YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            policy,
+            listen,
+            log,
+        } => exit_with(serve(&policy, listen, log)),
+        Command::Check { policy } => check(&policy),
+        Command::Explain {
+            policy,
+            client,
+            name,
+            qtype,
+        } => explain(&policy, client, &name, &qtype),
+        Command::Ruleset { policy } => match load_policy(&policy) {
+            Ok(policy) => {
+                print!("{}", firewall::render_nft(&policy));
+                ExitCode::SUCCESS
+            }
+            Err(message) => exit_with(Err(message)),
+        },
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DNSFENCE_LOG").unwrap_or_else(|_| {
+        // hickory logs a line or two per request at info: keep those out of operations logs.
+        tracing_subscriber::EnvFilter::new(
+            "info,hickory_server=warn,hickory_resolver=warn,hickory_net=warn,hickory_proto=warn",
+        )
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn exit_with(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("dnsfence: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_policy(path: &Path) -> Result<Policy, String> {
+    let policy = Policy::load(path).map_err(|error| error.to_string())?;
+    for warning in &policy.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(policy)
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Policy::load(path) {
+        Ok(policy) => {
+            for warning in &policy.warnings {
+                eprintln!("warning: {warning}");
+            }
+            let rules: usize = std::iter::once(&policy.default_group)
+                .chain(&policy.clients)
+                .map(|group| group.rules.len())
+                .sum();
+            println!(
+                "{}: valid ({rules} rules, {} client groups, {} warnings)",
+                path.display(),
+                policy.clients.len(),
+                policy.warnings.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(path: &Path, client: IpAddr, name: &str, qtype: &str) -> ExitCode {
+    let policy = match load_policy(path) {
+        Ok(policy) => policy,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let mut qname = match Name::from_utf8(name) {
+        Ok(qname) => qname,
+        Err(error) => return exit_with(Err(format!("{name:?} is not a domain name: {error}"))),
+    };
+    qname.set_fqdn(true);
+    let qtype = match RecordType::from_str(&qtype.to_ascii_uppercase()) {
+        Ok(qtype) => qtype,
+        Err(_) => {
+            return exit_with(Err(format!(
+                "{qtype:?} is not a query type; write one such as A, AAAA, HTTPS or TXT"
+            )));
+        }
+    };
+    match decide(&policy, client, &qname, qtype) {
+        Decision::Allow { group, rule } => {
+            println!(
+                "allow {qname} {qtype} from {client}: group {group}, rule {} ({}:{})",
+                rule.pattern,
+                policy.source.display(),
+                rule.line
+            );
+            ExitCode::SUCCESS
+        }
+        Decision::Deny(reason) => {
+            let group = &policy.group_for(client).name;
+            println!("deny {qname} {qtype} from {client}: {reason} (group {group})");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<(), String> {
+    let mut policy = load_policy(path)?;
+    if !listen.is_empty() {
+        policy.listen = listen;
+    }
+    match log.as_deref() {
+        Some("-") => policy.log = LogTarget::Stdout,
+        Some(path) => policy.log = LogTarget::File(PathBuf::from(path)),
+        None => {}
+    }
+    let policy = Arc::new(policy);
+
+    // The firewall goes up before the first query can be answered.
+    let firewall = if policy.firewall.enabled {
+        Some(Firewall::install(&policy).map_err(|error| format!("firewall: {error}"))?)
+    } else {
+        tracing::warn!(
+            "firewall.enabled is false: dnsfence filters DNS only and admits nothing to nftables; \
+             agents can still reach any address they know"
+        );
+        None
+    };
+    let mark = if firewall.is_some() {
+        policy.firewall.mark
+    } else {
+        0
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start the runtime: {error}"))?;
+    let (log, writer) = QueryLog::open(&policy.log)
+        .map_err(|error| format!("cannot open the query log: {error}"))?;
+    let result = runtime.block_on(async {
+        let upstreams = Upstreams::new(&policy.upstreams, policy.upstream_timeout, mark)
+            .map_err(|error| format!("upstreams: {error}"))?;
+        let admitter = firewall.as_ref().map(Firewall::admitter);
+        let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
+        tracing::info!(policy = %path.display(), "dnsfence starting");
+        server::serve(pipeline, log, &policy.listen, shutdown_signal())
+            .await
+            .map_err(|error| error.to_string())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    writer.finish();
+    if let Some(firewall) = firewall {
+        firewall
+            .shutdown()
+            .map_err(|error| format!("firewall: {error}"))?;
+    }
+    tracing::info!("dnsfence stopped");
+    result
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

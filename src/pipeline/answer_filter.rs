@@ -1,0 +1,188 @@
+//! Stage 4: keep only what answers the question, and decide what the firewall must admit.
+//!
+//! A response may carry records for any name in any section; a resolver that passed them on, or
+//! admitted their addresses, would let an allowed zone open doors for names the policy never
+//! named. So the answer is rebuilt from the answer section alone: the CNAME chain that starts at
+//! the question's name, followed in order and only inside that section, and the records of the
+//! asked type at its end. Authority and additional records never reach the client.
+//!
+//! The same stage clamps TTLs: an address is admitted for `clamp(ttl, min, max) + grace`, and
+//! the client is told at most `min(ttl, max)`, so no client caches an address longer than the
+//! firewall lets packets reach it.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hickory_proto::rr::rdata::svcb::{SvcParamKey, SvcParamValue};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use ipnet::IpNet;
+
+use super::address_guard::{AddressGuard, AddressVerdict};
+use crate::policy::{HintMode, TtlPolicy};
+
+/// Longest CNAME chain followed; longer ones are cut there (real chains have a handful).
+pub const MAX_CHAIN: usize = 16;
+
+/// What the filter needs to know about the query and the policy.
+pub struct AnswerContext<'a> {
+    pub qname: &'a Name,
+    pub qtype: RecordType,
+    pub ttl: TtlPolicy,
+    pub guard: &'a AddressGuard,
+    /// `allow_answers` of the rule and of the group that allowed the name.
+    pub allow_answers: &'a [IpNet],
+    /// With `cname: strict`, every name of the chain must pass this test.
+    pub strict_chain: Option<&'a (dyn Fn(&Name) -> bool + Sync)>,
+    /// Whether HTTPS/SVCB alias targets are allowed names.
+    pub name_allowed: &'a (dyn Fn(&Name) -> bool + Sync),
+    pub hints: HintMode,
+}
+
+/// The answer as it may be returned, and the addresses the firewall must admit first.
+#[derive(Debug, Default)]
+pub struct FilteredAnswer {
+    pub records: Vec<Record>,
+    /// Every address in `records` (A, AAAA and HTTPS/SVCB hints) with its firewall lifetime.
+    pub admit: Vec<(IpAddr, Duration)>,
+    /// Addresses taken out by the address guard.
+    pub refused_addresses: Vec<IpAddr>,
+    /// With `cname: strict`: the first name of the chain the policy does not allow.
+    pub chain_violation: Option<Name>,
+    /// Records of the upstream's answer section that were not passed on.
+    pub dropped_records: usize,
+}
+
+impl FilteredAnswer {
+    /// True when the guard took every address out and nothing usable is left: the answer is
+    /// then replaced by NXDOMAIN and logged as rebinding.
+    pub fn stripped_to_nothing(&self) -> bool {
+        !self.refused_addresses.is_empty() && self.admit.is_empty()
+    }
+}
+
+/// TTL the client is told.
+pub fn reply_ttl(ttl: u32, policy: &TtlPolicy) -> u32 {
+    ttl.min(secs_u32(policy.max))
+}
+
+/// How long the firewall admits an address whose record had `ttl`.
+pub fn admission_lifetime(ttl: u32, policy: &TtlPolicy) -> Duration {
+    let clamped = Duration::from_secs(u64::from(ttl)).clamp(policy.min, policy.max.max(policy.min));
+    // Never zero: an element without a timeout would never expire.
+    (clamped + policy.grace).max(Duration::from_secs(1))
+}
+
+fn secs_u32(duration: Duration) -> u32 {
+    u32::try_from(duration.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Filters `answers` (the upstream's answer section) for the question in `cx`.
+pub fn filter_answer(cx: &AnswerContext<'_>, answers: &[Record]) -> FilteredAnswer {
+    let mut out = FilteredAnswer::default();
+    let mut current = cx.qname.clone();
+    let mut hops = 0;
+    // Follow the chain: at each name, take its CNAME (if the question is not for CNAMEs
+    // themselves) and move on, until a name has records of the asked type or nothing.
+    loop {
+        if let Some(test) = cx.strict_chain {
+            if !test(&current) {
+                out.chain_violation = Some(current);
+                out.records.clear();
+                out.admit.clear();
+                break;
+            }
+        }
+        let mut next = None;
+        for record in answers.iter().filter(|r| r.name == current) {
+            let rtype = record.record_type();
+            if rtype == cx.qtype {
+                keep(cx, record, &mut out);
+            } else if rtype == RecordType::CNAME && next.is_none() {
+                if let RData::CNAME(target) = &record.data {
+                    next = Some(target.0.clone());
+                    keep(cx, record, &mut out);
+                }
+            }
+        }
+        match next {
+            Some(target) if cx.qtype != RecordType::CNAME && hops < MAX_CHAIN => {
+                hops += 1;
+                current = target;
+            }
+            _ => break,
+        }
+    }
+    out.dropped_records = answers.len().saturating_sub(out.records.len());
+    out
+}
+
+/// Adds one record to the output, with its TTL clamped and its addresses judged.
+fn keep(cx: &AnswerContext<'_>, record: &Record, out: &mut FilteredAnswer) {
+    let lifetime = admission_lifetime(record.ttl, &cx.ttl);
+    let mut record = record.clone();
+    record.ttl = reply_ttl(record.ttl, &cx.ttl);
+    let judge = |ip: IpAddr, out: &mut FilteredAnswer| -> bool {
+        if cx.guard.verdict(ip, cx.allow_answers) == AddressVerdict::Permitted {
+            out.admit.push((ip, lifetime));
+            true
+        } else {
+            out.refused_addresses.push(ip);
+            false
+        }
+    };
+    match &mut record.data {
+        RData::A(a) => {
+            if !judge(IpAddr::V4(a.0), out) {
+                return;
+            }
+        }
+        RData::AAAA(aaaa) => {
+            if !judge(IpAddr::V6(aaaa.0), out) {
+                return;
+            }
+        }
+        RData::HTTPS(https) => {
+            if !filter_service_binding(cx, &mut https.0, &mut |ip| judge(ip, out)) {
+                return;
+            }
+        }
+        RData::SVCB(svcb) => {
+            if !filter_service_binding(cx, svcb, &mut |ip| judge(ip, out)) {
+                return;
+            }
+        }
+        _ => {}
+    }
+    out.records.push(record);
+}
+
+/// Applies the hint policy to one HTTPS/SVCB record; false when the record must go.
+fn filter_service_binding(
+    cx: &AnswerContext<'_>,
+    svcb: &mut hickory_proto::rr::rdata::SVCB,
+    judge: &mut dyn FnMut(IpAddr) -> bool,
+) -> bool {
+    // AliasMode sends the client to another name; only an allowed one may stay.
+    if svcb.svc_priority == 0
+        && !svcb.target_name.is_root()
+        && !(cx.name_allowed)(&svcb.target_name)
+    {
+        return false;
+    }
+    svcb.svc_params
+        .retain_mut(|(key, value)| match (key, value) {
+            (SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint, _) if cx.hints == HintMode::Strip => {
+                false
+            }
+            (_, SvcParamValue::Ipv4Hint(hint)) => {
+                hint.0.retain(|a| judge(IpAddr::V4(a.0)));
+                !hint.0.is_empty()
+            }
+            (_, SvcParamValue::Ipv6Hint(hint)) => {
+                hint.0.retain(|a| judge(IpAddr::V6(a.0)));
+                !hint.0.is_empty()
+            }
+            _ => true,
+        });
+    true
+}

@@ -1,0 +1,110 @@
+//! The command line: `check` reports precise errors, `explain` agrees with `serve`.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_policies() {
+    for file in ["policy/default.yaml", "policy/research-agent.yaml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let (code, stdout, stderr) = run(&["check", "--policy", &path]);
+        assert_eq!(code, 0, "{file}: {stdout}{stderr}");
+        assert!(stdout.contains("valid"), "{stdout}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.yaml");
+    std::fs::write(
+        &path,
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"127.0.0.1:53\"]\nallow:\n  - ok.example.com\n  - \"**\"\n  - \"*.com\"\n  - a..b.example\nqtypes: [A, BOGUS]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&["check", "--policy", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    for line in [5, 6, 7, 8] {
+        let needle = format!("broken.yaml:{line}:");
+        assert!(stderr.contains(&needle), "missing {needle} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn check_rejects_unknown_keys_with_their_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        "upstreams: [\"127.0.0.1:53\"]\nallow: [a.example.com]\nalow: [b.example.com]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["check", "--policy", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("typo.yaml:3:"), "{stderr}");
+    assert!(stderr.contains("alow"), "{stderr}");
+}
+
+#[test]
+fn explain_agrees_with_serve() {
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    upstream.a("x.wild.allowed.test", "198.51.100.11", 300);
+    let yaml = policy(
+        upstream.addr,
+        &["api.allowed.test", "*.wild.allowed.test"],
+        "qtypes: [A, AAAA]\n",
+    );
+    let fence = Dnsfence::start(&yaml);
+    let policy_path = fence.dir.path().join("policy.yaml");
+    let cases = [
+        ("api.allowed.test", RecordType::A),
+        ("api.allowed.test", RecordType::TXT),
+        ("x.wild.allowed.test", RecordType::A),
+        ("wild.allowed.test", RecordType::A),
+        ("evil.test", RecordType::A),
+        ("localhost", RecordType::A),
+        ("1.0.0.127.in-addr.arpa", RecordType::PTR),
+    ];
+    for (i, (qname, qtype)) in cases.iter().enumerate() {
+        let reply = fence.udp(qname, *qtype);
+        let (code, stdout, stderr) = run(&[
+            "explain",
+            "--policy",
+            policy_path.to_str().unwrap(),
+            qname,
+            &qtype.to_string(),
+        ]);
+        let log = fence.log(i + 1);
+        let served = &log[i];
+        let explained = if code == 0 { "allow" } else { "deny" };
+        assert_eq!(
+            served["decision"], explained,
+            "{qname} {qtype}: {stdout}{stderr}"
+        );
+        assert!(stdout.starts_with(explained), "{stdout}");
+        if let Some(reason) = served["reason"].as_str() {
+            assert!(
+                stdout.contains(reason),
+                "{qname}: log says {reason}, explain says {stdout}"
+            );
+        }
+        if explained == "deny" {
+            assert_ne!(reply.metadata.response_code, ResponseCode::NoError);
+        }
+    }
+}

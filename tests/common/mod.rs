@@ -1,0 +1,217 @@
+//! Shared helpers for the integration tests: a scripted upstream, the real `dnsfence` binary
+//! started on a free port, and a small DNS client over UDP and TCP.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod upstream;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+pub use upstream::{Behaviour, Upstream, name};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dnsfence");
+
+/// A running `dnsfence serve`, killed on drop.
+pub struct Dnsfence {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log_path: PathBuf,
+    child: Child,
+}
+
+/// A loopback port free for both UDP and TCP at the time of asking.
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Dnsfence {
+    /// Starts dnsfence with `policy_yaml` (its `listen` is overridden) and waits until it answers.
+    pub fn start(policy_yaml: &str) -> Dnsfence {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, policy_yaml).unwrap();
+        let log_path = dir.path().join("queries.jsonl");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--policy"])
+            .arg(&policy)
+            .args(["--listen", &addr.to_string(), "--log"])
+            .arg(&log_path)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dnsfence");
+        let fence = Dnsfence {
+            addr,
+            dir,
+            log_path,
+            child,
+        };
+        fence.wait_ready();
+        fence
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("dnsfence did not start listening on {}", self.addr);
+    }
+
+    pub fn udp(&self, qname: &str, qtype: RecordType) -> Message {
+        query_udp(self.addr, &query(qname, qtype)).expect("udp reply")
+    }
+
+    pub fn tcp(&self, qname: &str, qtype: RecordType) -> Message {
+        query_tcp(self.addr, &query(qname, qtype)).expect("tcp reply")
+    }
+
+    pub fn both(&self, qname: &str, qtype: RecordType) -> [Message; 2] {
+        [self.udp(qname, qtype), self.tcp(qname, qtype)]
+    }
+
+    /// The query log, one parsed JSON object per line, waiting for at least `at_least` lines.
+    pub fn log(&self, at_least: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = read_log(&self.log_path);
+            if lines.len() >= at_least || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dnsfence {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}")))
+        .collect()
+}
+
+/// A standard recursive query with EDNS (4096) for `qname`.
+pub fn query(qname: &str, qtype: RecordType) -> Message {
+    let mut message = Message::new(rand_id(), MessageType::Query, OpCode::Query);
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(name(qname), qtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    message.set_edns(edns);
+    message
+}
+
+pub fn rand_id() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0x4242);
+    NEXT.fetch_add(7919, Ordering::Relaxed)
+}
+
+pub fn query_udp(addr: SocketAddr, message: &Message) -> std::io::Result<Message> {
+    query_udp_bytes(addr, &message.to_vec().unwrap())
+        .and_then(|bytes| Message::from_vec(&bytes).map_err(std::io::Error::other))
+}
+
+pub fn query_udp_bytes(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.send_to(bytes, addr)?;
+    let mut buf = vec![0u8; 65535];
+    let (len, _) = socket.recv_from(&mut buf)?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+pub fn query_tcp(addr: SocketAddr, message: &Message) -> std::io::Result<Message> {
+    query_tcp_bytes(addr, &message.to_vec().unwrap())
+        .and_then(|bytes| Message::from_vec(&bytes).map_err(std::io::Error::other))
+}
+
+pub fn query_tcp_bytes(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(bytes);
+    stream.write_all(&framed)?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len)?;
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// The A and AAAA addresses of an answer, as strings.
+pub fn addresses(message: &Message) -> Vec<String> {
+    message
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A policy with one upstream and the given allow rules (YAML list items).
+pub fn policy(upstream: SocketAddr, allow: &[&str], extra: &str) -> String {
+    let rules: String = allow.iter().map(|r| format!("  - \"{r}\"\n")).collect();
+    format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{upstream}\"]\nupstream_timeout: 1s\nallow:\n{rules}firewall:\n  enabled: false\n{extra}"
+    )
+}
+
+/// The names of `n` as they appear in a log or an answer (`Name::to_string`).
+pub fn fqdn(n: &str) -> String {
+    name(n).to_string()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Tests that need root skip outside CI, and fail in CI (a silent skip would hide a hole).
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root and CI is set: refusing to skip");
+    }
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+pub fn _unused(_: Name) {}

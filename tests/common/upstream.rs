@@ -1,0 +1,391 @@
+//! A scripted upstream DNS server on loopback (UDP and TCP, one port) that records every query.
+//!
+//! It answers like a recursive resolver would for its zone: the whole CNAME chain and then the
+//! records of the asked type, NXDOMAIN with an SOA for unknown names, NODATA with an SOA for
+//! known names without the type. Behaviours let a test make it misbehave on purpose.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+/// One query the upstream received.
+#[derive(Debug, Clone)]
+pub struct SeenQuery {
+    pub name: String,
+    pub qtype: RecordType,
+    pub tcp: bool,
+    pub id: u16,
+    /// EDNS option codes the query carried.
+    pub edns_options: Vec<u16>,
+}
+
+/// How the upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    Normal,
+    /// Never answer.
+    Silent,
+    /// Answer with this rcode and nothing else.
+    Rcode(ResponseCode),
+    /// Answer with a wrong message ID.
+    WrongId,
+    /// Answer a different question than asked.
+    WrongQuestion,
+    /// Answer with QR=0.
+    NotAResponse,
+    /// Send a 12-byte header only.
+    HeaderOnly,
+    /// Answer every UDP query with TC set and no records, and refuse TCP.
+    TruncatedNoTcp,
+    /// Answer after this many milliseconds.
+    Slow(u64),
+}
+
+#[derive(Default)]
+struct Zone {
+    records: HashMap<(String, RecordType), Vec<Record>>,
+    names: std::collections::HashSet<String>,
+    /// Extra records put in the answer section of every response (foreign names).
+    extra_answers: Vec<Record>,
+    /// Extra records put in the additional section of every response.
+    extra_additionals: Vec<Record>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+    seen: Arc<Mutex<Vec<SeenQuery>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn key(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with('.') {
+        lower
+    } else {
+        format!("{lower}.")
+    }
+}
+
+pub fn name(text: &str) -> Name {
+    Name::from_ascii(key(text)).expect("test name")
+}
+
+impl Upstream {
+    /// Starts on a free loopback port.
+    pub fn start() -> Upstream {
+        Self::start_on("127.0.0.1")
+    }
+
+    pub fn start_on(ip: &str) -> Upstream {
+        // Find a port free for both UDP and TCP.
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind((ip, 0)).expect("bind upstream udp");
+            let port = udp.local_addr().unwrap().port();
+            if let Ok(tcp) = TcpListener::bind((ip, port)) {
+                break (udp, tcp);
+            }
+        };
+        let addr = udp.local_addr().unwrap();
+        let upstream = Upstream {
+            addr,
+            zone: Arc::default(),
+            seen: Arc::default(),
+            behaviour: Arc::new(Mutex::new(Behaviour::Normal)),
+            stop: Arc::default(),
+        };
+        upstream.spawn_udp(udp);
+        upstream.spawn_tcp(tcp);
+        upstream
+    }
+
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    pub fn add(&self, record: Record) -> &Self {
+        let mut zone = self.zone.lock().unwrap();
+        let k = key(&record.name.to_ascii());
+        zone.names.insert(k.clone());
+        zone.records
+            .entry((k, record.record_type()))
+            .or_default()
+            .push(record);
+        self
+    }
+
+    pub fn a(&self, owner: &str, ip: &str, ttl: u32) -> &Self {
+        self.add(Record::from_rdata(
+            name(owner),
+            ttl,
+            RData::A(A(ip.parse().unwrap())),
+        ))
+    }
+
+    pub fn aaaa(&self, owner: &str, ip: &str, ttl: u32) -> &Self {
+        self.add(Record::from_rdata(
+            name(owner),
+            ttl,
+            RData::AAAA(AAAA(ip.parse().unwrap())),
+        ))
+    }
+
+    pub fn cname(&self, owner: &str, target: &str, ttl: u32) -> &Self {
+        self.add(Record::from_rdata(
+            name(owner),
+            ttl,
+            RData::CNAME(CNAME(name(target))),
+        ))
+    }
+
+    pub fn txt(&self, owner: &str, text: &str, ttl: u32) -> &Self {
+        self.add(Record::from_rdata(
+            name(owner),
+            ttl,
+            RData::TXT(TXT::new(vec![text.to_owned()])),
+        ))
+    }
+
+    pub fn extra_answer(&self, record: Record) {
+        self.zone.lock().unwrap().extra_answers.push(record);
+    }
+
+    pub fn extra_additional(&self, record: Record) {
+        self.zone.lock().unwrap().extra_additionals.push(record);
+    }
+
+    pub fn seen(&self) -> Vec<SeenQuery> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Queries seen for names ending in `suffix` (case-insensitive).
+    pub fn seen_for(&self, suffix: &str) -> Vec<SeenQuery> {
+        let suffix = key(suffix);
+        self.seen()
+            .into_iter()
+            .filter(|q| key(&q.name).ends_with(&suffix))
+            .collect()
+    }
+
+    pub fn clear_seen(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+
+    fn spawn_udp(&self, socket: UdpSocket) {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (zone, seen, behaviour, stop) = self.shared();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65535];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((len, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let behaviour = *behaviour.lock().unwrap();
+                if let Some(reply) = respond(&buf[..len], false, &zone, &seen, behaviour) {
+                    let _ = socket.send_to(&reply, peer);
+                }
+            }
+        });
+    }
+
+    fn spawn_tcp(&self, listener: TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let (zone, seen, behaviour, stop) = self.shared();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                if *behaviour.lock().unwrap() == Behaviour::TruncatedNoTcp {
+                    drop(stream);
+                    continue;
+                }
+                let (zone, seen, behaviour) = (zone.clone(), seen.clone(), behaviour.clone());
+                thread::spawn(move || serve_tcp(stream, &zone, &seen, &behaviour));
+            }
+        });
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn shared(
+        &self,
+    ) -> (
+        Arc<Mutex<Zone>>,
+        Arc<Mutex<Vec<SeenQuery>>>,
+        Arc<Mutex<Behaviour>>,
+        Arc<AtomicBool>,
+    ) {
+        (
+            self.zone.clone(),
+            self.seen.clone(),
+            self.behaviour.clone(),
+            self.stop.clone(),
+        )
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_tcp(
+    mut stream: TcpStream,
+    zone: &Mutex<Zone>,
+    seen: &Mutex<Vec<SeenQuery>>,
+    behaviour: &Mutex<Behaviour>,
+) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    loop {
+        let mut len = [0u8; 2];
+        if stream.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if stream.read_exact(&mut buf).is_err() {
+            return;
+        }
+        let behaviour = *behaviour.lock().unwrap();
+        if let Some(reply) = respond(&buf, true, zone, seen, behaviour) {
+            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&reply);
+            if stream.write_all(&framed).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn respond(
+    bytes: &[u8],
+    tcp: bool,
+    zone: &Mutex<Zone>,
+    seen: &Mutex<Vec<SeenQuery>>,
+    behaviour: Behaviour,
+) -> Option<Vec<u8>> {
+    let query = Message::from_vec(bytes).ok()?;
+    let question = query.queries.first()?.clone();
+    seen.lock().unwrap().push(SeenQuery {
+        name: question.name().to_string(),
+        qtype: question.query_type(),
+        tcp,
+        id: query.metadata.id,
+        edns_options: query
+            .edns
+            .as_ref()
+            .map(|edns| {
+                edns.options()
+                    .as_ref()
+                    .iter()
+                    .map(|(code, _)| u16::from(*code))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    });
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_query(question.clone());
+    match behaviour {
+        Behaviour::Silent => return None,
+        Behaviour::Rcode(rcode) => {
+            reply.metadata.response_code = rcode;
+            return reply.to_vec().ok();
+        }
+        Behaviour::HeaderOnly => {
+            let mut header = reply.to_vec().ok()?;
+            header.truncate(12);
+            header[4..12].fill(0);
+            return Some(header);
+        }
+        Behaviour::TruncatedNoTcp if !tcp => {
+            reply.metadata.truncation = true;
+            return reply.to_vec().ok();
+        }
+        Behaviour::Slow(ms) => thread::sleep(Duration::from_millis(ms)),
+        _ => {}
+    }
+    let zone = zone.lock().unwrap();
+    let mut current = key(&question.name().to_ascii());
+    let qtype = question.query_type();
+    for _ in 0..20 {
+        if let Some(records) = zone.records.get(&(current.clone(), qtype)) {
+            reply.add_answers(records.iter().cloned());
+            break;
+        }
+        match zone.records.get(&(current.clone(), RecordType::CNAME)) {
+            Some(cnames) if qtype != RecordType::CNAME => {
+                reply.add_answers(cnames.iter().cloned());
+                let RData::CNAME(target) = &cnames[0].data else {
+                    break;
+                };
+                current = key(&target.0.to_ascii());
+            }
+            _ => break,
+        }
+    }
+    if reply.answers.is_empty()
+        || reply
+            .answers
+            .iter()
+            .all(|r| r.record_type() == RecordType::CNAME && qtype != RecordType::CNAME)
+    {
+        if !zone.names.contains(&current) {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+        }
+        let soa_owner = name("test.");
+        reply.add_authority(Record::from_rdata(
+            soa_owner.clone(),
+            300,
+            RData::SOA(SOA::new(
+                name("ns.test."),
+                name("hostmaster.test."),
+                1,
+                3600,
+                600,
+                86400,
+                60,
+            )),
+        ));
+    }
+    reply.add_answers(zone.extra_answers.iter().cloned());
+    reply.add_additionals(zone.extra_additionals.iter().cloned());
+    drop(zone);
+    match behaviour {
+        Behaviour::WrongId => reply.metadata.id = query.metadata.id.wrapping_add(1),
+        Behaviour::WrongQuestion => {
+            reply.queries.clear();
+            reply.add_query(hickory_proto::op::Query::query(name("other.test."), qtype));
+        }
+        Behaviour::NotAResponse => reply.metadata.message_type = MessageType::Query,
+        _ => {}
+    }
+    let max = if tcp {
+        usize::from(u16::MAX)
+    } else {
+        usize::from(query.max_payload().max(512))
+    };
+    let mut bytes = reply.to_vec().ok()?;
+    if bytes.len() > max {
+        let mut truncated = reply.truncate();
+        truncated.metadata.truncation = true;
+        bytes = truncated.to_vec().ok()?;
+    }
+    Some(bytes)
+}
