@@ -251,7 +251,7 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
         let admitter = firewall.as_ref().map(Firewall::admitter);
         let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
         tracing::info!(policy = %path.display(), "dnsfence starting");
-        server::serve(pipeline, log, &policy.listen, shutdown_signal())
+        server::serve(pipeline, log, &policy.listen, tcp_limits(&policy), shutdown_signal())
             .await
             .map_err(|error| error.to_string())
     });
@@ -264,6 +264,10 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
     }
     tracing::info!("dnsfence stopped");
     result
+}
+
+fn tcp_limits(_policy: &Policy) -> server::TcpLimits {
+    server::TcpLimits { max_connections: 256, idle_timeout: std::time::Duration::from_secs(10) }
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -12,23 +12,26 @@
 pub mod address_guard;
 pub mod answer_filter;
 pub mod decision;
+pub mod limits;
 pub mod request;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, Record};
 use ipnet::IpNet;
+use tokio::sync::Semaphore;
 
 use crate::firewall::Admitter;
 use crate::policy::{CnameMode, DenyWith, Policy};
 use crate::querylog::{LoggedAddress, QueryRecord};
 use address_guard::AddressGuard;
 use answer_filter::{AnswerContext, filter_answer};
-use decision::{Decision, DenyReason, decide};
+use decision::{Decision, DenyReason, decide, is_wildcard};
+use limits::{RateLimiter, WildcardBudget};
 use request::Question;
 use upstream::Upstreams;
 
@@ -72,6 +75,11 @@ pub struct Pipeline {
     upstreams: Upstreams,
     guard: AddressGuard,
     admitter: Option<Admitter>,
+    rate: Option<RateLimiter>,
+    budget: WildcardBudget,
+    /// Queries waiting on an upstream or the firewall; beyond it new ones are refused at once
+    /// rather than queued, so a flood costs memory in proportion to the limit, not the flood.
+    in_flight: Semaphore,
 }
 
 impl Pipeline {
@@ -79,6 +87,9 @@ impl Pipeline {
         let upstream_ips: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
         let guard = AddressGuard::new(&policy.deny_answers, &upstream_ips);
         Pipeline {
+            rate: RateLimiter::new(&policy.limits),
+            budget: WildcardBudget::new(policy.exfiltration),
+            in_flight: Semaphore::new(policy.limits.max_inflight),
             policy,
             upstreams,
             guard,
@@ -200,6 +211,15 @@ impl Pipeline {
         record.rcode = rcode.to_string();
         (Reply::empty(rcode), record)
     }
+}
+
+/// Refuses a query for load reasons: REFUSED whatever `deny_with` says, since the name itself
+/// may well be allowed.
+fn refuse(mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
+    record.decision = "deny";
+    record.reason = Some(reason.as_str());
+    record.rcode = ResponseCode::Refused.to_string();
+    (Reply::empty(ResponseCode::Refused), record)
 }
 
 fn servfail(mut record: QueryRecord) -> (Reply, QueryRecord) {

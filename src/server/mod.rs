@@ -1,8 +1,9 @@
-//! The DNS server: listeners, the hickory request handler, and graceful shutdown.
+//! The DNS server: listeners, the request handler, and graceful shutdown.
 //!
-//! Every listen address gets a UDP socket and a TCP listener served by `hickory-server`, which
-//! parses messages (answering FORMERR to what does not parse and ignoring responses sent to
-//! the port) and hands each request to [`Handler`]. The handler runs the
+//! Every listen address gets a UDP socket served by `hickory-server`, which parses messages
+//! (answering FORMERR to what does not parse and ignoring responses sent to the port), and a TCP
+//! listener served by [`tcp`], which adds connection limits and slowloris deadlines. Both hand
+//! each request to [`Handler`]. The handler runs the
 //! [`Pipeline`](crate::pipeline::Pipeline), builds the reply with dnsfence's own EDNS (so a UDP
 //! reply never exceeds 1232 bytes and is truncated with TC instead of fragmented), sends it, and
 //! only then writes the log record, which carries the truncation flag and the real latency.
@@ -11,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::Server;
@@ -20,37 +21,52 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
 
 use crate::pipeline::decision::DenyReason;
 use crate::pipeline::request::{Rejection, question_of};
 use crate::pipeline::{Pipeline, Transport};
 use crate::querylog::QueryLog;
+pub use tcp::TcpLimits;
+
+mod tcp;
 
 /// Largest UDP reply: the DNS Flag Day 2020 size, which fits every common path MTU, so replies
 /// are truncated (TC) and retried over TCP rather than fragmented.
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
-
-/// Idle time after which a TCP connection is closed.
-pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `pipeline` on `listen` (UDP and TCP on each) until `shutdown` completes.
 pub async fn serve(
     pipeline: Arc<Pipeline>,
     log: QueryLog,
     listen: &[SocketAddr],
+    tcp_limits: TcpLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let handler = Handler { pipeline, log };
-    let mut server = Server::new(handler);
+    let mut udp_server = Server::new(handler.clone());
+    let tcp_handler = Arc::new(handler);
+    let (stop_tcp, tcp_shutdown) = watch::channel(false);
+    let mut tcp_servers = Vec::with_capacity(listen.len());
     for &addr in listen {
-        server.register_socket(bind_udp(addr)?);
-        server.register_listener(bind_tcp(addr)?, TCP_IDLE_TIMEOUT, usize::from(u16::MAX));
+        udp_server.register_socket(bind_udp(addr)?);
+        let listener = bind_tcp(addr)?;
+        tcp_servers.push(tokio::spawn(tcp::serve_tcp(
+            listener,
+            tcp_handler.clone(),
+            tcp_limits,
+            tcp_shutdown.clone(),
+        )));
         tracing::info!(%addr, "listening on UDP and TCP");
     }
     shutdown.await;
     tracing::info!("shutting down");
-    server.shutdown_token().cancel();
-    server
+    let _ = stop_tcp.send(true);
+    udp_server.shutdown_token().cancel();
+    for server in tcp_servers {
+        let _ = server.await;
+    }
+    udp_server
         .block_until_done()
         .await
         .map_err(|error| io::Error::other(error.to_string()))
@@ -91,8 +107,9 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Bridges hickory's server to the pipeline.
-struct Handler {
+/// Bridges hickory's request type to the pipeline.
+#[derive(Clone)]
+pub struct Handler {
     pipeline: Arc<Pipeline>,
     log: QueryLog,
 }

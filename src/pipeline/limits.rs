@@ -1,0 +1,254 @@
+//! Per-client budgets: a query rate, and how many distinct names a wildcard may be used for.
+//!
+//! An allowed `**.example.com` hands the client an unbounded namespace: every label it invents
+//! reaches example.com's authoritative servers, which is exactly how DNS tunnels (iodine,
+//! dns2tcp) carry data out. Nothing can make such a rule safe, but its bandwidth can be throttled
+//! to a trickle: long names and long labels are refused outright, and each client gets a budget
+//! of distinct names per wildcard rule per minute. Repeating a name already seen in the window is
+//! free, so ordinary traffic (the same few hosts, over and over) never notices.
+//!
+//! All state lives in maps of fixed maximum size, behind short `std` mutexes that are never held
+//! across an await; when a map is full its stale entries are swept, and if none are stale the new
+//! client is judged without state (rate-limited), so a flood of spoofed or unique sources cannot
+//! grow memory.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::Name;
+
+use crate::policy::{ExfiltrationLimits, Limits};
+
+/// Clients tracked by the rate limiter and the budget at most.
+pub const MAX_TRACKED_CLIENTS: usize = 65_536;
+
+const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
+/// A token bucket per client address.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    refreshed: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(limits: &Limits) -> Option<RateLimiter> {
+        if limits.client_qps == 0 {
+            return None;
+        }
+        Some(RateLimiter {
+            rate: f64::from(limits.client_qps),
+            burst: f64::from(limits.client_burst.max(limits.client_qps)),
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes one token for `client`; false when it has none left.
+    pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return false;
+        };
+        if buckets.len() >= MAX_TRACKED_CLIENTS && !buckets.contains_key(&client) {
+            // A bucket that has refilled completely carries no information: forget it.
+            let full_after = Duration::from_secs_f64(self.burst / self.rate);
+            buckets.retain(|_, b| now.duration_since(b.refreshed) < full_after);
+            if buckets.len() >= MAX_TRACKED_CLIENTS {
+                return false;
+            }
+        }
+        let bucket = buckets.entry(client).or_insert(Bucket {
+            tokens: self.burst,
+            refreshed: now,
+        });
+        let elapsed = now.duration_since(bucket.refreshed).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.refreshed = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The exfiltration budget for names matched by wildcard rules.
+pub struct WildcardBudget {
+    limits: ExfiltrationLimits,
+    windows: Mutex<HashMap<(IpAddr, String), Window>>,
+}
+
+struct Window {
+    started: Instant,
+    names: HashSet<Vec<u8>>,
+}
+
+/// Why a wildcard name is over budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetExceeded {
+    NameTooLong { octets: usize, max: usize },
+    LabelTooLong { octets: usize, max: usize },
+    TooManyNames { per_minute: u32 },
+}
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetExceeded::NameTooLong { octets, max } => {
+                write!(f, "name of {octets} octets under a wildcard (max {max})")
+            }
+            BudgetExceeded::LabelTooLong { octets, max } => {
+                write!(f, "label of {octets} octets under a wildcard (max {max})")
+            }
+            BudgetExceeded::TooManyNames { per_minute } => write!(
+                f,
+                "more than {per_minute} distinct names under this wildcard in a minute"
+            ),
+        }
+    }
+}
+
+impl WildcardBudget {
+    pub fn new(limits: ExfiltrationLimits) -> WildcardBudget {
+        WildcardBudget {
+            limits,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Charges `name`, allowed through wildcard rule `rule`, to `client`'s budget.
+    pub fn charge(
+        &self,
+        client: IpAddr,
+        rule: &str,
+        name: &Name,
+        now: Instant,
+    ) -> Result<(), BudgetExceeded> {
+        let limits = &self.limits;
+        // Presentation length without the trailing dot: the labels plus the dots between them.
+        let labels: Vec<&[u8]> = name.iter().collect();
+        let octets = labels.iter().map(|l| l.len()).sum::<usize>() + labels.len().saturating_sub(1);
+        if octets > limits.max_name_length {
+            return Err(BudgetExceeded::NameTooLong {
+                octets,
+                max: limits.max_name_length,
+            });
+        }
+        if let Some(longest) = labels.iter().map(|l| l.len()).max() {
+            if longest > limits.max_label_length {
+                return Err(BudgetExceeded::LabelTooLong {
+                    octets: longest,
+                    max: limits.max_label_length,
+                });
+            }
+        }
+        let per_minute = limits.wildcard_names_per_minute;
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let key_name: Vec<u8> = name.to_lowercase().to_ascii().into_bytes();
+        let Ok(mut windows) = self.windows.lock() else {
+            return Err(BudgetExceeded::TooManyNames { per_minute });
+        };
+        let key = (client, rule.to_owned());
+        if windows.len() >= MAX_TRACKED_CLIENTS && !windows.contains_key(&key) {
+            windows.retain(|_, w| now.duration_since(w.started) < BUDGET_WINDOW);
+            if windows.len() >= MAX_TRACKED_CLIENTS {
+                return Err(BudgetExceeded::TooManyNames { per_minute });
+            }
+        }
+        let window = windows.entry(key).or_insert_with(|| Window {
+            started: now,
+            names: HashSet::new(),
+        });
+        if now.duration_since(window.started) >= BUDGET_WINDOW {
+            window.started = now;
+            window.names.clear();
+        }
+        if window.names.contains(&key_name) {
+            return Ok(());
+        }
+        // The set never holds more than the budget, so its memory is bounded too.
+        if window.names.len() >= per_minute as usize {
+            return Err(BudgetExceeded::TooManyNames { per_minute });
+        }
+        window.names.insert(key_name);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_minute: u32) -> ExfiltrationLimits {
+        ExfiltrationLimits {
+            max_name_length: 60,
+            max_label_length: 20,
+            wildcard_names_per_minute: per_minute,
+        }
+    }
+
+    fn n(text: &str) -> Name {
+        Name::from_ascii(text).unwrap()
+    }
+
+    #[test]
+    fn distinct_names_beyond_the_budget_are_refused_but_repeats_are_free() {
+        let budget = WildcardBudget::new(limits(3));
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = Instant::now();
+        for name in ["a.x.test.", "b.x.test.", "c.x.test."] {
+            assert_eq!(budget.charge(client, "**.x.test", &n(name), now), Ok(()));
+        }
+        assert!(budget.charge(client, "**.x.test", &n("d.x.test."), now).is_err());
+        assert_eq!(budget.charge(client, "**.x.test", &n("A.x.test."), now), Ok(()));
+        // Another client has its own budget; a new window restores it.
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        assert_eq!(budget.charge(other, "**.x.test", &n("d.x.test."), now), Ok(()));
+        let later = now + BUDGET_WINDOW;
+        assert_eq!(budget.charge(client, "**.x.test", &n("d.x.test."), later), Ok(()));
+    }
+
+    #[test]
+    fn long_names_and_labels_are_refused() {
+        let budget = WildcardBudget::new(limits(100));
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = Instant::now();
+        let long_label = format!("{}.x.test.", "a".repeat(21));
+        assert!(matches!(
+            budget.charge(client, "*.x.test", &n(&long_label), now),
+            Err(BudgetExceeded::LabelTooLong { octets: 21, .. })
+        ));
+        let long_name = format!("{}.x.test.", ["abcdefghij"; 6].join("."));
+        assert!(matches!(
+            budget.charge(client, "**.x.test", &n(&long_name), now),
+            Err(BudgetExceeded::NameTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn the_rate_limiter_allows_a_burst_then_the_rate() {
+        let limiter = RateLimiter::new(&Limits {
+            max_inflight: 10,
+            client_qps: 10,
+            client_burst: 20,
+            tcp_connections: 10,
+            tcp_idle_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = Instant::now();
+        let allowed = (0..50).filter(|_| limiter.allow(client, now)).count();
+        assert_eq!(allowed, 20);
+        assert!(limiter.allow(client, now + Duration::from_millis(100)));
+        assert!(!limiter.allow(client, now + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,211 @@
+//! DNS over TCP, with the limits a hostile client cannot talk its way around.
+//!
+//! hickory-server's own TCP listener accepts any number of connections and answers the queries
+//! of one connection strictly one after another, with only an idle timeout. This front end keeps
+//! hickory's request type and handler and adds what a resolver facing an adversary needs:
+//! - a cap on open connections (beyond it, new ones are closed at once, so the listen backlog
+//!   never fills with attackers' connections);
+//! - an idle timeout between messages and a separate, short deadline for the rest of a message
+//!   once its first byte arrived, so a slowloris client dribbling one byte at a time is cut off;
+//! - pipelining (RFC 7766): queries of one connection are answered concurrently, each with its
+//!   own ID and question, up to a per-connection bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, ResponseCode};
+use hickory_proto::rr::Record;
+use hickory_proto::serialize::binary::{BinDecodable, BinEncodable, BinEncoder};
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::watch;
+
+/// Queries of one connection being answered at once.
+pub const PIPELINE_DEPTH: usize = 32;
+
+/// Once the first byte of a message has arrived, the rest must follow within this time.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Prefixes a DNS message with its 16-bit length (RFC 1035 4.2.2).
+fn frame(message: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(message.len()).ok()?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    Some(framed)
+}
+
+/// Limits of the TCP front end.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Accepts connections on `listener` until `shutdown` changes.
+pub async fn serve_tcp<H: RequestHandler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: TcpLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%error, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "TCP connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, handler, limits, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection<H: RequestHandler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    limits: TcpLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
+    let writer_task = tokio::spawn(async move {
+        while let Some(framed) = outgoing.recv().await {
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let in_flight = Arc::new(Semaphore::new(PIPELINE_DEPTH));
+    loop {
+        let mut first = [0u8; 1];
+        let read_first = tokio::select! {
+            read = tokio::time::timeout(limits.idle_timeout, reader.read_exact(&mut first)) => read,
+            _ = shutdown.changed() => break,
+        };
+        if !matches!(read_first, Ok(Ok(_))) {
+            break;
+        }
+        let message = tokio::time::timeout(MESSAGE_DEADLINE, async {
+            let second = reader.read_u8().await?;
+            let len = usize::from(u16::from_be_bytes([first[0], second]));
+            let mut buf = vec![0u8; len];
+            reader.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        })
+        .await;
+        let Ok(Ok(message)) = message else {
+            tracing::debug!(%peer, "TCP message incomplete within the deadline; closing");
+            break;
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let handler = handler.clone();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            answer_message(message, peer, &*handler, replies).await;
+            drop(permit);
+        });
+    }
+    drop(replies);
+    // Let queries already being answered finish and flush their replies.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+}
+
+/// Parses one message and runs the handler on it, as hickory's server does for UDP.
+async fn answer_message<H: RequestHandler>(
+    message: Vec<u8>,
+    peer: SocketAddr,
+    handler: &H,
+    replies: mpsc::Sender<Vec<u8>>,
+) {
+    let header = match Header::from_bytes(&message) {
+        Ok(header) => header,
+        // Shorter than a header: nothing to answer to.
+        Err(_) => return,
+    };
+    if header.metadata.message_type == MessageType::Response {
+        return;
+    }
+    let request = match Request::from_bytes(message, peer, Protocol::Tcp) {
+        Ok(request) => request,
+        Err(_) => {
+            let mut metadata = Metadata::new(header.metadata.id, MessageType::Response, header.metadata.op_code);
+            metadata.response_code = ResponseCode::FormErr;
+            let reply = Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            };
+            if let Ok(bytes) = reply.to_bytes() {
+                if let Some(framed) = frame(&bytes) {
+                    let _ = replies.send(framed).await;
+                }
+            }
+            return;
+        }
+    };
+    let responder = TcpResponder { replies };
+    handler
+        .handle_request::<_, TokioTime>(&request, responder)
+        .await;
+}
+
+/// Encodes a response and queues it for the connection's writer.
+#[derive(Clone)]
+struct TcpResponder {
+    replies: mpsc::Sender<Vec<u8>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(u16::MAX);
+        let info = response.destructive_emit(&mut encoder)?;
+        let framed = frame(&bytes).ok_or(NetError::from("response longer than 65535 bytes"))?;
+        self.replies
+            .send(framed)
+            .await
+            .map_err(|_| NetError::from("TCP connection closed"))?;
+        Ok(info)
+    }
+}
