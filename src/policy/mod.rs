@@ -4,7 +4,8 @@
 //! file, line and column. Everything after loading works on these validated types only.
 
 mod matcher;
-pub use matcher::RuleSet;
+mod name;
+pub use matcher::{RuleSet, RuleSetError};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,14 +73,19 @@ pub enum RuleKind {
 }
 
 /// One allow rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// The rule as it is matched, lower-case A-labels, no trailing dot, with its `*.`/`**.`
     /// prefix: this is what logs and `explain` show.
     pub pattern: String,
     pub kind: RuleKind,
-    /// Line of the rule in the policy file (1-based).
+    /// Line of the rule in the policy file (1-based; 0 if not from a file).
     pub line: usize,
+    /// Column of the rule's name in the policy file (1-based; 0 if not from a file).
+    pub column: usize,
+    /// Private or internal networks that answers for names of this rule may contain, in
+    /// addition to the group's `allow_answers`.
+    pub allow_answers: Vec<IpNet>,
 }
 
 /// Lifetimes of admitted addresses: `clamp(ttl, min, max) + grace`.
