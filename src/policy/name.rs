@@ -78,8 +78,26 @@ pub(crate) fn parse_rule(text: &str) -> Result<CanonicalRule, String> {
     if text.is_empty() {
         return Err("empty rule; write a name such as \"api.example.com\"".into());
     }
-    let url_hint = host_hint(text);
-    if let Some(host) = &url_hint {
+    let host = host_hint(text);
+    let is_ip = |t: &str| {
+        t.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+    };
+    let bare = if is_ip(text) {
+        Some(text)
+    } else {
+        host.as_deref().filter(|h| is_ip(h))
+    }
+    .map(|t| t.trim_matches(['[', ']']));
+    if let Some(bare) = bare {
+        let len = if bare.contains(':') { 128 } else { 32 };
+        return Err(format!(
+            "{shown} is an IP address, not a name; allow destinations by address with \
+             firewall.allow_cidrs, such as [\"{bare}/{len}\"]"
+        ));
+    }
+    if let Some(host) = &host {
         return Err(format!(
             "{shown} is not a host name; write the name only, such as {host:?}"
         ));
@@ -349,6 +367,16 @@ mod tests {
             "\"https://api.example.com/v1\" is not a host name; write the name only, such as \"api.example.com\""
         );
         assert!(err("api.example.com:443").contains("\"api.example.com\""));
+    }
+
+    #[test]
+    fn ip_addresses_are_not_names() {
+        for text in ["10.0.1.100", "::1", "[2001:db8::1]:443", "10.0.0.1:53"] {
+            let e = err(text);
+            assert!(e.contains("is an IP address, not a name"), "{text}: {e}");
+        }
+        assert!(err("::1").ends_with("[\"::1/128\"]"));
+        assert!(err("10.0.1.100").ends_with("[\"10.0.1.100/32\"]"));
     }
 
     #[test]
