@@ -210,6 +210,7 @@ fn is_plain_label(label: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use std::str::FromStr;
 
     fn set(patterns: &[&str]) -> RuleSet {
@@ -420,6 +421,86 @@ mod tests {
         let empty = RuleSet::default();
         assert!(empty.is_empty());
         assert_eq!(empty.find(&name("a.test.")), None);
+    }
+
+    /// The obvious O(rules) matcher the trie must agree with.
+    fn reference<'a>(rules: &'a [Rule], labels: &[Vec<u8>]) -> Option<&'a str> {
+        if labels.is_empty() || !labels.iter().all(|l| is_plain_label(l)) {
+            return None;
+        }
+        let query: Vec<Vec<u8>> = labels.iter().map(|l| l.to_ascii_lowercase()).collect();
+        let rank = |k: RuleKind| match k {
+            RuleKind::Exact => 0,
+            RuleKind::OneLabel => 1,
+            RuleKind::AnyDepth => 2,
+        };
+        rules
+            .iter()
+            .filter(|r| {
+                let suffix: Vec<&[u8]> = r.suffix().split('.').map(str::as_bytes).collect();
+                let tail_matches = query.len() >= suffix.len()
+                    && query[query.len() - suffix.len()..]
+                        .iter()
+                        .zip(&suffix)
+                        .all(|(q, s)| q.as_slice() == *s);
+                tail_matches
+                    && match r.kind {
+                        RuleKind::Exact => query.len() == suffix.len(),
+                        RuleKind::OneLabel => query.len() == suffix.len() + 1,
+                        RuleKind::AnyDepth => query.len() > suffix.len(),
+                    }
+            })
+            .min_by_key(|r| (rank(r.kind), std::cmp::Reverse(r.suffix().len())))
+            .map(|r| r.pattern.as_str())
+    }
+
+    fn label_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        proptest::prop_oneof![
+            4 => "[ab]".prop_map(String::into_bytes),
+            2 => "[AB]".prop_map(String::into_bytes),
+            1 => proptest::strategy::Just(b"a.b".to_vec()),
+            1 => proptest::strategy::Just(b"a\0".to_vec()),
+            1 => proptest::strategy::Just("\u{212A}".as_bytes().to_vec()),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn trie_agrees_with_the_reference_matcher(
+            rules in proptest::collection::vec(
+                (0usize..3, proptest::collection::vec("[ab]", 2..5)), 1..16),
+            queries in proptest::collection::vec(
+                (
+                    proptest::collection::vec(label_strategy(), 0..4),
+                    0usize..16,
+                    proptest::bool::ANY,
+                ),
+                1..24),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let mut list = Vec::new();
+            let mut suffixes = Vec::new();
+            for (kind, labels) in rules {
+                let prefix = ["", "*.", "**."][kind];
+                let text = format!("{prefix}{}", labels.join("."));
+                if seen.insert(text.clone()) {
+                    list.push(Rule::parse(&text, list.len() + 1).unwrap());
+                    suffixes.push(labels);
+                }
+            }
+            let set = RuleSet::new(list.clone()).unwrap();
+            for (head, index, upper) in queries {
+                // A few labels in front of (a case variant of) some rule's suffix.
+                let mut labels = head;
+                for l in &suffixes[index % suffixes.len()] {
+                    let l = if upper { l.to_ascii_uppercase() } else { l.clone() };
+                    labels.push(l.into_bytes());
+                }
+                let name = Name::from_labels(labels.iter().map(Vec::as_slice)).unwrap();
+                let got = set.find(&name).map(|r| r.pattern.as_str());
+                proptest::prop_assert_eq!(got, reference(&list, &labels), "{:?}", labels);
+            }
+        }
     }
 
     #[test]
