@@ -251,9 +251,15 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
         let admitter = firewall.as_ref().map(Firewall::admitter);
         let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
         tracing::info!(policy = %path.display(), "dnsfence starting");
-        server::serve(pipeline, log, &policy.listen, tcp_limits(&policy), shutdown_signal())
-            .await
-            .map_err(|error| error.to_string())
+        server::serve(
+            pipeline,
+            log,
+            &policy.listen,
+            tcp_limits(&policy),
+            shutdown_signal(),
+        )
+        .await
+        .map_err(|error| error.to_string())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     writer.finish();
@@ -266,8 +272,11 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
     result
 }
 
-fn tcp_limits(_policy: &Policy) -> server::TcpLimits {
-    server::TcpLimits { max_connections: 256, idle_timeout: std::time::Duration::from_secs(10) }
+fn tcp_limits(policy: &Policy) -> server::TcpLimits {
+    server::TcpLimits {
+        max_connections: policy.limits.tcp_connections,
+        idle_timeout: policy.limits.tcp_idle_timeout,
+    }
 }
 
 /// Completes on the first SIGINT or SIGTERM.

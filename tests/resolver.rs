@@ -287,12 +287,12 @@ fn the_next_upstream_is_tried_when_the_first_fails() {
     let live = Upstream::start();
     live.a("api.allowed.test", "198.51.100.10", 300);
     let yaml = format!(
-        "upstreams: [\"{}\", \"{}\"]\nupstream_timeout: 2s\nallow: [api.allowed.test]\nfirewall: {{enabled: false}}\n",
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{}\", \"{}\"]\nupstream_timeout: 2s\nallow: [api.allowed.test]\nfirewall: {{enabled: false}}\n",
         dead.addr, live.addr
     );
     let fence = Dnsfence::start(&yaml);
     let reply = fence.udp("api.allowed.test", RecordType::A);
-    assert_eq!(addresses(&reply), ["198.51.100.10"]);
+    assert_eq!(addresses(&reply), ["198.51.100.10"], "{:?}", fence.log(1));
     assert!(!dead.seen().is_empty());
     let log = fence.log(1);
     assert_eq!(log[0]["upstream"], live.addr.to_string());
@@ -353,7 +353,7 @@ fn every_query_is_logged_as_one_json_line() {
     upstream.a("api.allowed.test", "198.51.100.10", 120);
     let fence = fence_with(&upstream, &["api.allowed.test"], "");
     fence.udp("api.allowed.test", RecordType::A);
-    fence.tcp("evil.test", RecordType::A);
+    fence.tcp("evil.example", RecordType::A);
     let log = fence.log(2);
     assert_eq!(log.len(), 2, "{log:?}");
     let allow = &log[0];

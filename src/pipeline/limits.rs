@@ -208,13 +208,26 @@ mod tests {
         for name in ["a.x.test.", "b.x.test.", "c.x.test."] {
             assert_eq!(budget.charge(client, "**.x.test", &n(name), now), Ok(()));
         }
-        assert!(budget.charge(client, "**.x.test", &n("d.x.test."), now).is_err());
-        assert_eq!(budget.charge(client, "**.x.test", &n("A.x.test."), now), Ok(()));
+        assert!(
+            budget
+                .charge(client, "**.x.test", &n("d.x.test."), now)
+                .is_err()
+        );
+        assert_eq!(
+            budget.charge(client, "**.x.test", &n("A.x.test."), now),
+            Ok(())
+        );
         // Another client has its own budget; a new window restores it.
         let other: IpAddr = "10.0.0.8".parse().unwrap();
-        assert_eq!(budget.charge(other, "**.x.test", &n("d.x.test."), now), Ok(()));
+        assert_eq!(
+            budget.charge(other, "**.x.test", &n("d.x.test."), now),
+            Ok(())
+        );
         let later = now + BUDGET_WINDOW;
-        assert_eq!(budget.charge(client, "**.x.test", &n("d.x.test."), later), Ok(()));
+        assert_eq!(
+            budget.charge(client, "**.x.test", &n("d.x.test."), later),
+            Ok(())
+        );
     }
 
     #[test]

@@ -126,15 +126,33 @@ impl Pipeline {
     ) -> (Reply, QueryRecord) {
         let mut record = new_record(client, transport, Some(question));
         let client_ip = client.ip();
+        if let Some(rate) = &self.rate {
+            if !rate.allow(client_ip, Instant::now()) {
+                return refuse(record, DenyReason::RateLimit);
+            }
+        }
 
         let (group_name, rule) =
             match decide(&self.policy, client_ip, &question.name, question.qtype) {
                 Decision::Allow { group, rule } => (group, rule),
                 Decision::Deny(reason) => return self.deny(record, reason),
             };
-        record.decision = "allow";
         record.group = Some(group_name.to_owned());
         record.rule = Some(rule.pattern.clone());
+        if is_wildcard(rule) {
+            let charged =
+                self.budget
+                    .charge(client_ip, &rule.pattern, &question.name, Instant::now());
+            if let Err(exceeded) = charged {
+                record.error = Some(exceeded.to_string());
+                return self.deny(record, DenyReason::ExfiltrationBudget);
+            }
+        }
+        record.decision = "allow";
+        let Ok(_in_flight) = self.in_flight.try_acquire() else {
+            record.error = Some("too many queries in flight".to_owned());
+            return refuse(record, DenyReason::RateLimit);
+        };
 
         let answer = match self.upstreams.resolve(&question.name, question.qtype).await {
             Ok(answer) => answer,

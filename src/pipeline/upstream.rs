@@ -54,6 +54,7 @@ pub struct UpstreamFailure {
 /// The ordered set of trusted resolvers.
 pub struct Upstreams {
     resolvers: Vec<(SocketAddr, Resolver<MarkedRuntime>)>,
+    per_upstream: Duration,
     total_timeout: Duration,
 }
 
@@ -95,6 +96,7 @@ impl Upstreams {
         }
         Ok(Upstreams {
             resolvers,
+            per_upstream,
             total_timeout,
         })
     }
@@ -111,8 +113,21 @@ impl Upstreams {
         };
         let attempt = async {
             for (addr, resolver) in &self.resolvers {
-                match resolver.lookup(name.clone(), qtype).await {
-                    Ok(lookup) => {
+                // hickory may spend its timeout once per transport; hold each upstream to its
+                // share so the next one is still tried in time.
+                let lookup =
+                    tokio::time::timeout(self.per_upstream, resolver.lookup(name.clone(), qtype));
+                match lookup.await {
+                    Err(_elapsed) => {
+                        last = UpstreamFailure {
+                            upstream: Some(*addr),
+                            reason: format!(
+                                "{addr} did not answer within {} ms",
+                                self.per_upstream.as_millis()
+                            ),
+                        };
+                    }
+                    Ok(Ok(lookup)) => {
                         return Ok(UpstreamAnswer {
                             upstream: *addr,
                             rcode: lookup.message().metadata.response_code,
@@ -120,7 +135,7 @@ impl Upstreams {
                             soa: None,
                         });
                     }
-                    Err(error) => match negative_answer(*addr, error) {
+                    Ok(Err(error)) => match negative_answer(*addr, error) {
                         Ok(answer) => return Ok(answer),
                         Err(failure) => last = failure,
                     },

@@ -2,12 +2,36 @@
 //!
 //! [`Policy::load`] reads a YAML file, validates all of it and reports every error with its
 //! file, line and column. Everything after loading works on these validated types only.
+//!
+//! The loader is a pipeline of small steps, one file each:
+//! - `raw`: YAML text to a tree of nodes that know their line and column (serde-saphyr);
+//! - `schema`: the keys, their defaults and checks, reading through `read` (typed readers),
+//!   `name` (allow rules, IDNA), `net` (addresses), `duration`;
+//! - `lint`: warnings for policies that load but are probably unsafe;
+//! - `matcher`: the trie that answers "which rule allows this wire name" at run time.
+//!
+//! Why so much checking: the policy is the security boundary for agents that may try to leak
+//! data through DNS. A rule that is silently broader than it reads (`*.com`, a `*` in the
+//! wrong place, a Unicode look-alike) is worse than a policy that refuses to load.
 
+mod diagnostic;
+mod duration;
+mod lint;
 mod matcher;
-pub use matcher::{CnameMode, HintMode, RuleSet};
+mod name;
+mod net;
+mod raw;
+mod read;
+mod schema;
+#[cfg(test)]
+mod tests;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+pub use diagnostic::{Diagnostic, PolicyError};
+pub use lint::MULTI_TENANT_SUFFIXES;
+pub use matcher::{RuleSet, RuleSetError};
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hickory_proto::rr::RecordType;
@@ -38,11 +62,166 @@ pub struct Policy {
     pub ttl: TtlPolicy,
     /// The nftables side.
     pub firewall: FirewallPolicy,
+    /// Answer addresses never returned nor admitted, *in addition to* the built-in private and
+    /// special-purpose ranges the pipeline always refuses (this list holds only what the
+    /// policy file adds). It wins over every `allow_answers`.
     pub deny_answers: Vec<IpNet>,
+    /// Whether every name of a CNAME chain must itself be allowed.
     pub cname: CnameMode,
+    /// What happens to `ipv4hint`/`ipv6hint` in HTTPS/SVCB answers.
     pub https_hints: HintMode,
-    pub warnings: Vec<String>,
-    pub upstream_timeout2: (),
+    pub limits: Limits,
+    /// Limits on names that matched a wildcard rule (`*.` or `**.`).
+    pub exfiltration: ExfiltrationLimits,
+    /// Lint findings that did not stop the load; each prints as `FILE:LINE:COLUMN: message`.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Policy {
+    /// Reads and validates a policy file. The error lists every problem found.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let bytes = std::fs::read(path).map_err(|e| PolicyError {
+            source: path.to_path_buf(),
+            errors: vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!(
+                    "cannot read the policy file: {e}; check the path and its permissions"
+                ),
+            }],
+            read_error: Some(e.kind()),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let before = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before
+                .rsplit(|&b| b == b'\n')
+                .next()
+                .map_or(0, |l| String::from_utf8_lossy(l).chars().count())
+                + 1;
+            PolicyError {
+                source: path.to_path_buf(),
+                errors: vec![Diagnostic {
+                    file: path.to_path_buf(),
+                    line,
+                    column,
+                    message: "the file is not valid UTF-8; save it as UTF-8".into(),
+                }],
+                read_error: None,
+            }
+        })?;
+        Policy::parse(&text, path)
+    }
+
+    /// Validates policy text; `source` names the file in messages.
+    pub fn parse(text: &str, source: &Path) -> Result<Policy, PolicyError> {
+        let mut report = diagnostic::Report::new(source);
+        let policy = match raw::parse(text) {
+            Ok(root) => schema::build(&root, source, &mut report),
+            Err((pos, message)) => {
+                report.error(pos, message);
+                None
+            }
+        };
+        let (errors, warnings) = report.finish();
+        match policy {
+            Some(mut policy) if errors.is_empty() => {
+                policy.warnings = warnings;
+                Ok(policy)
+            }
+            _ => Err(PolicyError {
+                source: source.to_path_buf(),
+                errors,
+                read_error: None,
+            }),
+        }
+    }
+
+    /// The group for a client: the first client group whose `from` contains the address, else
+    /// the default group. An IPv4-mapped IPv6 client (`::ffff:a.b.c.d`, as seen on a dual-stack
+    /// socket) is matched as its IPv4 address.
+    pub fn group_for(&self, client: IpAddr) -> &Group {
+        let client = client.to_canonical();
+        self.clients
+            .iter()
+            .find(|g| g.from.iter().any(|net| net.contains(&client)))
+            .unwrap_or(&self.default_group)
+    }
+
+    /// Every group: the default group first, then the client groups in order.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        std::iter::once(&self.default_group).chain(self.clients.iter())
+    }
+}
+
+/// How CNAME chains in answers are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CnameMode {
+    /// Only the question's name must be allowed; the chain it points to is followed.
+    #[default]
+    Follow,
+    /// Every name of the chain must be allowed too.
+    Strict,
+}
+
+/// What to do with address hints in HTTPS/SVCB answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HintMode {
+    /// Admit the hinted addresses like A/AAAA answers.
+    #[default]
+    Admit,
+    /// Remove `ipv4hint`/`ipv6hint` from the answer.
+    Strip,
+}
+
+/// Resource limits of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Queries being resolved at once (>= 1).
+    pub max_inflight: usize,
+    /// Per-client queries per second (token bucket refill); 0 turns the limit off.
+    pub client_qps: u32,
+    /// Per-client bucket size (>= 1 when `client_qps` is on).
+    pub client_burst: u32,
+    /// Open TCP connections (>= 1).
+    pub tcp_connections: usize,
+    /// A TCP connection with no request for this long is closed (> 0).
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inflight: 1024,
+            client_qps: 200,
+            client_burst: 400,
+            tcp_connections: 256,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limits on names that matched a wildcard rule, where the left labels are chosen by the
+/// client and can carry data out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExfiltrationLimits {
+    /// Octets of the presentation name without the trailing dot (1..=253).
+    pub max_name_length: usize,
+    /// Octets of any one label (1..=63).
+    pub max_label_length: usize,
+    /// Distinct names per (client, wildcard rule) per minute; 0 turns the limit off.
+    pub wildcard_names_per_minute: u32,
+}
+
+impl Default for ExfiltrationLimits {
+    fn default() -> Self {
+        ExfiltrationLimits {
+            max_name_length: 120,
+            max_label_length: 40,
+            wildcard_names_per_minute: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +242,8 @@ pub struct Group {
     pub name: String,
     pub from: Vec<IpNet>,
     pub rules: RuleSet,
+    /// Private or internal networks that answers for this group may contain (DNS-rebinding
+    /// protection refuses them otherwise). Rules may add their own.
     pub allow_answers: Vec<IpNet>,
 }
 
@@ -78,23 +259,37 @@ pub enum RuleKind {
 }
 
 /// One allow rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// The rule as it is matched, lower-case A-labels, no trailing dot, with its `*.`/`**.`
     /// prefix: this is what logs and `explain` show.
     pub pattern: String,
     pub kind: RuleKind,
-    /// Line of the rule in the policy file (1-based).
+    /// Line of the rule in the policy file (1-based; 0 if not from a file).
     pub line: usize,
+    /// Column of the rule's name in the policy file (1-based; 0 if not from a file).
+    pub column: usize,
+    /// Private or internal networks that answers for names of this rule may contain, in
+    /// addition to the group's `allow_answers`.
     pub allow_answers: Vec<IpNet>,
 }
 
 /// Lifetimes of admitted addresses: `clamp(ttl, min, max) + grace`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
     pub min: Duration,
     pub max: Duration,
     pub grace: Duration,
+}
+
+impl Default for TtlPolicy {
+    fn default() -> Self {
+        TtlPolicy {
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(3600),
+            grace: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,4 +320,22 @@ pub struct FirewallPolicy {
     /// Socket mark dnsfence puts on its own upstream queries, so the ruleset can tell them apart
     /// from an agent's (setting a mark needs CAP_NET_ADMIN).
     pub mark: u32,
+}
+
+/// Defaults when the `firewall` section or one of its keys is absent. Enabled unless the policy
+/// says otherwise: a policy that forgets the section must not silently drop containment.
+impl Default for FirewallPolicy {
+    fn default() -> Self {
+        FirewallPolicy {
+            enabled: true,
+            table: "dnsfence".into(),
+            hooks: vec![Hook::Output],
+            allow_cidrs: Vec::new(),
+            per_client: false,
+            log_denied: true,
+            on_exit: OnExit::Keep,
+            set_size: 65536,
+            mark: 0x0d5f,
+        }
+    }
 }

@@ -24,8 +24,8 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
 use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc};
 
 /// Queries of one connection being answered at once.
 pub const PIPELINE_DEPTH: usize = 32;
@@ -158,7 +158,11 @@ async fn answer_message<H: RequestHandler>(
     let request = match Request::from_bytes(message, peer, Protocol::Tcp) {
         Ok(request) => request,
         Err(_) => {
-            let mut metadata = Metadata::new(header.metadata.id, MessageType::Response, header.metadata.op_code);
+            let mut metadata = Metadata::new(
+                header.metadata.id,
+                MessageType::Response,
+                header.metadata.op_code,
+            );
             metadata.response_code = ResponseCode::FormErr;
             let reply = Header {
                 metadata,
