@@ -129,10 +129,10 @@ impl QueryLog {
 impl QueryLogWriter {
     /// Waits until every queued record is written (all senders must be gone).
     pub fn finish(mut self) {
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("query log writer thread panicked");
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("query log writer thread panicked");
         }
         let dropped = self.dropped.load(Ordering::Relaxed);
         if dropped > 0 {

@@ -98,9 +98,7 @@ pub fn effective_address(ip: IpAddr) -> IpAddr {
         return IpAddr::V4(tail);
     }
     // 64:ff9b::/96 well-known NAT64 prefix and 64:ff9b:1::/48 local-use NAT64.
-    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4])
-        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
-    {
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
         return IpAddr::V4(tail);
     }
     // 2002:AABB:CCDD::/48 6to4.

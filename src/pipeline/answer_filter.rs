@@ -84,24 +84,25 @@ pub fn filter_answer(cx: &AnswerContext<'_>, answers: &[Record]) -> FilteredAnsw
     // Follow the chain: at each name, take its CNAME (if the question is not for CNAMEs
     // themselves) and move on, until a name has records of the asked type or nothing.
     loop {
-        if let Some(test) = cx.strict_chain {
-            if !test(&current) {
-                out.chain_violation = Some(current);
-                out.records.clear();
-                out.admit.clear();
-                break;
-            }
+        if let Some(test) = cx.strict_chain
+            && !test(&current)
+        {
+            out.chain_violation = Some(current);
+            out.records.clear();
+            out.admit.clear();
+            break;
         }
         let mut next = None;
         for record in answers.iter().filter(|r| r.name == current) {
             let rtype = record.record_type();
             if rtype == cx.qtype {
                 keep(cx, record, &mut out);
-            } else if rtype == RecordType::CNAME && next.is_none() {
-                if let RData::CNAME(target) = &record.data {
-                    next = Some(target.0.clone());
-                    keep(cx, record, &mut out);
-                }
+            } else if rtype == RecordType::CNAME
+                && next.is_none()
+                && let RData::CNAME(target) = &record.data
+            {
+                next = Some(target.0.clone());
+                keep(cx, record, &mut out);
             }
         }
         match next {
@@ -130,30 +131,16 @@ fn keep(cx: &AnswerContext<'_>, record: &Record, out: &mut FilteredAnswer) {
             false
         }
     };
-    match &mut record.data {
-        RData::A(a) => {
-            if !judge(IpAddr::V4(a.0), out) {
-                return;
-            }
-        }
-        RData::AAAA(aaaa) => {
-            if !judge(IpAddr::V6(aaaa.0), out) {
-                return;
-            }
-        }
-        RData::HTTPS(https) => {
-            if !filter_service_binding(cx, &mut https.0, &mut |ip| judge(ip, out)) {
-                return;
-            }
-        }
-        RData::SVCB(svcb) => {
-            if !filter_service_binding(cx, svcb, &mut |ip| judge(ip, out)) {
-                return;
-            }
-        }
-        _ => {}
+    let usable = match &mut record.data {
+        RData::A(a) => judge(IpAddr::V4(a.0), out),
+        RData::AAAA(aaaa) => judge(IpAddr::V6(aaaa.0), out),
+        RData::HTTPS(https) => filter_service_binding(cx, &mut https.0, &mut |ip| judge(ip, out)),
+        RData::SVCB(svcb) => filter_service_binding(cx, svcb, &mut |ip| judge(ip, out)),
+        _ => true,
+    };
+    if usable {
+        out.records.push(record);
     }
-    out.records.push(record);
 }
 
 /// Applies the hint policy to one HTTPS/SVCB record; false when the record must go.

@@ -141,13 +141,13 @@ impl WildcardBudget {
                 max: limits.max_name_length,
             });
         }
-        if let Some(longest) = labels.iter().map(|l| l.len()).max() {
-            if longest > limits.max_label_length {
-                return Err(BudgetExceeded::LabelTooLong {
-                    octets: longest,
-                    max: limits.max_label_length,
-                });
-            }
+        if let Some(longest) = labels.iter().map(|l| l.len()).max()
+            && longest > limits.max_label_length
+        {
+            return Err(BudgetExceeded::LabelTooLong {
+                octets: longest,
+                max: limits.max_label_length,
+            });
         }
         let per_minute = limits.wildcard_names_per_minute;
         if per_minute == 0 {

@@ -126,10 +126,10 @@ impl Pipeline {
     ) -> (Reply, QueryRecord) {
         let mut record = new_record(client, transport, Some(question));
         let client_ip = client.ip();
-        if let Some(rate) = &self.rate {
-            if !rate.allow(client_ip, Instant::now()) {
-                return refuse(record, DenyReason::RateLimit);
-            }
+        if let Some(rate) = &self.rate
+            && !rate.allow(client_ip, Instant::now())
+        {
+            return refuse(record, DenyReason::RateLimit);
         }
 
         let (group_name, rule) =
@@ -196,13 +196,12 @@ impl Pipeline {
             return self.deny(record, DenyReason::Rebinding);
         }
 
-        if let Some(admitter) = &self.admitter {
-            if !filtered.admit.is_empty() {
-                if let Err(error) = admitter.admit(client_ip, &filtered.admit).await {
-                    record.error = Some(format!("firewall admission failed: {error}"));
-                    return servfail(record);
-                }
-            }
+        if let Some(admitter) = &self.admitter
+            && !filtered.admit.is_empty()
+            && let Err(error) = admitter.admit(client_ip, &filtered.admit).await
+        {
+            record.error = Some(format!("firewall admission failed: {error}"));
+            return servfail(record);
         }
 
         record.rcode = answer.rcode.to_string();

@@ -139,11 +139,11 @@ impl RequestHandler for Handler {
                     .rejected(client, transport, None, rejection.rcode(), reason)
             }
         };
-        if let Some(question) = request.queries.queries().first() {
-            if record.qname.is_empty() {
-                record.qname = question.original().name().to_string();
-                record.qtype = question.query_type().to_string();
-            }
+        if let Some(question) = request.queries.queries().first()
+            && record.qname.is_empty()
+        {
+            record.qname = question.original().name().to_string();
+            record.qtype = question.query_type().to_string();
         }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);

@@ -168,10 +168,10 @@ async fn answer_message<H: RequestHandler>(
                 metadata,
                 counts: HeaderCounts::default(),
             };
-            if let Ok(bytes) = reply.to_bytes() {
-                if let Some(framed) = frame(&bytes) {
-                    let _ = replies.send(framed).await;
-                }
+            if let Ok(bytes) = reply.to_bytes()
+                && let Some(framed) = frame(&bytes)
+            {
+                let _ = replies.send(framed).await;
             }
             return;
         }
