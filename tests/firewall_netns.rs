@@ -688,3 +688,260 @@ fn admission_cost() {
     );
     fw.shutdown().expect("shutdown");
 }
+
+/// Connects with a short timeout: a dropped SYN shows as a timeout.
+fn connects(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(&sa(addr), Duration::from_millis(300)).is_ok()
+}
+
+/// Sends one datagram from a socket (optionally marked) and waits briefly for the echo.
+fn udp_echoes(from: &str, to: &str, mark: Option<u32>) -> bool {
+    let sock = std::net::UdpSocket::bind(sa(from)).expect("bind");
+    if let Some(m) = mark {
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &m).expect("SO_MARK");
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    if sock.send_to(b"ping", sa(to)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(sock.recv_from(&mut buf), Ok((4, _)))
+}
+
+/// UDP echo servers, answering until dropped (every loop bounded by a read timeout).
+struct Echo {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(sockets: Vec<std::net::UdpSocket>) -> Echo {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = sockets
+            .into_iter()
+            .map(|s| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                    let mut buf = [0u8; 64];
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok((n, peer)) = s.recv_from(&mut buf) {
+                            let _ = s.send_to(&buf[..n], peer);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Echo { stop, threads }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    sh(
+        "ip",
+        &[
+            "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+            &b.name,
+        ],
+    );
+    a.exec(&["ip", "link", "set", a_if, "up"]);
+    b.exec(&["ip", "link", "set", b_if, "up"]);
+}
+
+fn addr(ns: &Netns, ifname: &str, cidr: &str) {
+    let mut cmd = vec!["ip", "addr", "add", cidr, "dev", ifname];
+    if cidr.contains(':') {
+        cmd.push("nodad");
+    }
+    ns.exec(&cmd);
+}
+
+/// Agents on the firewalled host itself (hook output): exactly the admitted addresses, the
+/// static CIDRs and dnsfence's own marked upstream queries get out.
+#[test]
+fn output_hook_admits_exactly_what_was_admitted() {
+    let Some(host) = Netns::new("trafh") else {
+        return;
+    };
+    let Some(peer) = Netns::new("trafp") else {
+        return;
+    };
+    let tag = std::process::id() % 100_000;
+    let (h_if, p_if) = (format!("dfh{tag}"), format!("dfp{tag}"));
+    veth(&host, &h_if, &peer, &p_if);
+    addr(&host, &h_if, "10.77.0.1/24");
+    addr(&host, &h_if, "fd77::1/64");
+    for a in ["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24", "fd77::3/64"] {
+        addr(&peer, &p_if, a);
+    }
+    // The peer: an "upstream" resolver on .2, services on .3, .4 and fd77::3.
+    let (_listeners, _echo) = peer.enter(|| {
+        let l: Vec<std::net::TcpListener> = [
+            "10.77.0.2:8443",
+            "10.77.0.3:80",
+            "10.77.0.3:443",
+            "10.77.0.4:80",
+            "[fd77::3]:80",
+        ]
+        .iter()
+        .map(|a| std::net::TcpListener::bind(sa(a)).expect("listen"))
+        .collect();
+        let e = Echo::start(vec![
+            std::net::UdpSocket::bind(sa("10.77.0.2:53")).expect("udp"),
+        ]);
+        (l, e)
+    });
+
+    let mut p = policy("dnsf_traffic", vec![Hook::Output], false);
+    p.upstreams = vec![sa("10.77.0.2:53")];
+    p.listen = vec![sa("127.0.0.1:53")];
+    p.firewall.allow_cidrs = vec!["10.77.0.4/32".parse().expect("net")];
+    let mark = p.firewall.mark;
+    let fw = host.enter(|| Firewall::install(&p)).expect("install");
+    let admitter = fw.admitter();
+    let rt = runtime();
+    let admit = |a: &str, secs: u64| {
+        rt.block_on(admitter.admit(ip("127.0.0.1"), &[(ip(a), Duration::from_secs(secs))]))
+            .expect("admit");
+    };
+
+    host.enter(|| {
+        // Local DNS: dnsfence's listen address yes, any other local resolver no.
+        let _local = Echo::start(vec![
+            std::net::UdpSocket::bind(sa("127.0.0.1:53")).expect("udp"),
+            std::net::UdpSocket::bind(sa("127.0.0.53:53")).expect("udp"),
+        ]);
+        assert!(udp_echoes("127.0.0.1:0", "127.0.0.1:53", None));
+        assert!(
+            !udp_echoes("127.0.0.1:0", "127.0.0.53:53", None),
+            "DNS to another local resolver"
+        );
+        let _lo = std::net::TcpListener::bind(sa("127.0.0.1:8080")).expect("listen");
+        assert!(connects("127.0.0.1:8080"), "loopback");
+
+        assert!(!connects("10.77.0.3:80"), "not admitted yet");
+        assert!(!connects("[fd77::3]:80"), "not admitted yet");
+        assert!(connects("10.77.0.4:80"), "allow_cidrs");
+        // The upstream: marked queries only.
+        assert!(
+            !udp_echoes("10.77.0.1:0", "10.77.0.2:53", None),
+            "unmarked upstream query"
+        );
+        assert!(
+            udp_echoes("10.77.0.1:0", "10.77.0.2:53", Some(mark)),
+            "marked upstream query"
+        );
+    });
+    admit("10.77.0.3", 60);
+    admit("fd77::3", 60);
+    admit("10.77.0.2", 60); // an upstream address never becomes reachable by admission
+    host.enter(|| {
+        assert!(connects("10.77.0.3:80"), "admitted");
+        assert!(connects("10.77.0.3:443"), "admitted address, another port");
+        assert!(connects("[fd77::3]:80"), "admitted IPv6");
+        assert!(
+            !connects("10.77.0.2:8443"),
+            "upstream address after admission"
+        );
+    });
+    // Expiry: a 1 s element stops matching once it expired.
+    peer.exec(&["ip", "addr", "add", "10.77.0.5/24", "dev", &p_if]);
+    let _l5 = peer.enter(|| std::net::TcpListener::bind(sa("10.77.0.5:80")).expect("listen"));
+    admit("10.77.0.5", 1);
+    host.enter(|| assert!(connects("10.77.0.5:80"), "admitted for 1 s"));
+    std::thread::sleep(Duration::from_millis(1500));
+    host.enter(|| assert!(!connects("10.77.0.5:80"), "expired"));
+    fw.shutdown().expect("shutdown");
+}
+
+/// Agents in a namespace routed through a gateway (hook forward, per-client sets).
+#[test]
+fn forward_hook_admits_per_client() {
+    let Some(agent) = Netns::new("fwa") else {
+        return;
+    };
+    let Some(gw) = Netns::new("fwg") else {
+        return;
+    };
+    let Some(server) = Netns::new("fws") else {
+        return;
+    };
+    let tag = std::process::id() % 100_000;
+    let (a_if, ga_if) = (format!("dfa{tag}"), format!("dfga{tag}"));
+    let (s_if, gs_if) = (format!("dfs{tag}"), format!("dfgs{tag}"));
+    veth(&agent, &a_if, &gw, &ga_if);
+    veth(&server, &s_if, &gw, &gs_if);
+    addr(&agent, &a_if, "10.88.1.2/24");
+    addr(&agent, &a_if, "10.88.1.3/24");
+    addr(&gw, &ga_if, "10.88.1.1/24");
+    addr(&gw, &gs_if, "10.88.2.1/24");
+    addr(&server, &s_if, "10.88.2.2/24");
+    agent.exec(&["ip", "route", "add", "default", "via", "10.88.1.1"]);
+    server.exec(&["ip", "route", "add", "default", "via", "10.88.2.1"]);
+    gw.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+
+    let _srv = server.enter(|| std::net::TcpListener::bind(sa("10.88.2.2:80")).expect("listen"));
+    let (_gw_sockets, _gw_echo) = gw.enter(|| {
+        let ssh = std::net::TcpListener::bind(sa("10.88.1.1:22")).expect("listen");
+        let dns = Echo::start(vec![
+            std::net::UdpSocket::bind(sa("10.88.1.1:53")).expect("udp"),
+        ]);
+        (ssh, dns)
+    });
+
+    let mut p = policy("dnsf_fwd", vec![Hook::Forward], true);
+    p.listen = vec![sa("10.88.1.1:53")];
+    p.upstreams = vec![sa("192.0.2.53:53")];
+    p.firewall.allow_cidrs = vec![];
+    let fw = gw.enter(|| Firewall::install(&p)).expect("install");
+    let admitter = fw.admitter();
+    let rt = runtime();
+
+    agent.enter(|| {
+        assert!(
+            udp_echoes("10.88.1.2:0", "10.88.1.1:53", None),
+            "DNS to dnsfence"
+        );
+        assert!(!connects("10.88.1.1:22"), "the gateway's own services");
+        assert!(
+            !connects_from("10.88.1.2:0", "10.88.2.2:80"),
+            "not admitted"
+        );
+    });
+    rt.block_on(admitter.admit(
+        ip("10.88.1.2"),
+        &[(ip("10.88.2.2"), Duration::from_secs(60))],
+    ))
+    .expect("admit");
+    agent.enter(|| {
+        assert!(
+            connects_from("10.88.1.2:0", "10.88.2.2:80"),
+            "admitted for 10.88.1.2"
+        );
+        // Another client was not given this address.
+        assert!(
+            !connects_from("10.88.1.3:0", "10.88.2.2:80"),
+            "admitted for 10.88.1.3 too"
+        );
+    });
+    fw.shutdown().expect("shutdown");
+}
+
+/// Connects from a given source address, with a short timeout.
+fn connects_from(src: &str, dst: &str) -> bool {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&sa(src).into()).expect("bind");
+    sock.connect_timeout(&sa(dst).into(), Duration::from_millis(300))
+        .is_ok()
+}
