@@ -299,7 +299,9 @@ impl Admission {
         }
         self.sock.commit(batch)?;
         for (key, life, _) in granted {
-            self.lifetimes.record(key, now + life, now);
+            if let Some(expiry) = now.checked_add(life) {
+                self.lifetimes.record(key, expiry, now);
+            }
         }
         Ok(())
     }
@@ -326,6 +328,69 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A merged batch that the kernel refuses is retried request by request (needs root; see
+    /// `testns`).
+    #[test]
+    fn refused_group_is_retried_one_by_one() {
+        use crate::firewall::ruleset::Layout;
+        use crate::firewall::testns::{Netns, policy};
+        let Some(ns) = Netns::new("retry") else {
+            return;
+        };
+        let mut p = policy("dnsf_retry");
+        p.firewall.set_size = 2;
+        let Ok(layout) = Layout::from_policy(&p) else {
+            panic!("layout");
+        };
+        let results = ns.enter(|| {
+            let mut sock = NfSocket::open().expect("socket");
+            let mut b = sock.begin(&layout.table);
+            b.add_layout(&layout);
+            sock.commit(b).expect("install");
+            let (_tx, rx) = mpsc::channel(1);
+            let mut adm = Admission {
+                sock,
+                cfg: Config {
+                    table: layout.table.clone(),
+                    per_client: false,
+                    set_size: 2,
+                },
+                lifetimes: Lifetimes::new(2),
+                rx,
+                stop: Arc::new(AtomicBool::new(false)),
+                max_batch_elems: MAX_BATCH_ELEMS,
+            };
+            let mut answers = Vec::new();
+            let group = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.1"]
+                .iter()
+                .map(|a| {
+                    let (reply, answer) = oneshot::channel();
+                    answers.push(answer);
+                    Request {
+                        client: None,
+                        items: vec![(a.parse().expect("ip"), Duration::from_secs(60))],
+                        reply,
+                    }
+                })
+                .collect();
+            adm.process(group);
+            answers
+                .into_iter()
+                .map(|mut a| a.try_recv().expect("answered"))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Ok(()));
+        assert_eq!(
+            results[2],
+            Err(AdmitError::SetFull {
+                set: "allow4",
+                size: 2
+            })
+        );
+        assert_eq!(results[3], Ok(()));
+    }
 
     #[test]
     fn millis_clamps_and_rounds_up() {
