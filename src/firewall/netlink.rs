@@ -767,7 +767,10 @@ impl NfSocket {
                 let Some((code, detail)) = parse_error(&r) else {
                     continue;
                 };
-                let idx = ops.iter().position(|(s, _)| *s == r.seq);
+                // Message i of the batch has sequence number first_seq + 1 + i.
+                let idx = usize::try_from(r.seq.wrapping_sub(first_seq).wrapping_sub(1))
+                    .ok()
+                    .filter(|i| ops.get(*i).is_some_and(|(s, _)| *s == r.seq));
                 if let Some(i) = idx
                     && let Some(a) = acked.get_mut(i)
                     && !*a

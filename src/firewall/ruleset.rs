@@ -1131,6 +1131,13 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "prints the rendered ruleset"]
+    fn print_render() {
+        let l = Layout::from_policy(&policy(vec![Hook::Output, Hook::Forward], false)).unwrap();
+        println!("{}", l.render());
+    }
+
+    #[test]
     fn element_keys() {
         let c4: IpAddr = "10.0.0.2".parse().unwrap();
         let d4: IpAddr = "192.0.2.1".parse().unwrap();
