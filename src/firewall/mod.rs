@@ -379,6 +379,41 @@ impl Admitter {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    /// The server spawns admissions on a multi-threaded runtime and shares the handles.
+    #[test]
+    fn handles_and_futures_are_send() {
+        assert_send_sync::<Admitter>();
+        assert_send_sync::<Firewall>();
+        let (tx, _rx) = mpsc::channel(1);
+        let a = Admitter {
+            tx,
+            per_client: false,
+        };
+        let addrs = [(IpAddr::from([192, 0, 2, 1]), Duration::from_secs(1))];
+        let fut = a.admit(IpAddr::from([127, 0, 0, 1]), &addrs);
+        assert_send(&fut);
+    }
+
+    #[test]
+    fn invalid_policy_renders_a_reason() {
+        let mut p = testns::policy("x");
+        p.firewall.table = "bad name; flush ruleset".into();
+        let text = render_nft(&p);
+        assert!(text.lines().all(|l| l.starts_with('#')), "{text}");
+        assert!(matches!(
+            Firewall::install(&p),
+            Err(FirewallError::Policy(_))
+        ));
+    }
+}
+
 /// Network namespaces for the tests that need the kernel (root). Without root they skip with a
 /// message, unless `CI` is set: then they fail.
 #[cfg(test)]
