@@ -1,0 +1,428 @@
+//! The admission thread: group commit of set elements, and the lifetimes granted so far.
+//!
+//! One OS thread owns a netlink socket (opened by `install`, so it lives in the network
+//! namespace `install` ran in). Callers queue requests on a bounded channel and wait for a
+//! oneshot reply. The thread takes every request that is waiting, merges them into one batch
+//! (one transaction, at most one message per 1,000 elements), sends it and reads the
+//! acknowledgements: a burst of N queries costs one round trip to the kernel instead of N. If
+//! the merged batch fails because the kernel refused it (for example `ENFILE`: a set is full),
+//! the requests are retried one by one, so one client's failure does not fail the others.
+//!
+//! # Lifetimes
+//!
+//! Since Linux 6.12 re-adding an element overwrites its timeout, shorter or longer. Two answers
+//! for the same address (a long TTL, then a short one, or two clients in a shared set) must not
+//! cut each other's allowance, so the thread remembers the longest expiry granted per
+//! (client, address) and re-adds with `max(requested, remaining)`. The add is always sent: it
+//! refreshes the element, and the kernel stays the source of truth. Lifetimes are clamped to
+//! [1 s, 7 days] (an element without timeout would be permanent). The map is bounded by the set
+//! size per family: an entry that is still live has a live element in the kernel set, and that
+//! set cannot hold more. Expired entries are pruned when a map fills (at most once a second).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use tokio::sync::{mpsc, oneshot};
+
+use super::AdmitError;
+use super::netlink::{Elem, NfSocket, NlError, Op};
+use super::ruleset::{Family, element_key};
+
+/// Shortest lifetime of an element.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// Longest lifetime of an element.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Upper bound of elements in one merged batch (a single larger request still goes alone).
+const MAX_BATCH_ELEMS: usize = 8192;
+/// Bytes per element in a batch, an upper bound (IPv6 pair with timeout: 56).
+const BYTES_PER_ELEM: usize = 64;
+/// Expired entries are pruned from a full map at most this often.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// (client in per-client sets, destination).
+pub(crate) type Key = (Option<IpAddr>, IpAddr);
+
+/// One caller's request.
+pub(crate) struct Request {
+    /// The client, in per-client mode only (normalized, same family as every address).
+    pub(crate) client: Option<IpAddr>,
+    /// Destinations with their lifetimes, already clamped.
+    pub(crate) items: Vec<(IpAddr, Duration)>,
+    pub(crate) reply: oneshot::Sender<Result<(), AdmitError>>,
+}
+
+pub(crate) enum Msg {
+    Admit(Request),
+    /// Wakes the thread so that it notices the stop flag.
+    Wake,
+}
+
+/// Clamps a lifetime to [`MIN_LIFETIME`, `MAX_LIFETIME`].
+pub(crate) fn clamp(d: Duration) -> Duration {
+    d.clamp(MIN_LIFETIME, MAX_LIFETIME)
+}
+
+/// Milliseconds, rounded up, saturating, within the clamp.
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+    ms.clamp(
+        MIN_LIFETIME.as_millis() as u64,
+        MAX_LIFETIME.as_millis() as u64,
+    )
+}
+
+/// The longest expiry granted per key, per family, bounded.
+pub(crate) struct Lifetimes {
+    maps: [HashMap<Key, Instant>; 2],
+    cap: usize,
+    next_prune: [Instant; 2],
+}
+
+fn slot(addr: IpAddr) -> usize {
+    match Family::of(addr) {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+impl Lifetimes {
+    pub(crate) fn new(cap: usize) -> Lifetimes {
+        let now = Instant::now();
+        Lifetimes {
+            maps: [HashMap::new(), HashMap::new()],
+            cap: cap.max(1),
+            next_prune: [now, now],
+        }
+    }
+
+    /// How long the element still has, as far as dnsfence granted it.
+    pub(crate) fn remaining(&self, key: &Key, now: Instant) -> Duration {
+        self.maps
+            .get(slot(key.1))
+            .and_then(|m| m.get(key))
+            .map_or(Duration::ZERO, |exp| exp.saturating_duration_since(now))
+    }
+
+    /// Records that `key` was granted until `expiry` (keeping a later expiry already recorded).
+    pub(crate) fn record(&mut self, key: Key, expiry: Instant, now: Instant) {
+        let s = slot(key.1);
+        let cap = self.cap;
+        let Some(map) = self.maps.get_mut(s) else {
+            return;
+        };
+        if let Some(e) = map.get_mut(&key) {
+            *e = (*e).max(expiry);
+            return;
+        }
+        if map.len() >= cap
+            && let Some(next) = self.next_prune.get_mut(s)
+            && now >= *next
+        {
+            map.retain(|_, exp| *exp > now);
+            *next = now + PRUNE_INTERVAL;
+        }
+        // Still full: every entry is live, so the kernel set is full too and this add could
+        // only have succeeded if elements were removed behind dnsfence's back. Not recorded.
+        if map.len() < cap {
+            map.insert(key, expiry);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.maps.iter().map(HashMap::len).sum()
+    }
+}
+
+/// What the thread needs to know about the table.
+pub(crate) struct Config {
+    pub(crate) table: String,
+    pub(crate) per_client: bool,
+    pub(crate) set_size: u32,
+}
+
+struct Admission {
+    sock: NfSocket,
+    cfg: Config,
+    lifetimes: Lifetimes,
+    rx: mpsc::Receiver<Msg>,
+    stop: Arc<AtomicBool>,
+    max_batch_elems: usize,
+}
+
+/// Starts the thread. `seed` holds the expiries of elements already in the sets.
+pub(crate) fn spawn(
+    sock: NfSocket,
+    cfg: Config,
+    seed: Vec<(Key, Instant)>,
+    rx: mpsc::Receiver<Msg>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let mut lifetimes = Lifetimes::new(cfg.set_size as usize);
+    let now = Instant::now();
+    for (key, exp) in seed {
+        lifetimes.record(key, exp, now);
+    }
+    let max_batch_elems = (sock.max_batch_bytes() / BYTES_PER_ELEM).clamp(256, MAX_BATCH_ELEMS);
+    let a = Admission {
+        sock,
+        cfg,
+        lifetimes,
+        rx,
+        stop,
+        max_batch_elems,
+    };
+    std::thread::Builder::new()
+        .name("dnsfence-admit".to_string())
+        .spawn(move || a.run())
+}
+
+impl Admission {
+    fn run(mut self) {
+        let mut carry: Option<Request> = None;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let first = match carry.take() {
+                Some(r) => r,
+                None => match self.rx.blocking_recv() {
+                    Some(Msg::Admit(r)) => r,
+                    Some(Msg::Wake) => continue,
+                    None => break,
+                },
+            };
+            if self.stop.load(Ordering::Acquire) {
+                carry = Some(first);
+                break;
+            }
+            let mut elems = first.items.len();
+            let mut group = vec![first];
+            while elems < self.max_batch_elems {
+                match self.rx.try_recv() {
+                    Ok(Msg::Admit(r)) => {
+                        if elems + r.items.len() > self.max_batch_elems {
+                            carry = Some(r);
+                            break;
+                        }
+                        elems += r.items.len();
+                        group.push(r);
+                    }
+                    Ok(Msg::Wake) => {}
+                    Err(_) => break,
+                }
+            }
+            self.process(group);
+        }
+        // Stopping: refuse whatever is still queued.
+        self.rx.close();
+        if let Some(r) = carry {
+            let _ = r.reply.send(Err(AdmitError::Closed));
+        }
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Msg::Admit(r) = msg {
+                let _ = r.reply.send(Err(AdmitError::Closed));
+            }
+        }
+    }
+
+    fn process(&mut self, group: Vec<Request>) {
+        match self.commit(&group) {
+            Ok(()) => {
+                for r in group {
+                    let _ = r.reply.send(Ok(()));
+                }
+            }
+            Err(e) if group.len() > 1 && e.is_kernel() => {
+                tracing::debug!(
+                    target: "dnsfence::firewall",
+                    error = %e,
+                    requests = group.len(),
+                    "merged admission failed; retrying one by one"
+                );
+                for r in group {
+                    let res = self
+                        .commit(std::slice::from_ref(&r))
+                        .map_err(|e| self.admit_error(&e));
+                    let _ = r.reply.send(res);
+                }
+            }
+            Err(e) => {
+                let err = self.admit_error(&e);
+                for r in group {
+                    let _ = r.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Adds every element of `reqs` in one transaction; records the lifetimes once ACKed.
+    fn commit(&mut self, reqs: &[Request]) -> Result<(), NlError> {
+        let now = Instant::now();
+        let mut wanted: HashMap<Key, Duration> = HashMap::new();
+        for r in reqs {
+            for &(addr, life) in &r.items {
+                let e = wanted.entry((r.client, addr)).or_insert(life);
+                *e = (*e).max(life);
+            }
+        }
+        let mut granted: Vec<(Key, Duration, Vec<u8>)> = Vec::with_capacity(wanted.len());
+        for (key, life) in wanted {
+            let life = life
+                .max(self.lifetimes.remaining(&key, now))
+                .min(MAX_LIFETIME);
+            let client = key.0.unwrap_or(key.1);
+            // The family was checked by admit(); a mismatch cannot reach this point.
+            if let Some(k) = element_key(self.cfg.per_client, client, key.1) {
+                granted.push((key, life, k));
+            }
+        }
+        let mut batch = self.sock.begin(&self.cfg.table);
+        for family in [Family::V4, Family::V6] {
+            let elems: Vec<Elem<'_>> = granted
+                .iter()
+                .filter(|(key, _, _)| Family::of(key.1) == family)
+                .map(|(_, life, k)| Elem {
+                    key: k,
+                    timeout_ms: millis(*life),
+                })
+                .collect();
+            if !elems.is_empty() {
+                batch.add_elements(family.set_name(), &elems);
+            }
+        }
+        self.sock.commit(batch)?;
+        for (key, life, _) in granted {
+            if let Some(expiry) = now.checked_add(life) {
+                self.lifetimes.record(key, expiry, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn admit_error(&self, e: &NlError) -> AdmitError {
+        if e.is_permission() {
+            return AdmitError::PermissionDenied;
+        }
+        match (e.errno(), e.op()) {
+            (Some(Errno::ENFILE), Some(Op::NewElems { set, .. })) => AdmitError::SetFull {
+                set,
+                size: self.cfg.set_size,
+            },
+            (Some(Errno::ENOENT), Some(Op::NewElems { set, .. })) => AdmitError::Kernel(format!(
+                "set {set} of table inet {} does not exist (was the table deleted?)",
+                self.cfg.table
+            )),
+            _ if e.is_kernel() => AdmitError::Kernel(e.to_string()),
+            _ => AdmitError::Transport(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merged batch that the kernel refuses is retried request by request (needs root; see
+    /// `testns`).
+    #[test]
+    fn refused_group_is_retried_one_by_one() {
+        use crate::firewall::ruleset::Layout;
+        use crate::firewall::testns::{Netns, policy};
+        let Some(ns) = Netns::new("retry") else {
+            return;
+        };
+        let mut p = policy("dnsf_retry");
+        p.firewall.set_size = 2;
+        let Ok(layout) = Layout::from_policy(&p) else {
+            panic!("layout");
+        };
+        let results = ns.enter(|| {
+            let mut sock = NfSocket::open().expect("socket");
+            let mut b = sock.begin(&layout.table);
+            b.add_layout(&layout);
+            sock.commit(b).expect("install");
+            let (_tx, rx) = mpsc::channel(1);
+            let mut adm = Admission {
+                sock,
+                cfg: Config {
+                    table: layout.table.clone(),
+                    per_client: false,
+                    set_size: 2,
+                },
+                lifetimes: Lifetimes::new(2),
+                rx,
+                stop: Arc::new(AtomicBool::new(false)),
+                max_batch_elems: MAX_BATCH_ELEMS,
+            };
+            let mut answers = Vec::new();
+            let group = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.1"]
+                .iter()
+                .map(|a| {
+                    let (reply, answer) = oneshot::channel();
+                    answers.push(answer);
+                    Request {
+                        client: None,
+                        items: vec![(a.parse().expect("ip"), Duration::from_secs(60))],
+                        reply,
+                    }
+                })
+                .collect();
+            adm.process(group);
+            answers
+                .into_iter()
+                .map(|mut a| a.try_recv().expect("answered"))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Ok(()));
+        assert_eq!(
+            results[2],
+            Err(AdmitError::SetFull {
+                set: "allow4",
+                size: 2
+            })
+        );
+        assert_eq!(results[3], Ok(()));
+    }
+
+    #[test]
+    fn millis_clamps_and_rounds_up() {
+        assert_eq!(millis(Duration::ZERO), 1000);
+        assert_eq!(millis(Duration::from_nanos(1_000_000_001)), 1001);
+        assert_eq!(millis(Duration::MAX), MAX_LIFETIME.as_millis() as u64);
+        assert_eq!(clamp(Duration::from_secs(u64::MAX)), MAX_LIFETIME);
+        assert_eq!(clamp(Duration::from_millis(1)), MIN_LIFETIME);
+    }
+
+    #[test]
+    fn lifetimes_keep_the_longest_and_stay_bounded() {
+        let now = Instant::now();
+        let mut l = Lifetimes::new(2);
+        let a: Key = (None, "192.0.2.1".parse().unwrap());
+        let b: Key = (None, "192.0.2.2".parse().unwrap());
+        let c: Key = (None, "192.0.2.3".parse().unwrap());
+        let v6: Key = (None, "2001:db8::1".parse().unwrap());
+        l.record(a, now + Duration::from_secs(100), now);
+        l.record(a, now + Duration::from_secs(10), now);
+        assert_eq!(l.remaining(&a, now), Duration::from_secs(100));
+        l.record(b, now + Duration::from_secs(5), now);
+        // Full of live entries: c is not recorded.
+        l.record(c, now + Duration::from_secs(5), now);
+        assert_eq!(l.remaining(&c, now), Duration::ZERO);
+        // The other family has its own bound.
+        l.record(v6, now + Duration::from_secs(5), now);
+        assert_eq!(l.len(), 3);
+        // Once b expired, c fits.
+        let later = now + Duration::from_secs(6);
+        l.record(c, later + Duration::from_secs(5), later);
+        assert_eq!(l.remaining(&c, later), Duration::from_secs(5));
+        assert_eq!(l.remaining(&b, later), Duration::ZERO);
+    }
+}
