@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
+use hickory_proto::op::ResponseCode;
 use serde::Serialize;
 
 use crate::policy::LogTarget;
@@ -52,7 +53,9 @@ pub struct QueryRecord {
     /// Why the query was denied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
-    pub rcode: String,
+    /// The response code sent, as dig prints it: NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ...
+    #[serde(serialize_with = "rcode_mnemonic")]
+    pub rcode: ResponseCode,
     pub answers: Vec<LoggedAddress>,
     /// Answer addresses the address guard took out.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -65,6 +68,18 @@ pub struct QueryRecord {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
     pub latency_us: u64,
+}
+
+fn rcode_mnemonic<S: serde::Serializer>(rcode: &ResponseCode, s: S) -> Result<S::Ok, S::Error> {
+    match rcode {
+        ResponseCode::NoError => s.serialize_str("NOERROR"),
+        ResponseCode::FormErr => s.serialize_str("FORMERR"),
+        ResponseCode::ServFail => s.serialize_str("SERVFAIL"),
+        ResponseCode::NXDomain => s.serialize_str("NXDOMAIN"),
+        ResponseCode::NotImp => s.serialize_str("NOTIMP"),
+        ResponseCode::Refused => s.serialize_str("REFUSED"),
+        other => s.collect_str(&format_args!("RCODE{}", u16::from(*other))),
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

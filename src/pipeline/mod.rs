@@ -113,7 +113,7 @@ impl Pipeline {
         let mut record = new_record(client, transport, question);
         record.decision = "deny";
         record.reason = Some(reason.as_str());
-        record.rcode = rcode.to_string();
+        record.rcode = rcode;
         (Reply::empty(rcode), record)
     }
 
@@ -204,7 +204,7 @@ impl Pipeline {
             return servfail(record);
         }
 
-        record.rcode = answer.rcode.to_string();
+        record.rcode = answer.rcode;
         record.answers = logged_addresses(&filtered.records);
         let mut soa = answer.soa;
         if let Some(soa) = &mut soa {
@@ -225,7 +225,7 @@ impl Pipeline {
         };
         record.decision = "deny";
         record.reason = Some(reason.as_str());
-        record.rcode = rcode.to_string();
+        record.rcode = rcode;
         (Reply::empty(rcode), record)
     }
 }
@@ -235,12 +235,12 @@ impl Pipeline {
 fn refuse(mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
     record.decision = "deny";
     record.reason = Some(reason.as_str());
-    record.rcode = ResponseCode::Refused.to_string();
+    record.rcode = ResponseCode::Refused;
     (Reply::empty(ResponseCode::Refused), record)
 }
 
 fn servfail(mut record: QueryRecord) -> (Reply, QueryRecord) {
-    record.rcode = ResponseCode::ServFail.to_string();
+    record.rcode = ResponseCode::ServFail;
     (Reply::empty(ResponseCode::ServFail), record)
 }
 
@@ -260,7 +260,7 @@ fn new_record(
         group: None,
         rule: None,
         reason: None,
-        rcode: String::new(),
+        rcode: ResponseCode::NoError,
         answers: Vec::new(),
         refused: Vec::new(),
         upstream: None,
