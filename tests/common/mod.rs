@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod netns;
 pub mod upstream;
 
 use std::io::{Read, Write};

@@ -27,6 +27,8 @@ pub struct SeenQuery {
     pub id: u16,
     /// EDNS option codes the query carried.
     pub edns_options: Vec<u16>,
+    /// Where the query came from (address and source port).
+    pub peer: SocketAddr,
 }
 
 /// How the upstream answers.
@@ -97,6 +99,19 @@ impl Upstream {
                 break (udp, tcp);
             }
         };
+        Self::serve(udp, tcp)
+    }
+
+    /// Starts on exactly `addr` (UDP and TCP), e.g. port 53 on an address inside a network
+    /// namespace: call it from a thread that entered the namespace.
+    pub fn start_at(addr: SocketAddr) -> Upstream {
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind upstream udp {addr}: {e}"));
+        let tcp =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind upstream tcp {addr}: {e}"));
+        Self::serve(udp, tcp)
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener) -> Upstream {
         let addr = udp.local_addr().unwrap();
         let upstream = Upstream {
             addr,
@@ -194,7 +209,7 @@ impl Upstream {
                     continue;
                 };
                 let behaviour = *behaviour.lock().unwrap();
-                if let Some(reply) = respond(&buf[..len], false, &zone, &seen, behaviour) {
+                if let Some(reply) = respond(&buf[..len], false, peer, &zone, &seen, behaviour) {
                     let _ = socket.send_to(&reply, peer);
                 }
             }
@@ -252,6 +267,9 @@ fn serve_tcp(
 ) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
     loop {
         let mut len = [0u8; 2];
         if stream.read_exact(&mut len).is_err() {
@@ -262,7 +280,7 @@ fn serve_tcp(
             return;
         }
         let behaviour = *behaviour.lock().unwrap();
-        if let Some(reply) = respond(&buf, true, zone, seen, behaviour) {
+        if let Some(reply) = respond(&buf, true, peer, zone, seen, behaviour) {
             let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
             framed.extend_from_slice(&reply);
             if stream.write_all(&framed).is_err() {
@@ -275,6 +293,7 @@ fn serve_tcp(
 fn respond(
     bytes: &[u8],
     tcp: bool,
+    peer: SocketAddr,
     zone: &Mutex<Zone>,
     seen: &Mutex<Vec<SeenQuery>>,
     behaviour: Behaviour,
@@ -297,6 +316,7 @@ fn respond(
                     .collect()
             })
             .unwrap_or_default(),
+        peer,
     });
     let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
