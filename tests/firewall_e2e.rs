@@ -1162,3 +1162,175 @@ fn upstream_queries_from_the_resolver_pass_but_reused_ports_do_not() {
         "after the bypass attempts",
     );
 }
+
+// =============================================================================================
+// Ways around the firewall (hardening)
+// =============================================================================================
+
+/// `ping -c 1` from `ns` to `target`, waiting one second: true when a reply came back.
+fn pings(ns: &Netns, target: &str) -> bool {
+    let out = ns.exec(
+        Duration::from_secs(3),
+        &["ping", "-n", "-c", "1", "-W", "1", target],
+    );
+    out.status.success()
+}
+
+#[test]
+fn icmp_reaches_only_admitted_addresses_and_never_the_gateway() {
+    if !require_root("icmp_reaches_only_admitted_addresses_and_never_the_gateway") {
+        return;
+    }
+    let lab = Lab::new("icmp");
+    lab.upstream
+        .a("api.allowed.test", "198.51.100.10", 300)
+        .aaaa("api.allowed.test", "2001:db8:100::10", 300);
+    lab.start_fence(&Spec::new(&lab, &["api.allowed.test"]).yaml());
+    let a1 = lab.a1();
+    // Before any answer, nothing answers a ping: not the internet, not the gateway.
+    for target in [
+        "198.51.100.10",
+        "2001:db8:100::10",
+        "198.51.100.66",
+        "10.77.0.1",
+        "fd77::1",
+        "192.0.2.1",
+    ] {
+        assert!(!pings(&lab.agent1, target), "agent1 pinged {target}");
+    }
+    assert_answer(
+        &a1.resolve("api.allowed.test", RecordType::A),
+        &["198.51.100.10"],
+        "A",
+    );
+    assert_answer(
+        &a1.resolve("api.allowed.test", RecordType::AAAA),
+        &["2001:db8:100::10"],
+        "AAAA",
+    );
+    // An admitted address is a destination like any other; the rest stays dark.
+    assert!(pings(&lab.agent1, "198.51.100.10"), "admitted IPv4 address");
+    assert!(
+        pings(&lab.agent1, "2001:db8:100::10"),
+        "admitted IPv6 address"
+    );
+    for target in [
+        "198.51.100.66",
+        "2001:db8:100::66",
+        "10.77.0.1",
+        "fd77::1",
+        "192.0.2.1",
+    ] {
+        assert!(!pings(&lab.agent1, target), "agent1 pinged {target}");
+    }
+}
+
+#[test]
+fn agents_reach_nothing_on_the_gateway_but_dnsfence() {
+    if !require_root("agents_reach_nothing_on_the_gateway_but_dnsfence") {
+        return;
+    }
+    let lab = Lab::new("gwsvc");
+    lab.start_fence(&Spec::new(&lab, &["api.allowed.test"]).yaml());
+    // Services of the gateway itself: one on every address, one on loopback only, one on the
+    // agents' side.
+    let listeners = lab.gw.run(|| {
+        [
+            "0.0.0.0:2222",
+            "[::]:2223",
+            "127.0.0.1:8080",
+            "10.77.0.1:9090",
+            "192.0.2.1:9191",
+        ]
+        .iter()
+        .map(|a| std::net::TcpListener::bind(a).unwrap())
+        .collect::<Vec<_>>()
+    });
+    let a1 = lab.a1();
+    // dnsfence itself is reachable, over UDP and TCP.
+    assert!(
+        a1.try_resolve(a1.dns4, "evil.example", RecordType::A, false)
+            .is_ok()
+    );
+    assert!(
+        a1.try_resolve(a1.dns4, "evil.example", RecordType::A, true)
+            .is_ok()
+    );
+    let targets = [
+        sa("10.77.0.1", 2222),
+        sa("fd77::1", 2223),
+        sa("10.77.0.1", 9090),
+        sa("192.0.2.1", 9191),
+        sa("192.0.2.1", 2222),
+        sa("10.78.0.1", 2222),
+        sa("2001:db8:ffff::1", 2223),
+        sa("10.77.0.1", 8080),
+    ];
+    assert_all_blocked(&lab, &a1, &targets, "agent1 to the gateway's services");
+    // A process on the gateway still reaches its own services over loopback.
+    let local = lab.gw.run(|| tcp_probe(sa("127.0.0.1", 8080), CONNECT_OK));
+    assert_eq!(local, Reach::Connected);
+    drop(listeners);
+}
+
+#[test]
+fn spoofed_sources_from_an_agent_are_dropped() {
+    if !require_root("spoofed_sources_from_an_agent_are_dropped") {
+        return;
+    }
+    let lab = Lab::new("spoof");
+    lab.upstream.a("other.allowed.test", "198.51.100.20", 300);
+    let mut spec = Spec::new(&lab, &["api.allowed.test"]);
+    spec.per_client = true;
+    spec.clients = Some(
+        "  - {name: agent2, from: [\"10.78.0.0/24\", \"fd78::/64\"], allow: [\"other.allowed.test\"]}\n"
+            .to_owned(),
+    );
+    lab.start_fence(&spec.yaml());
+    // The kernel's own reverse-path filter is off, so only the ruleset stands in the way.
+    lab.gw.sysctl("net.ipv4.conf.all.rp_filter", "0");
+    lab.gw.sysctl("net.ipv4.conf.default.rp_filter", "0");
+    for dev in ["to-a1", "to-a2", "to-inet"] {
+        lab.gw
+            .sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+    }
+    // agent2 is admitted to 198.51.100.20 (its own pair in the per-client set).
+    assert_answer(
+        &lab.a2().resolve("other.allowed.test", RecordType::A),
+        &["198.51.100.20"],
+        "agent2",
+    );
+    assert!(has_elem(
+        &lab.set_elements("allow4"),
+        &["10.78.0.2", "198.51.100.20"]
+    ));
+    lab.services.clear();
+
+    // agent1, root in its namespace, puts agent2's address on its own link and sends from it:
+    // the pair (10.78.0.2 . 198.51.100.20) is in the set, so only the reverse-path check
+    // can stop these packets. Replies would go to agent2, but one-way UDP is enough to leak.
+    lab.agent1
+        .ip(&["addr", "add", "10.78.0.2/32", "dev", "to-gw"]);
+    let spoofed = lab.agent1.run(|| {
+        let socket = std::net::UdpSocket::bind("10.78.0.2:0").unwrap();
+        for _ in 0..5 {
+            let _ = socket.send_to(b"stolen", "198.51.100.20:443");
+        }
+        let stream =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        stream.bind(&sa("10.78.0.2", 0).into()).unwrap();
+        stream
+            .connect_timeout(&sa("198.51.100.20", 80).into(), BLOCKED_AFTER)
+            .is_ok()
+    });
+    assert!(!spoofed, "a TCP connection from a spoofed source completed");
+    std::thread::sleep(Duration::from_millis(300));
+    let hits = lab.services.hits_on(ip("198.51.100.20"));
+    assert!(hits.is_empty(), "spoofed packets arrived: {hits:?}");
+    // agent2 itself still gets through.
+    assert_all_connected(
+        &lab.a2(),
+        &[sa("198.51.100.20", 80)],
+        "agent2 to its own address",
+    );
+}
