@@ -458,6 +458,67 @@ fn cname_strict_denies_a_chain_that_leaves_the_allowlist() {
     assert!(outside.is_empty(), "{outside:?}");
 }
 
+/// A CNAME loop and a chain longer than any real one end in bounded time, with no address
+/// from beyond the cut handed out, and crash nothing.
+#[test]
+fn cname_loops_and_overlong_chains_end_in_bounded_time() {
+    let upstream = Upstream::start();
+    upstream
+        .cname("loop.allowed.test", "loop2.allowed.test", 60)
+        .cname("loop2.allowed.test", "loop.allowed.test", 60);
+    upstream.cname("self.allowed.test", "self.allowed.test", 60);
+    for i in 0..19 {
+        upstream.cname(
+            &format!("c{i}.long.test"),
+            &format!("c{}.long.test", i + 1),
+            60,
+        );
+    }
+    upstream.a("c19.long.test", "198.51.100.19", 60);
+    let fence = fence_with(
+        &upstream,
+        &["loop.allowed.test", "self.allowed.test", "c0.long.test"],
+        "",
+    );
+    for qname in ["loop.allowed.test", "self.allowed.test", "c0.long.test"] {
+        for transport in ["udp", "tcp"] {
+            let started = Instant::now();
+            let reply = if transport == "udp" {
+                fence.udp(qname, RecordType::A)
+            } else {
+                fence.tcp(qname, RecordType::A)
+            };
+            let took = started.elapsed();
+            eprintln!(
+                "{qname} over {transport}: {} with {} records in {took:?}",
+                reply.metadata.response_code,
+                reply.answers.len()
+            );
+            assert!(took < Duration::from_millis(1800), "{qname}: {took:?}");
+            assert!(
+                reply.answers.len() <= 40,
+                "{qname}: {}",
+                reply.answers.len()
+            );
+            // 20 hops is past the 16 dnsfence follows: the address at the end is never given.
+            assert!(every_address(&reply).is_empty(), "{qname}: {reply:?}");
+        }
+    }
+    assert_alive(&fence);
+    assert!(
+        upstream.seen().iter().all(|q| [
+            "loop.allowed.test.",
+            "self.allowed.test.",
+            "c0.long.test."
+        ]
+        .contains(&q.name.as_str())
+            || q.name.ends_with(".long.test.")
+            || q.name.ends_with(".allowed.test.")),
+        "{:?}",
+        upstream.seen()
+    );
+}
+
 /// Records for other names, anywhere in a response, never reach the client nor the log's
 /// admitted addresses, in either CNAME mode.
 #[test]
@@ -925,12 +986,37 @@ fn meta_private_and_reverse_queries_never_reach_the_upstream() {
 }
 
 /// Special-use names are answered NXDOMAIN locally and logged `special-use`, even when a rule
-/// would allow them.
+/// names them explicitly.
 #[test]
 fn special_use_names_are_answered_locally() {
     let upstream = Upstream::start();
-    let fence = fence_with(&upstream, &["api.allowed.test", "**.wild.test"], "");
+    // Rules that name special-use suffixes on purpose: they must not open them.
+    let fence = fence_with(
+        &upstream,
+        &[
+            "api.allowed.test",
+            "**.wild.test",
+            "**.lab.home.arpa",
+            "**.corp.local",
+            "**.10.in-addr.arpa",
+            "**.8.b.d.0.1.0.0.2.ip6.arpa",
+            "use-application-dns.net",
+            "**.x.onion",
+            "*.db.localhost",
+            "**.x.invalid",
+            "**.x.alt",
+        ],
+        "",
+    );
     let names = [
+        "printer.lab.home.arpa",
+        "db.corp.local",
+        "1.0.0.10.in-addr.arpa",
+        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa",
+        "abc.x.onion",
+        "a.db.localhost",
+        "a.x.invalid",
+        "a.x.alt",
         "localhost",
         "LOCALHOST",
         "db.localhost",
@@ -1397,6 +1483,12 @@ fn malformed_udp_messages_get_formerr_or_silence_and_the_server_survives() {
         }
     }
     eprintln!("UDP: FORMERR (or similar) for {answered:?}; silence for the rest");
+    // Observation, not a requirement: what the query log shows of all this.
+    let logged = read_log(&fence.log_path).len();
+    eprintln!(
+        "UDP: {logged} query-log lines for {} malformed messages",
+        expected.len() + 201
+    );
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
     assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
 }
@@ -1939,13 +2031,20 @@ fn memory_stays_bounded_under_20000_unique_wildcard_names() {
     run(500, &socket);
     let before = fence.rss_kib();
     let started = Instant::now();
-    let (sent, received) = run(20_000, &socket);
+    let (mut sent, mut received) = (0, 0);
+    let mut samples = Vec::new();
+    for _ in 0..4 {
+        let (s, r) = run(5_000, &socket);
+        sent += s;
+        received += r;
+        samples.push(fence.rss_kib());
+    }
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     let after = fence.rss_kib();
     eprintln!(
         "RSS before {before} KiB, after {after} KiB (+{} KiB) for {sent} unique names \
-         ({received} replies) in {took:?}; upstream saw {}",
+         ({received} replies) in {took:?}; every 5,000 names: {samples:?} KiB; upstream saw {}",
         after.saturating_sub(before),
         upstream.seen().len()
     );
