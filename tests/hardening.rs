@@ -724,6 +724,14 @@ fn https_hints_strip_mode_removes_every_hint() {
         assert!(!keys.contains(&SvcParamKey::Ipv6Hint), "{keys:?}");
         assert!(keys.contains(&SvcParamKey::Alpn), "{keys:?}");
     }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|q| q.name == "svc.allowed.test." && q.qtype == RecordType::HTTPS),
+        "{:?}",
+        upstream.seen()
+    );
 }
 
 /// AliasMode (priority 0) sends the client to another name: a target outside the allowlist is
@@ -818,6 +826,14 @@ fn extreme_ttls_are_clamped_to_ttl_max_and_crash_nothing() {
             assert!(answer["ttl"].as_u64().unwrap() <= 300, "{line}");
         }
     }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|q| q.name.ends_with(".allowed.test.") && q.qtype == RecordType::A),
+        "{:?}",
+        upstream.seen()
+    );
     assert_alive(&fence);
 }
 
@@ -1769,6 +1785,14 @@ fn tcp_connections_beyond_the_limit_are_closed_at_once() {
             Err(e) => panic!("slots never came back: {e}"),
         }
     }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|q| q.name == "api.allowed.test."),
+        "{:?}",
+        upstream.seen()
+    );
 }
 
 /// Slowloris: one byte of the length prefix then nothing, or a message dribbled a byte at a
@@ -2250,6 +2274,14 @@ fn an_answer_naming_one_of_the_hosts_own_addresses_is_refused() {
             handed_out.push(*ip);
         }
     }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|q| q.name.ends_with(".allowed.test.")),
+        "{:?}",
+        upstream.seen()
+    );
     assert!(
         handed_out.is_empty(),
         "the host's own addresses were handed out (and would be admitted): {handed_out:?}"
