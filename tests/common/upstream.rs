@@ -29,6 +29,10 @@ pub struct SeenQuery {
     pub edns_options: Vec<u16>,
     /// Where the query came from (address and source port).
     pub peer: SocketAddr,
+    /// The question's wire labels, byte for byte (original case, no escaping).
+    pub labels: Vec<Vec<u8>>,
+    /// The question's class.
+    pub qclass: u16,
 }
 
 /// How the upstream answers.
@@ -61,6 +65,8 @@ struct Zone {
     extra_answers: Vec<Record>,
     /// Extra records put in the additional section of every response.
     extra_additionals: Vec<Record>,
+    /// The SOA put in the authority section of negative answers (default: `test.`).
+    negative_soa: Option<Record>,
 }
 
 pub struct Upstream {
@@ -68,6 +74,9 @@ pub struct Upstream {
     zone: Arc<Mutex<Zone>>,
     seen: Arc<Mutex<Vec<SeenQuery>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// When set, every UDP query gets an empty TC answer (forcing a retry over TCP) and TCP
+    /// queries are answered with this behaviour instead of `behaviour`.
+    tcp_behaviour: Arc<Mutex<Option<Behaviour>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -118,6 +127,7 @@ impl Upstream {
             zone: Arc::default(),
             seen: Arc::default(),
             behaviour: Arc::new(Mutex::new(Behaviour::Normal)),
+            tcp_behaviour: Arc::default(),
             stop: Arc::default(),
         };
         upstream.spawn_udp(udp);
@@ -127,6 +137,17 @@ impl Upstream {
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
         *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// Misbehaves over TCP only: UDP queries are answered TC (so the client must retry over
+    /// TCP), and TCP queries get `behaviour`.
+    pub fn set_tcp_behaviour(&self, behaviour: Behaviour) {
+        *self.tcp_behaviour.lock().unwrap() = Some(behaviour);
+    }
+
+    /// The SOA record negative answers carry in their authority section.
+    pub fn set_negative_soa(&self, soa: Record) {
+        self.zone.lock().unwrap().negative_soa = Some(soa);
     }
 
     pub fn add(&self, record: Record) -> &Self {
@@ -202,13 +223,17 @@ impl Upstream {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let (zone, seen, behaviour, stop) = self.shared();
+        let tcp_behaviour = self.tcp_behaviour.clone();
         thread::spawn(move || {
             let mut buf = vec![0u8; 65535];
             while !stop.load(Ordering::Relaxed) {
                 let Ok((len, peer)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
-                let behaviour = *behaviour.lock().unwrap();
+                let behaviour = match *tcp_behaviour.lock().unwrap() {
+                    Some(_) => Behaviour::TruncatedNoTcp,
+                    None => *behaviour.lock().unwrap(),
+                };
                 if let Some(reply) = respond(&buf[..len], false, peer, &zone, &seen, behaviour) {
                     let _ = socket.send_to(&reply, peer);
                 }
@@ -219,17 +244,23 @@ impl Upstream {
     fn spawn_tcp(&self, listener: TcpListener) {
         listener.set_nonblocking(true).unwrap();
         let (zone, seen, behaviour, stop) = self.shared();
+        let tcp_behaviour = self.tcp_behaviour.clone();
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let Ok((stream, _)) = listener.accept() else {
                     thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                if *behaviour.lock().unwrap() == Behaviour::TruncatedNoTcp {
+                let tcp_only = *tcp_behaviour.lock().unwrap();
+                if tcp_only.is_none() && *behaviour.lock().unwrap() == Behaviour::TruncatedNoTcp {
                     drop(stream);
                     continue;
                 }
-                let (zone, seen, behaviour) = (zone.clone(), seen.clone(), behaviour.clone());
+                let behaviour = match tcp_only {
+                    Some(b) => Arc::new(Mutex::new(b)),
+                    None => behaviour.clone(),
+                };
+                let (zone, seen) = (zone.clone(), seen.clone());
                 thread::spawn(move || serve_tcp(stream, &zone, &seen, &behaviour));
             }
         });
@@ -317,6 +348,8 @@ fn respond(
             })
             .unwrap_or_default(),
         peer,
+        labels: question.name().iter().map(<[u8]>::to_vec).collect(),
+        qclass: u16::from(question.query_class()),
     });
     let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
@@ -369,20 +402,22 @@ fn respond(
         if !zone.names.contains(&current) {
             reply.metadata.response_code = ResponseCode::NXDomain;
         }
-        let soa_owner = name("test.");
-        reply.add_authority(Record::from_rdata(
-            soa_owner.clone(),
-            300,
-            RData::SOA(SOA::new(
-                name("ns.test."),
-                name("hostmaster.test."),
-                1,
-                3600,
-                600,
-                86400,
-                60,
-            )),
-        ));
+        let soa = zone.negative_soa.clone().unwrap_or_else(|| {
+            Record::from_rdata(
+                name("test."),
+                300,
+                RData::SOA(SOA::new(
+                    name("ns.test."),
+                    name("hostmaster.test."),
+                    1,
+                    3600,
+                    600,
+                    86400,
+                    60,
+                )),
+            )
+        });
+        reply.add_authority(soa);
     }
     reply.add_answers(zone.extra_answers.iter().cloned());
     reply.add_additionals(zone.extra_additionals.iter().cloned());
