@@ -55,14 +55,16 @@ pub enum AddressVerdict {
 /// The answer-address policy of one server.
 #[derive(Debug, Clone, Default)]
 pub struct AddressGuard {
-    /// `deny_answers` plus the upstreams' own addresses.
+    /// `deny_answers`, the upstreams' addresses and this host's own addresses.
     always_denied: Vec<IpNet>,
 }
 
 impl AddressGuard {
-    pub fn new(deny_answers: &[IpNet], upstreams: &[IpAddr]) -> AddressGuard {
+    /// `never` holds addresses no answer may ever contain: the upstreams', and this host's own
+    /// (an agent handed one of those reaches every service the host listens on).
+    pub fn new(deny_answers: &[IpNet], never: &[IpAddr]) -> AddressGuard {
         let mut always_denied = deny_answers.to_vec();
-        always_denied.extend(upstreams.iter().map(|&ip| IpNet::from(ip)));
+        always_denied.extend(never.iter().map(|&ip| IpNet::from(ip)));
         AddressGuard { always_denied }
     }
 
@@ -77,7 +79,9 @@ impl AddressGuard {
             return AddressVerdict::Denied;
         }
         if is_denied_by_default(ip) || is_denied_by_default(effective) {
-            if hits(allowed) {
+            // Judged by where the packets land: `64:ff9b::/96` in allow_answers must not let
+            // `64:ff9b::7f00:1` (loopback through NAT64) back in.
+            if allowed.iter().any(|net| net.contains(&effective)) {
                 return AddressVerdict::Permitted;
             }
             return AddressVerdict::Private;
@@ -97,6 +101,10 @@ pub fn effective_address(ip: IpAddr) -> IpAddr {
     if s[..5] == [0; 5] && (s[5] == 0xffff || (s[5] == 0 && u32::from(tail) > 1)) {
         return IpAddr::V4(tail);
     }
+    // ::ffff:0:a.b.c.d (IPv4-translated, RFC 2765).
+    if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        return IpAddr::V4(tail);
+    }
     // 64:ff9b::/96 well-known NAT64 prefix and 64:ff9b:1::/48 local-use NAT64.
     if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
         return IpAddr::V4(tail);
@@ -110,6 +118,27 @@ pub fn effective_address(ip: IpAddr) -> IpAddr {
         return IpAddr::V4(!tail);
     }
     ip
+}
+
+/// This host's own addresses, from its interfaces (empty if they cannot be read).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!("cannot list this host's addresses; answers naming them are not refused");
+        return Vec::new();
+    };
+    let mut out: Vec<IpAddr> = interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn is_denied_by_default(ip: IpAddr) -> bool {
@@ -179,6 +208,7 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "64:ff9b:1::a00:1",
             "2001:0:4136:e378:8000:63bf:80ff:fffe",
+            "::ffff:0:7f00:1",
         ] {
             assert_eq!(verdict(ip), AddressVerdict::Private, "{ip}");
         }
@@ -196,6 +226,25 @@ mod tests {
             guard.verdict("10.0.2.5".parse().unwrap(), &allowed),
             AddressVerdict::Private
         );
+    }
+
+    #[test]
+    fn an_allowed_ipv6_prefix_does_not_let_an_embedded_private_address_in() {
+        let nat64: Vec<IpNet> = vec!["64:ff9b::/96".parse().unwrap()];
+        let guard = guard();
+        assert_eq!(
+            guard.verdict("64:ff9b::7f00:1".parse().unwrap(), &nat64),
+            AddressVerdict::Private
+        );
+        assert_eq!(
+            guard.verdict("64:ff9b::5db8:d822".parse().unwrap(), &nat64),
+            AddressVerdict::Permitted
+        );
+    }
+
+    #[test]
+    fn this_hosts_addresses_include_loopback() {
+        assert!(host_addresses().contains(&"127.0.0.1".parse().unwrap()));
     }
 
     #[test]

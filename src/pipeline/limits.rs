@@ -21,6 +21,22 @@ use hickory_proto::rr::Name;
 
 use crate::policy::{ExfiltrationLimits, Limits};
 
+/// The identity a budget is charged to. Addresses an agent can change at will without privilege
+/// count as one: every loopback address (any local process may send from any of 127/8), and
+/// each IPv6 /64 (a host may pick any interface identifier in its prefix). IPv4-mapped IPv6
+/// addresses count as their IPv4 address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) if v6.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+    }
+}
+
 /// Clients tracked by the rate limiter and the budget at most.
 pub const MAX_TRACKED_CLIENTS: usize = 65_536;
 
@@ -228,6 +244,17 @@ mod tests {
             budget.charge(client, "**.x.test", &n("d.x.test."), later),
             Ok(())
         );
+    }
+
+    #[test]
+    fn addresses_an_agent_can_pick_freely_share_one_key() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("127.0.0.1"), key("127.9.8.7"));
+        assert_eq!(key("::1"), key("127.0.0.1"));
+        assert_eq!(key("::ffff:10.0.0.7"), key("10.0.0.7"));
+        assert_ne!(key("10.0.0.7"), key("10.0.0.8"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{Name, Record};
+use hickory_proto::rr::{Name, RData, Record};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
@@ -84,8 +84,9 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(policy: Arc<Policy>, upstreams: Upstreams, admitter: Option<Admitter>) -> Pipeline {
-        let upstream_ips: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
-        let guard = AddressGuard::new(&policy.deny_answers, &upstream_ips);
+        let mut never: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
+        never.extend(address_guard::host_addresses());
+        let guard = AddressGuard::new(&policy.deny_answers, &never);
         Pipeline {
             rate: RateLimiter::new(&policy.limits),
             budget: WildcardBudget::new(policy.exfiltration),
@@ -126,8 +127,9 @@ impl Pipeline {
     ) -> (Reply, QueryRecord) {
         let mut record = new_record(client, transport, Some(question));
         let client_ip = client.ip();
+        let budget_key = limits::client_key(client_ip);
         if let Some(rate) = &self.rate
-            && !rate.allow(client_ip, Instant::now())
+            && !rate.allow(budget_key, Instant::now())
         {
             return refuse(record, DenyReason::RateLimit);
         }
@@ -142,7 +144,7 @@ impl Pipeline {
         if is_wildcard(rule) {
             let charged =
                 self.budget
-                    .charge(client_ip, &rule.pattern, &question.name, Instant::now());
+                    .charge(budget_key, &rule.pattern, &question.name, Instant::now());
             if let Err(exceeded) = charged {
                 record.error = Some(exceeded.to_string());
                 return self.deny(record, DenyReason::ExfiltrationBudget);
@@ -154,7 +156,10 @@ impl Pipeline {
             return refuse(record, DenyReason::RateLimit);
         };
 
-        let answer = match self.upstreams.resolve(&question.name, question.qtype).await {
+        // The upstream gets the name in lower case: the letter case a client chooses would
+        // otherwise reach the authoritative servers as one bit per letter, outside every budget.
+        let forwarded = question.name.to_lowercase();
+        let answer = match self.upstreams.resolve(&forwarded, question.qtype).await {
             Ok(answer) => answer,
             Err(failure) => {
                 record.upstream = failure.upstream;
@@ -206,7 +211,15 @@ impl Pipeline {
 
         record.rcode = answer.rcode;
         record.answers = logged_addresses(&filtered.records);
-        let mut soa = answer.soa;
+        // A negative answer's SOA says which zone denies the name: it must be an ancestor of
+        // the question or of a name of its chain, or it is a record for another name.
+        let mut soa = answer.soa.filter(|soa| {
+            soa.name.zone_of(&question.name)
+                || filtered.records.iter().any(|r| {
+                    soa.name.zone_of(&r.name)
+                        || matches!(&r.data, RData::CNAME(target) if soa.name.zone_of(&target.0))
+                })
+        });
         if let Some(soa) = &mut soa {
             soa.ttl = answer_filter::reply_ttl(soa.ttl, &self.policy.ttl);
         }
@@ -272,7 +285,6 @@ fn new_record(
 
 /// The addresses of the records handed out, for the log.
 fn logged_addresses(records: &[Record]) -> Vec<LoggedAddress> {
-    use hickory_proto::rr::RData;
     records
         .iter()
         .filter_map(|r| match &r.data {

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
-use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 use hickory_resolver::Resolver;
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -127,6 +127,12 @@ impl Upstreams {
                             ),
                         };
                     }
+                    Ok(Ok(lookup)) if !answers_question(lookup.message(), name, qtype) => {
+                        last = UpstreamFailure {
+                            upstream: Some(*addr),
+                            reason: format!("{addr} answered another question"),
+                        };
+                    }
                     Ok(Ok(lookup)) => {
                         return Ok(UpstreamAnswer {
                             upstream: *addr,
@@ -154,6 +160,19 @@ impl Upstreams {
                 ),
             }),
         }
+    }
+}
+
+/// Whether `response` is about exactly the question asked. hickory checks this for UDP but
+/// not for TCP, where a reply is matched to its query by ID alone.
+fn answers_question(response: &Message, name: &Name, qtype: RecordType) -> bool {
+    match response.queries.as_slice() {
+        [query] => {
+            query.name() == name
+                && query.query_type() == qtype
+                && query.query_class() == DNSClass::IN
+        }
+        _ => false,
     }
 }
 

@@ -95,20 +95,28 @@ async fn serve_connection<H: RequestHandler>(
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
     let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
-    let writer_task = tokio::spawn(async move {
+    // A client that stops reading must not keep its slot: each reply has a deadline, and when
+    // the writer gives up the whole connection ends.
+    let mut writer_task = tokio::spawn(async move {
         while let Some(framed) = outgoing.recv().await {
-            if writer.write_all(&framed).await.is_err() {
+            let written = tokio::time::timeout(MESSAGE_DEADLINE, writer.write_all(&framed)).await;
+            if !matches!(written, Ok(Ok(()))) {
                 return;
             }
         }
         let _ = writer.shutdown().await;
     });
+    let mut writer_done = false;
     let in_flight = Arc::new(Semaphore::new(PIPELINE_DEPTH));
     loop {
         let mut first = [0u8; 1];
         let read_first = tokio::select! {
             read = tokio::time::timeout(limits.idle_timeout, reader.read_exact(&mut first)) => read,
             _ = shutdown.changed() => break,
+            _ = &mut writer_task => {
+                writer_done = true;
+                break;
+            }
         };
         if !matches!(read_first, Ok(Ok(_))) {
             break;
@@ -125,7 +133,15 @@ async fn serve_connection<H: RequestHandler>(
             tracing::debug!(%peer, "TCP message incomplete within the deadline; closing");
             break;
         };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        // All slots taken means replies are not being read: wait no longer than a write may.
+        let permit = tokio::select! {
+            permit = tokio::time::timeout(MESSAGE_DEADLINE, in_flight.clone().acquire_owned()) => permit,
+            _ = &mut writer_task => {
+                writer_done = true;
+                break;
+            }
+        };
+        let Ok(Ok(permit)) = permit else {
             break;
         };
         let handler = handler.clone();
@@ -136,8 +152,14 @@ async fn serve_connection<H: RequestHandler>(
         });
     }
     drop(replies);
-    // Let queries already being answered finish and flush their replies.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+    // Let queries already being answered finish and flush their replies, then close for good.
+    if !writer_done
+        && tokio::time::timeout(Duration::from_secs(5), &mut writer_task)
+            .await
+            .is_err()
+    {
+        writer_task.abort();
+    }
 }
 
 /// Parses one message and runs the handler on it, as hickory's server does for UDP.

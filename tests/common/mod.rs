@@ -42,38 +42,53 @@ pub fn free_port() -> u16 {
 impl Dnsfence {
     /// Starts dnsfence with `policy_yaml` (its `listen` is overridden) and waits until it answers.
     pub fn start(policy_yaml: &str) -> Dnsfence {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("policy.yaml");
         std::fs::write(&policy, policy_yaml).unwrap();
-        let log_path = dir.path().join("queries.jsonl");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--policy"])
-            .arg(&policy)
-            .args(["--listen", &addr.to_string(), "--log"])
-            .arg(&log_path)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start dnsfence");
-        let fence = Dnsfence {
-            addr,
-            dir,
-            log_path,
-            child,
-        };
-        fence.wait_ready();
-        fence
+        let mut log_path = dir.path().join("queries.jsonl");
+        // The free port may be taken by another test between the check and dnsfence's bind:
+        // then dnsfence exits, and it is started again on another port.
+        for _ in 0..5 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let child = Command::new(BIN)
+                .args(["serve", "--policy"])
+                .arg(&policy)
+                .args(["--listen", &addr.to_string(), "--log"])
+                .arg(&log_path)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start dnsfence");
+            let mut fence = Dnsfence {
+                addr,
+                dir,
+                log_path,
+                child,
+            };
+            if fence.wait_ready() {
+                return fence;
+            }
+            dir = std::mem::replace(&mut fence.dir, tempfile::tempdir().unwrap());
+            log_path = fence.log_path.clone();
+        }
+        panic!("dnsfence did not start (see its stderr above)");
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Waits until dnsfence accepts TCP; false if it exited first.
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("dnsfence did not start listening on {}", self.addr);
+        panic!(
+            "dnsfence did not start listening on {} within 30 s",
+            self.addr
+        );
     }
 
     pub fn udp(&self, qname: &str, qtype: RecordType) -> Message {
