@@ -276,6 +276,7 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
 fn tcp_limits(policy: &Policy) -> server::TcpLimits {
     server::TcpLimits {
         max_connections: policy.limits.tcp_connections,
+        max_connections_per_client: policy.limits.tcp_connections_per_client,
         idle_timeout: policy.limits.tcp_idle_timeout,
     }
 }

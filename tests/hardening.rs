@@ -2379,3 +2379,49 @@ fn other_loopback_source_addresses_share_the_rate_limit() {
     );
     assert!(answered <= allowance, "{answered} answered");
 }
+
+/// `tcp_connections_per_client: 2`: one client's third connection is closed at once while the
+/// server still has free slots; a message shorter than a header ends its connection instead of
+/// keeping it alive.
+#[test]
+fn one_client_cannot_take_every_tcp_slot() {
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    let fence = fence_with(
+        &upstream,
+        &["api.allowed.test"],
+        "limits: {tcp_connections: 8, tcp_connections_per_client: 2, tcp_idle_timeout: 10s}\n",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(fence.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = TcpStream::connect(fence.addr).unwrap();
+    let closed = wire::time_until_closed(&mut third, Duration::from_secs(2));
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_millis(500)),
+        "third connection of one client closed after {closed:?}"
+    );
+    // A two-byte length prefix announcing a 3-byte message: not a DNS message, and the
+    // connection goes rather than idling on.
+    held[0].write_all(&[0, 3, 1, 2, 3]).unwrap();
+    let gone = wire::time_until_closed(&mut held[0], Duration::from_secs(3));
+    assert!(
+        gone.is_some(),
+        "a sub-header message kept the connection open"
+    );
+    // Its slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match query_tcp(fence.addr, &query("api.allowed.test", RecordType::A)) {
+            Ok(reply) => {
+                assert_eq!(addresses(&reply), ["198.51.100.10"]);
+                break;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("the slot never came back: {e}"),
+        }
+    }
+    drop(held);
+}

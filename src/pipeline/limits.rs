@@ -281,6 +281,7 @@ mod tests {
             client_qps: 10,
             client_burst: 20,
             tcp_connections: 10,
+            tcp_connections_per_client: 10,
             tcp_idle_timeout: Duration::from_secs(1),
         })
         .unwrap();

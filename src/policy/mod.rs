@@ -186,6 +186,9 @@ pub struct Limits {
     pub client_burst: u32,
     /// Open TCP connections (>= 1).
     pub tcp_connections: usize,
+    /// Open TCP connections of one client (>= 1; capped by `tcp_connections`), so one agent
+    /// cannot take every slot.
+    pub tcp_connections_per_client: usize,
     /// A TCP connection with no request for this long is closed (> 0).
     pub tcp_idle_timeout: Duration,
 }
@@ -197,6 +200,7 @@ impl Default for Limits {
             client_qps: 200,
             client_burst: 400,
             tcp_connections: 256,
+            tcp_connections_per_client: 64,
             tcp_idle_timeout: Duration::from_secs(10),
         }
     }

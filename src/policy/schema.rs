@@ -50,6 +50,7 @@ const LIMIT_KEYS: &[&str] = &[
     "client_qps",
     "client_burst",
     "tcp_connections",
+    "tcp_connections_per_client",
     "tcp_idle_timeout",
 ];
 const EXFILTRATION_KEYS: &[&str] = &[
@@ -416,6 +417,12 @@ fn limits(r: &mut Report, node: Option<&Node>) -> Limits {
         .and_then(|n| read::integer(r, n, "limits.tcp_connections", 1, max))
     {
         l.tcp_connections = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = f
+        .get("tcp_connections_per_client")
+        .and_then(|n| read::integer(r, n, "limits.tcp_connections_per_client", 1, max))
+    {
+        l.tcp_connections_per_client = usize::try_from(n).unwrap_or(usize::MAX);
     }
     l.tcp_idle_timeout = nonzero_duration(
         r,

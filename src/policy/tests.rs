@@ -180,6 +180,7 @@ exfiltration: {max_name_length: 253, max_label_length: 63, wildcard_names_per_mi
             client_qps: 0,
             client_burst: 0,
             tcp_connections: 3,
+            tcp_connections_per_client: 64,
             tcp_idle_timeout: Duration::from_secs(2)
         }
     );

@@ -10,8 +10,10 @@
 //! - pipelining (RFC 7766): queries of one connection are answered concurrently, each with its
 //!   own ID and question, up to a per-connection bound.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, ResponseCode};
@@ -25,7 +27,12 @@ use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::pipeline::limits::client_key;
 use tokio::sync::{Semaphore, mpsc};
+
+/// Length of a DNS header; a shorter message is not a message.
+const HEADER_LEN: usize = 12;
 
 /// Queries of one connection being answered at once.
 pub const PIPELINE_DEPTH: usize = 32;
@@ -46,6 +53,7 @@ fn frame(message: &[u8]) -> Option<Vec<u8>> {
 #[derive(Debug, Clone, Copy)]
 pub struct TcpLimits {
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub idle_timeout: Duration,
 }
 
@@ -57,6 +65,10 @@ pub async fn serve_tcp<H: RequestHandler>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    // One client may hold only its share of the slots, so a single agent cannot deny TCP (and
+    // with it every truncated answer) to the others.
+    let per_client = limits.max_connections_per_client.max(1);
+    let open_by_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -76,12 +88,57 @@ pub async fn serve_tcp<H: RequestHandler>(
             drop(stream);
             continue;
         };
+        let client = client_key(peer.ip());
+        let Some(client_slot) = ClientSlot::take(&open_by_client, client, per_client) else {
+            tracing::debug!(%peer, "TCP connections per client limit reached; closing");
+            drop(stream);
+            continue;
+        };
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             serve_connection(stream, peer, handler, limits, shutdown).await;
+            drop(client_slot);
             drop(permit);
         });
+    }
+}
+
+/// One client's share of the connection slots, given back on drop.
+struct ClientSlot {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(
+        open: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        client: IpAddr,
+        max: usize,
+    ) -> Option<ClientSlot> {
+        let mut counts = open.lock().ok()?;
+        let count = counts.entry(client).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            open: open.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.open.lock()
+            && let Some(count) = counts.get_mut(&self.client)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -133,6 +190,11 @@ async fn serve_connection<H: RequestHandler>(
             tracing::debug!(%peer, "TCP message incomplete within the deadline; closing");
             break;
         };
+        // Not even a header: nothing to answer, and answering nothing would let a client keep
+        // its connection alive forever with a byte or two per idle period.
+        if message.len() < HEADER_LEN {
+            break;
+        }
         // All slots taken means replies are not being read: wait no longer than a write may.
         let permit = tokio::select! {
             permit = tokio::time::timeout(MESSAGE_DEADLINE, in_flight.clone().acquire_owned()) => permit,
