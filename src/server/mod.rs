@@ -1,9 +1,10 @@
 //! The DNS server: listeners, the request handler, and graceful shutdown.
 //!
-//! Every listen address gets a UDP socket served by `hickory-server`, which parses messages
-//! (answering FORMERR to what does not parse and ignoring responses sent to the port), and a TCP
-//! listener served by [`tcp`], which adds connection limits and slowloris deadlines. Both hand
-//! each request to [`Handler`]. The handler runs the
+//! Every listen address gets a UDP socket ([`udp`]: a bounded task per datagram) and a TCP
+//! listener ([`tcp`]: connection limits, slowloris deadlines, pipelining). Both hand each
+//! message to [`Handler::handle_wire`], which parses it with hickory-server's request type
+//! (FORMERR for what does not parse, silence for responses sent to the port, both logged as
+//! `malformed`) and runs hickory's `RequestHandler` interface on it. The handler runs the
 //! [`Pipeline`](crate::pipeline::Pipeline), builds the reply with dnsfence's own EDNS (so a UDP
 //! reply never exceeds 1232 bytes and is truncated with TC instead of fragmented), sends it, and
 //! only then writes the log record, which carries the truncation flag and the real latency.
@@ -14,12 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, ResponseCode};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_server::net::runtime::{Time, TokioTime};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
@@ -30,6 +31,7 @@ use crate::querylog::QueryLog;
 pub use tcp::TcpLimits;
 
 mod tcp;
+mod udp;
 
 /// Largest UDP reply: the DNS Flag Day 2020 size, which fits every common path MTU, so replies
 /// are truncated (TC) and retried over TCP rather than fragmented.
@@ -43,33 +45,32 @@ pub async fn serve(
     tcp_limits: TcpLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let handler = Handler { pipeline, log };
-    let mut udp_server = Server::new(handler.clone());
-    let tcp_handler = Arc::new(handler);
-    let (stop_tcp, tcp_shutdown) = watch::channel(false);
-    let mut tcp_servers = Vec::with_capacity(listen.len());
+    let handler = Arc::new(Handler { pipeline, log });
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = Vec::with_capacity(listen.len() * 2);
     for &addr in listen {
-        udp_server.register_socket(bind_udp(addr)?);
+        let socket = Arc::new(bind_udp(addr)?);
         let listener = bind_tcp(addr)?;
-        tcp_servers.push(tokio::spawn(tcp::serve_tcp(
+        servers.push(tokio::spawn(udp::serve_udp(
+            socket,
+            handler.clone(),
+            stopped.clone(),
+        )));
+        servers.push(tokio::spawn(tcp::serve_tcp(
             listener,
-            tcp_handler.clone(),
+            handler.clone(),
             tcp_limits,
-            tcp_shutdown.clone(),
+            stopped.clone(),
         )));
         tracing::info!(%addr, "listening on UDP and TCP");
     }
     shutdown.await;
     tracing::info!("shutting down");
-    let _ = stop_tcp.send(true);
-    udp_server.shutdown_token().cancel();
-    for server in tcp_servers {
+    let _ = stop.send(true);
+    for server in servers {
         let _ = server.await;
     }
-    udp_server
-        .block_until_done()
-        .await
-        .map_err(|error| io::Error::other(error.to_string()))
+    Ok(())
 }
 
 fn socket_for(addr: SocketAddr, kind: socket2::Type) -> io::Result<socket2::Socket> {
@@ -108,10 +109,77 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Bridges hickory's request type to the pipeline.
-#[derive(Clone)]
 pub struct Handler {
     pipeline: Arc<Pipeline>,
     log: QueryLog,
+}
+
+impl Handler {
+    /// Parses one message from `peer` and answers it through `responder`. A message that is
+    /// not a DNS query gets FORMERR (or silence, when not even its header can be read, or when
+    /// it is a response: answering responses would make dnsfence a reflector) and is logged as
+    /// `malformed` either way.
+    pub async fn handle_wire<R: ResponseHandler>(
+        &self,
+        message: Vec<u8>,
+        peer: SocketAddr,
+        transport: Transport,
+        mut responder: R,
+    ) {
+        let started = Instant::now();
+        let Ok(header) = Header::from_bytes(&message) else {
+            self.log_malformed(peer, transport, None, started);
+            return;
+        };
+        if header.metadata.message_type == MessageType::Response {
+            self.log_malformed(peer, transport, None, started);
+            return;
+        }
+        let protocol = match transport {
+            Transport::Udp => Protocol::Udp,
+            Transport::Tcp => Protocol::Tcp,
+        };
+        match Request::from_bytes(message, peer, protocol) {
+            Ok(request) => {
+                self.handle_request::<_, TokioTime>(&request, responder)
+                    .await;
+            }
+            Err(_) => {
+                // No question could be read back: the FORMERR carries the header alone.
+                let sent = match Queries::read(&mut BinDecoder::new(&[]), 0) {
+                    Ok(queries) => {
+                        let response = MessageResponseBuilder::new(&queries, None)
+                            .error_msg(&header.metadata, ResponseCode::FormErr);
+                        responder.send_response(response).await.is_ok()
+                    }
+                    Err(_) => false,
+                };
+                let rcode = sent.then_some(ResponseCode::FormErr);
+                self.log_malformed(peer, transport, rcode, started);
+            }
+        }
+    }
+
+    fn log_malformed(
+        &self,
+        peer: SocketAddr,
+        transport: Transport,
+        rcode: Option<ResponseCode>,
+        started: Instant,
+    ) {
+        let (_, mut record) = self.pipeline.rejected(
+            peer,
+            transport,
+            None,
+            rcode.unwrap_or(ResponseCode::FormErr),
+            DenyReason::Malformed,
+        );
+        if rcode.is_none() {
+            record.error = Some("not answered".to_owned());
+        }
+        record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.log.record(record);
+    }
 }
 
 #[async_trait::async_trait]

@@ -2,7 +2,7 @@
 //!
 //! hickory-server's own TCP listener accepts any number of connections and answers the queries
 //! of one connection strictly one after another, with only an idle timeout. This front end keeps
-//! hickory's request type and handler and adds what a resolver facing an adversary needs:
+//! hickory's request and handler types and adds what a resolver facing an adversary needs:
 //! - a cap on open connections (beyond it, new ones are closed at once, so the listen backlog
 //!   never fills with attackers' connections);
 //! - an idle timeout between messages and a separate, short deadline for the rest of a message
@@ -16,18 +16,17 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, ResponseCode};
 use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::{BinDecodable, BinEncodable, BinEncoder};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::NetError;
-use hickory_server::net::runtime::TokioTime;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::{ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::Handler;
+use crate::pipeline::Transport;
 use crate::pipeline::limits::client_key;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -58,9 +57,9 @@ pub struct TcpLimits {
 }
 
 /// Accepts connections on `listener` until `shutdown` changes.
-pub async fn serve_tcp<H: RequestHandler>(
+pub async fn serve_tcp(
     listener: TcpListener,
-    handler: Arc<H>,
+    handler: Arc<Handler>,
     limits: TcpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -142,10 +141,10 @@ impl Drop for ClientSlot {
     }
 }
 
-async fn serve_connection<H: RequestHandler>(
+async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    handler: Arc<H>,
+    handler: Arc<Handler>,
     limits: TcpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -209,7 +208,10 @@ async fn serve_connection<H: RequestHandler>(
         let handler = handler.clone();
         let replies = replies.clone();
         tokio::spawn(async move {
-            answer_message(message, peer, &*handler, replies).await;
+            let responder = TcpResponder { replies };
+            handler
+                .handle_wire(message, peer, Transport::Tcp, responder)
+                .await;
             drop(permit);
         });
     }
@@ -222,48 +224,6 @@ async fn serve_connection<H: RequestHandler>(
     {
         writer_task.abort();
     }
-}
-
-/// Parses one message and runs the handler on it, as hickory's server does for UDP.
-async fn answer_message<H: RequestHandler>(
-    message: Vec<u8>,
-    peer: SocketAddr,
-    handler: &H,
-    replies: mpsc::Sender<Vec<u8>>,
-) {
-    let header = match Header::from_bytes(&message) {
-        Ok(header) => header,
-        // Shorter than a header: nothing to answer to.
-        Err(_) => return,
-    };
-    if header.metadata.message_type == MessageType::Response {
-        return;
-    }
-    let request = match Request::from_bytes(message, peer, Protocol::Tcp) {
-        Ok(request) => request,
-        Err(_) => {
-            let mut metadata = Metadata::new(
-                header.metadata.id,
-                MessageType::Response,
-                header.metadata.op_code,
-            );
-            metadata.response_code = ResponseCode::FormErr;
-            let reply = Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            };
-            if let Ok(bytes) = reply.to_bytes()
-                && let Some(framed) = frame(&bytes)
-            {
-                let _ = replies.send(framed).await;
-            }
-            return;
-        }
-    };
-    let responder = TcpResponder { replies };
-    handler
-        .handle_request::<_, TokioTime>(&request, responder)
-        .await;
 }
 
 /// Encodes a response and queues it for the connection's writer.
