@@ -270,6 +270,9 @@ declare -A R # results: R[server.workload.metric]
 ticks() { # utime+stime of a whole process (all threads), in clock ticks
     sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
 }
+corestat() { # corestat CPU: "busy steal" ticks of one core since boot (busy excludes idle, iowait, steal)
+    awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8, $9 }' /proc/stat
+}
 ctxsw() { # context switches (voluntary + involuntary) of all threads of a process
     cat "/proc/$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
 }
@@ -280,10 +283,12 @@ run_dnsperf() {
     local server=$1 pid=$2 port=$3 label=$4
     shift 4
     local out="$TMP/$server.$label.out" tf="$TMP/$server.$label.time"
-    local t0 k0 u0 t1 k1 u1 x0 x1
+    local t0 k0 u0 t1 k1 u1 x0 x1 sb0 ss0 cb0 cs0 sb1 ss1 cb1 cs1
     kill -0 "$pid" 2>/dev/null || die "$server (pid $pid) is not running before $label"
     t0=$(ticks "$pid")
     x0=$(ctxsw "$pid")
+    read -r sb0 ss0 <<<"$(corestat "$SERVER_CPU")"
+    read -r cb0 cs0 <<<"$(corestat "$CLIENT_CPU")"
     k0=$(ticks "$KNOT_PID")
     u0=$(upstream_queries)
     local TIMEFORMAT='%R %U %S'
@@ -294,11 +299,14 @@ run_dnsperf() {
     kill -0 "$pid" 2>/dev/null || die "$server (pid $pid) died during $label"
     t1=$(ticks "$pid")
     x1=$(ctxsw "$pid")
+    read -r sb1 ss1 <<<"$(corestat "$SERVER_CPU")"
+    read -r cb1 cs1 <<<"$(corestat "$CLIENT_CPU")"
     k1=$(ticks "$KNOT_PID")
     u1=$(upstream_queries)
     # Fields: sent completed lost runtime qps rcodes | server_ticks knot_ticks upstream_q
     #         dnsperf wall, user, sys | server context switches
-    awk -v xs=$((x1 - x0)) -v st=$((t1 - t0)) -v kt=$((k1 - k0)) -v uq=$((u1 - u0)) -v tf="$tf" -v hz="$CLK_TCK" '
+    #         server core busy, steal | client core busy, steal
+    awk -v cores="$((sb1 - sb0)) $((ss1 - ss0)) $((cb1 - cb0)) $((cs1 - cs0))" -v xs=$((x1 - x0)) -v st=$((t1 - t0)) -v kt=$((k1 - k0)) -v uq=$((u1 - u0)) -v tf="$tf" -v hz="$CLK_TCK" '
         /Queries sent:/ { sent = $3 }
         /Queries completed:/ { done = $3 }
         /Queries lost:/ { lost = $3 }
@@ -307,8 +315,8 @@ run_dnsperf() {
         /Response codes:/ { sub(/.*Response codes: */, ""); gsub(/ \([0-9.]+%\)/, ""); gsub(/, /, ","); gsub(/ /, "="); rc = $0 }
         END {
             getline tl < tf; split(tl, t, " ")
-            printf "%s %s %s %s %s %s %d %d %d %s %s %s %d\n", sent + 0, done + 0, lost + 0, rt + 0, qps + 0,
-                (rc == "" ? "-" : rc), st, kt, uq, t[1], t[2], t[3], xs
+            printf "%s %s %s %s %s %s %d %d %d %s %s %s %d %s\n", sent + 0, done + 0, lost + 0, rt + 0, qps + 0,
+                (rc == "" ? "-" : rc), st, kt, uq, t[1], t[2], t[3], xs, cores
         }' "$out"
 }
 
@@ -357,14 +365,15 @@ measure() {
     line=$(run_dnsperf "$server" "$pid" "$port" "$w.max" -d "$maxfile" -l "$DURATION" -q "$OUTSTANDING" "${once[@]}")
     [[ -n $perfpid ]] && { wait "$perfpid" 2>/dev/null || true; }
     read -r "R[$k.sent]" "R[$k.done]" "R[$k.lost]" "R[$k.runtime]" "R[$k.qps]" "R[$k.rcodes]" \
-        "R[$k.ticks]" "R[$k.kticks]" "R[$k.upq]" "R[$k.cwall]" "R[$k.cuser]" "R[$k.csys]" "R[$k.ctx]" <<<"$line"
+        "R[$k.ticks]" "R[$k.kticks]" "R[$k.upq]" "R[$k.cwall]" "R[$k.cuser]" "R[$k.csys]" "R[$k.ctx]" \
+        "R[$k.sbusy]" "R[$k.ssteal]" "R[$k.cbusy]" "R[$k.csteal]" <<<"$line"
     R[$k.fresh]=$(fresh_sent "$maxfile" "${R[$k.sent]}" "$fresh")
     R[$k.loglines]=$(log_lines)
     R[$k.logbytes]=$(log_bytes)
     log_reset
     line=$(run_dnsperf "$server" "$pid" "$port" "$w.p99" -d "$p99file" -l "$P99_DURATION" -Q "$P99_RATE" -q 1000 -v "${once[@]}")
     read -r "R[$k.p_sent]" "R[$k.p_done]" "R[$k.p_lost]" "R[$k.p_runtime]" "R[$k.p_qps]" "R[$k.p_rcodes]" \
-        "R[$k.p_ticks]" "R[$k.p_kticks]" "R[$k.p_upq]" _ _ _ "R[$k.p_ctx]" <<<"$line"
+        "R[$k.p_ticks]" "R[$k.p_kticks]" "R[$k.p_upq]" _ _ _ "R[$k.p_ctx]" _ _ _ _ <<<"$line"
     R[$k.p_fresh]=$(fresh_sent "$p99file" "${R[$k.p_sent]}" "$fresh")
     R[$server.fresh]=$((${R[$server.fresh]:-0} + R[$k.fresh] + R[$k.p_fresh]))
     read -r "R[$k.p50]" "R[$k.p99]" "R[$k.pmax]" <<<"$(latency_stats "$TMP/$server.$w.p99.out" "${R[$k.p_sent]}")"
@@ -606,7 +615,7 @@ for w in $WORKLOADS; do
     for s in dnsfence dnsmasq; do
         k="$s.$w"
         if [[ -z ${R[$k.qps]:-} ]]; then
-            for m in qps cpu cpup p99 p50 pqps srv cli knot up lost rt bound rc prc log ctx pctx; do V[$s.$m]="-"; done
+            for m in qps cpu cpup p99 p50 pqps srv cli knot up lost rt bound rc prc log ctx pctx other; do V[$s.$m]="-"; done
             continue
         fi
         V[$s.qps]=$(f "${R[$k.qps]}")
@@ -620,6 +629,13 @@ for w in $WORKLOADS; do
         V[$s.srv]=$(pct "${R[$k.ticks]}" "${R[$k.cwall]}")
         V[$s.cli]=$(awk -v u="${R[$k.cuser]}" -v s="${R[$k.csys]}" -v w="${R[$k.cwall]}" 'BEGIN { printf "%.0f\n", 100 * (u + s) / w }')
         V[$s.knot]=$(pct "${R[$k.kticks]}" "${R[$k.cwall]}")
+        # Other processes on our two cores: core busy time not spent by the resolver (server
+        # core) or by dnsperf + knotd (client core), plus the hypervisor's steal time.
+        V[$s.osrv]=$(awk -v b="${R[$k.sbusy]}" -v st="${R[$k.ssteal]}" -v r="${R[$k.ticks]}" -v w="${R[$k.cwall]}" -v hz="$CLK_TCK" \
+            'BEGIN { o = (b - r + st) / hz / w * 100; if (o < 0) o = 0; printf "%.0f\n", o }')
+        V[$s.ocli]=$(awk -v b="${R[$k.cbusy]}" -v st="${R[$k.csteal]}" -v u="${R[$k.cuser]}" -v sy="${R[$k.csys]}" -v kt="${R[$k.kticks]}" -v w="${R[$k.cwall]}" -v hz="$CLK_TCK" \
+            'BEGIN { o = ((b + st - kt) / hz - u - sy) / w * 100; if (o < 0) o = 0; printf "%.0f\n", o }')
+        V[$s.other]="${V[$s.osrv]}% / ${V[$s.ocli]}%"
         V[$s.up]="${R[$k.upq]} / ${R[$k.p_upq]}"
         V[$s.lost]="${R[$k.lost]} / ${R[$k.p_lost]}"
         V[$s.rt]=$(f "${R[$k.runtime]}" 1)
@@ -649,6 +665,7 @@ for w in $WORKLOADS; do
     row "  rate reached in latency run" "${V[dnsfence.pqps]:--}" "${V[dnsmasq.pqps]:--}" ""
     row "  resolver core busy (max run)" "${V[dnsfence.srv]}%" "${V[dnsmasq.srv]}%" ""
     row "  dnsperf / knotd CPU (max run)" "${V[dnsfence.cli]}% / ${V[dnsfence.knot]}%" "${V[dnsmasq.cli]}% / ${V[dnsmasq.knot]}%" ""
+    row "  other work on the two cores" "${V[dnsfence.other]}" "${V[dnsmasq.other]}" ""
     row "  bound by" "${V[dnsfence.bound]}" "${V[dnsmasq.bound]}" ""
     row "  max run length s" "${V[dnsfence.rt]}" "${V[dnsmasq.rt]}" ""
     row "  upstream queries (max / lat)" "${V[dnsfence.up]}" "${V[dnsmasq.up]}" ""
@@ -657,6 +674,9 @@ for w in $WORKLOADS; do
     say "  rcodes: dnsfence ${V[dnsfence.rc]} | dnsmasq ${V[dnsmasq.rc]}"
     for s in dnsfence dnsmasq; do
         case ${V[$s.rc]} in *SERVFAIL*) say "  ! $s answered SERVFAIL under load (admission or upstream failure): see its log" ;; esac
+        if [[ ${V[$s.osrv]:--} != - ]] && ((V[$s.osrv] >= 10 || V[$s.ocli] >= 10)); then
+            say "  ! $s: other processes took ${V[$s.osrv]}% of the resolver's core and ${V[$s.ocli]}% of dnsperf's: this run is disturbed, run again"
+        fi
         case ${V[$s.bound]} in CLIENT* | BOTH*) say "  ! $s: dnsperf's core was full (dnsperf ${V[$s.cli]}% + knotd ${V[$s.knot]}%): its QPS may be a lower bound (compare CPU us/query instead)" ;; esac
         case ${V[$s.bound]} in neither*) say "  ! $s: neither core was full (resolver ${V[$s.srv]}%): waits, not CPU, limit it (upstream round trips, firewall acknowledgements, -q $OUTSTANDING)" ;; esac
         if [[ ${V[$s.pqps]:--} != "-" ]] && awk -v a="${V[$s.pqps]}" -v r="$P99_RATE" 'BEGIN { exit !(a < 0.95 * r) }'; then
