@@ -13,11 +13,20 @@
 //! Since Linux 6.12 re-adding an element overwrites its timeout, shorter or longer. Two answers
 //! for the same address (a long TTL, then a short one, or two clients in a shared set) must not
 //! cut each other's allowance, so the thread remembers the longest expiry granted per
-//! (client, address) and re-adds with `max(requested, remaining)`. The add is always sent: it
-//! refreshes the element, and the kernel stays the source of truth. Lifetimes are clamped to
+//! (client, address) and re-adds with `max(requested, remaining)`. Lifetimes are clamped to
 //! [1 s, 7 days] (an element without timeout would be permanent). The map is bounded by the set
 //! size per family: an entry that is still live has a live element in the kernel set, and that
 //! set cannot hold more. Expired entries are pruned when a map fills (at most once a second).
+//!
+//! # Answers already covered
+//!
+//! Most answers (every cache hit) ask for an element the kernel acknowledged moments ago with
+//! at least that lifetime. [`Confirmed`] remembers, per key, the expiry the kernel acknowledged
+//! and when; the caller consults it before queueing a request, and when every address of an
+//! answer is covered by an acknowledgement younger than [`REFRESH_AFTER`] the answer needs no
+//! round trip at all. The kernel stays the source of truth: every element is re-added at least
+//! that often while answers for it keep coming, so one deleted behind dnsfence's back (by hand,
+//! with `nft`) is back within seconds, and until then connections to it fail closed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -46,6 +55,60 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// (client in per-client sets, destination).
 pub(crate) type Key = (Option<IpAddr>, IpAddr);
+
+/// An answer is re-sent to the kernel at least this often even when its elements are covered.
+pub(crate) const REFRESH_AFTER: Duration = Duration::from_secs(10);
+
+/// Expiries the kernel acknowledged, shared with the callers; bounded like [`Lifetimes`].
+pub(crate) struct Confirmed {
+    acked: std::sync::Mutex<HashMap<Key, (Instant, Instant)>>,
+    cap: usize,
+}
+
+impl Confirmed {
+    pub(crate) fn new(cap: usize) -> Confirmed {
+        Confirmed {
+            acked: std::sync::Mutex::new(HashMap::new()),
+            cap: cap.max(1),
+        }
+    }
+
+    /// True when every item is in the kernel, as acknowledged less than [`REFRESH_AFTER`] ago,
+    /// until at least `now + lifetime`.
+    pub(crate) fn covers(
+        &self,
+        client: Option<IpAddr>,
+        items: &[(IpAddr, Duration)],
+        now: Instant,
+    ) -> bool {
+        let Ok(acked) = self.acked.lock() else {
+            return false;
+        };
+        items.iter().all(|&(addr, lifetime)| {
+            acked.get(&(client, addr)).is_some_and(|&(expiry, at)| {
+                now.saturating_duration_since(at) < REFRESH_AFTER
+                    && now
+                        .checked_add(lifetime)
+                        .is_some_and(|wanted| expiry >= wanted)
+            })
+        })
+    }
+
+    fn record(&self, granted: impl Iterator<Item = (Key, Instant)>, now: Instant) {
+        let Ok(mut acked) = self.acked.lock() else {
+            return;
+        };
+        for (key, expiry) in granted {
+            if acked.len() >= self.cap && !acked.contains_key(&key) {
+                acked.retain(|_, (_, at)| now.saturating_duration_since(*at) < REFRESH_AFTER);
+                if acked.len() >= self.cap {
+                    return;
+                }
+            }
+            acked.insert(key, (expiry, now));
+        }
+    }
+}
 
 /// One caller's request.
 pub(crate) struct Request {
@@ -154,6 +217,7 @@ struct Admission {
     rx: mpsc::Receiver<Msg>,
     stop: Arc<AtomicBool>,
     max_batch_elems: usize,
+    confirmed: Arc<Confirmed>,
 }
 
 /// Starts the thread. `seed` holds the expiries of elements already in the sets.
@@ -163,6 +227,7 @@ pub(crate) fn spawn(
     seed: Vec<(Key, Instant)>,
     rx: mpsc::Receiver<Msg>,
     stop: Arc<AtomicBool>,
+    confirmed: Arc<Confirmed>,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut lifetimes = Lifetimes::new(cfg.set_size as usize);
     let now = Instant::now();
@@ -177,6 +242,7 @@ pub(crate) fn spawn(
         rx,
         stop,
         max_batch_elems,
+        confirmed,
     };
     std::thread::Builder::new()
         .name("dnsfence-admit".to_string())
@@ -298,11 +364,14 @@ impl Admission {
             }
         }
         self.sock.commit(batch)?;
+        let mut acked = Vec::with_capacity(granted.len());
         for (key, life, _) in granted {
             if let Some(expiry) = now.checked_add(life) {
                 self.lifetimes.record(key, expiry, now);
+                acked.push((key, expiry));
             }
         }
+        self.confirmed.record(acked.into_iter(), now);
         Ok(())
     }
 
@@ -360,6 +429,7 @@ mod tests {
                 rx,
                 stop: Arc::new(AtomicBool::new(false)),
                 max_batch_elems: MAX_BATCH_ELEMS,
+                confirmed: Arc::new(Confirmed::new(2)),
             };
             let mut answers = Vec::new();
             let group = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.1"]
@@ -390,6 +460,39 @@ mod tests {
             })
         );
         assert_eq!(results[3], Ok(()));
+    }
+
+    #[test]
+    fn an_acknowledged_element_covers_shorter_requests_for_a_while() {
+        let confirmed = Confirmed::new(2);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        let t0 = Instant::now();
+        confirmed.record([((None, a), t0 + Duration::from_secs(60))].into_iter(), t0);
+        let secs = Duration::from_secs;
+        assert!(confirmed.covers(None, &[(a, secs(30))], t0));
+        assert!(confirmed.covers(None, &[(a, secs(60))], t0));
+        assert!(
+            !confirmed.covers(None, &[(a, secs(61))], t0),
+            "longer than acknowledged"
+        );
+        assert!(
+            !confirmed.covers(None, &[(a, secs(1)), (b, secs(1))], t0),
+            "b never added"
+        );
+        assert!(
+            !confirmed.covers(Some(b), &[(a, secs(1))], t0),
+            "another client's pair"
+        );
+        assert!(
+            !confirmed.covers(None, &[(a, secs(1))], t0 + REFRESH_AFTER),
+            "stale"
+        );
+        // Bounded: a third key does not fit while the others are fresh.
+        confirmed.record([((None, b), t0 + secs(60))].into_iter(), t0);
+        let c: IpAddr = "198.51.100.3".parse().unwrap();
+        confirmed.record([((None, c), t0 + secs(60))].into_iter(), t0);
+        assert!(!confirmed.covers(None, &[(c, secs(1))], t0));
     }
 
     #[test]

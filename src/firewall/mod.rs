@@ -115,6 +115,7 @@ pub struct Firewall {
     tx: mpsc::Sender<Msg>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    confirmed: Arc<admission::Confirmed>,
 }
 
 /// A cheap, clonable handle to admit addresses from any task.
@@ -122,6 +123,7 @@ pub struct Firewall {
 pub struct Admitter {
     tx: mpsc::Sender<Msg>,
     per_client: bool,
+    confirmed: Arc<admission::Confirmed>,
 }
 
 /// The equivalent nft script of what [`Firewall::install`] creates, in the format of
@@ -238,8 +240,16 @@ impl Firewall {
             per_client: fw.per_client,
             set_size: fw.set_size,
         };
-        let thread = admission::spawn(admit_sock, cfg, seed, rx, Arc::clone(&stop))
-            .map_err(FirewallError::Thread)?;
+        let confirmed = Arc::new(admission::Confirmed::new(fw.set_size as usize));
+        let thread = admission::spawn(
+            admit_sock,
+            cfg,
+            seed,
+            rx,
+            Arc::clone(&stop),
+            Arc::clone(&confirmed),
+        )
+        .map_err(FirewallError::Thread)?;
         Ok(Firewall {
             table,
             on_exit: fw.on_exit,
@@ -248,6 +258,7 @@ impl Firewall {
             tx,
             stop,
             thread: Some(thread),
+            confirmed,
         })
     }
 
@@ -256,6 +267,7 @@ impl Firewall {
         Admitter {
             tx: self.tx.clone(),
             per_client: self.per_client,
+            confirmed: Arc::clone(&self.confirmed),
         }
     }
 
@@ -365,9 +377,14 @@ impl Admitter {
             }
             items.push((addr, admission::clamp(lifetime)));
         }
+        let client = self.per_client.then_some(client);
+        // Every address acknowledged moments ago for at least this long: no round trip.
+        if self.confirmed.covers(client, &items, Instant::now()) {
+            return Ok(());
+        }
         let (reply, answer) = oneshot::channel();
         let req = Request {
-            client: self.per_client.then_some(client),
+            client,
             items,
             reply,
         };
@@ -395,6 +412,7 @@ mod tests {
         let a = Admitter {
             tx,
             per_client: false,
+            confirmed: Arc::new(admission::Confirmed::new(1)),
         };
         let addrs = [(IpAddr::from([192, 0, 2, 1]), Duration::from_secs(1))];
         let fut = a.admit(IpAddr::from([127, 0, 0, 1]), &addrs);
