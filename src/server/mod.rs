@@ -1,11 +1,11 @@
 //! The DNS server: listeners, the request handler, and graceful shutdown.
 //!
-//! Every listen address gets a UDP socket ([`udp`]: a bounded task per datagram) and a TCP
-//! listener ([`tcp`]: connection limits, slowloris deadlines, pipelining). Both hand each
+//! Every listen address gets a UDP socket (`udp.rs`: a bounded task per datagram) and a TCP
+//! listener (`tcp.rs`: connection limits, slowloris deadlines, pipelining). Both hand each
 //! message to [`Handler::handle_wire`], which parses it with hickory-server's request type
 //! (FORMERR for what does not parse, silence for responses sent to the port, both logged as
 //! `malformed`) and runs hickory's `RequestHandler` interface on it. The handler runs the
-//! [`Pipeline`](crate::pipeline::Pipeline), builds the reply with dnsfence's own EDNS (so a UDP
+//! [`Pipeline`], builds the reply with dnsfence's own EDNS (so a UDP
 //! reply never exceeds 1232 bytes and is truncated with TC instead of fragmented), sends it, and
 //! only then writes the log record, which carries the truncation flag and the real latency.
 
