@@ -108,3 +108,69 @@ fn explain_agrees_with_serve() {
         }
     }
 }
+
+#[test]
+fn check_warns_about_wildcards_over_suffixes_anyone_can_register_under() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    std::fs::write(
+        &path,
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"127.0.0.1:53\"]\nallow:\n  - api.github.com\n  - \"*.github.io\"\n  - \"**.s3.amazonaws.com\"\nfirewall: {enabled: false}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&["check", "--policy", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "warnings do not fail the check: {stdout}{stderr}");
+    for line in [5, 6] {
+        let needle = format!("tenants.yaml:{line}:");
+        assert!(
+            stderr.contains(&needle),
+            "missing warning {needle} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("tenants.yaml:4:"), "{stderr}");
+}
+
+#[test]
+fn every_subcommand_has_help_with_examples() {
+    for sub in ["serve", "check", "explain", "ruleset"] {
+        let (code, stdout, _) = run(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub}");
+        assert!(
+            stdout.contains("Examples:"),
+            "{sub} --help has no examples:\n{stdout}"
+        );
+        assert!(stdout.contains("--policy"), "{sub}");
+    }
+}
+
+#[test]
+fn ruleset_prints_a_script_nft_accepts() {
+    let path = format!("{}/policy/research-agent.yaml", env!("CARGO_MANIFEST_DIR"));
+    let (code, stdout, stderr) = run(&["ruleset", "--policy", &path]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("table inet dnsfence"), "{stdout}");
+    assert!(stdout.contains("policy drop"), "{stdout}");
+    // `nft -c` checks the script without applying it (needs root and nft).
+    if !require_root("ruleset_prints_a_script_nft_accepts") {
+        return;
+    }
+    let mut child = Command::new("nft")
+        .args(["-c", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft is installed (apt-get install nftables)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdout.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft -c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
