@@ -11,7 +11,9 @@
 
 pub mod address_guard;
 pub mod answer_filter;
+pub mod cache;
 pub mod decision;
+pub mod forwarder;
 pub mod limits;
 pub mod request;
 pub mod upstream;

@@ -1,19 +1,22 @@
 //! Stage 3: forward an allowed question to the trusted resolvers.
 //!
-//! Each upstream gets its own hickory resolver (with its own bounded cache), and they are tried
-//! strictly in the policy's order so the log can name the one that answered. The resolver builds
-//! a fresh message for every query: the upstream never sees the client's ID, bytes or EDNS
-//! options (client subnet, cookies), only dnsfence's.
+//! The upstreams are tried strictly in the policy's order, each within its share of
+//! `upstream_timeout`, so the log can name the one that answered. Every query is a fresh message
+//! built here: the upstream never sees the client's ID, bytes, EDNS options (client subnet,
+//! cookies) or letter case, only dnsfence's.
 //!
-//! Every socket the resolvers open carries the policy's firewall mark. The ruleset lets only
-//! marked packets reach an upstream, and setting a mark needs `CAP_NET_ADMIN`, so an agent cannot
-//! talk to the upstream itself and tunnel through it.
+//! Answers come from the [`AnswerCache`], else over UDP through a pool of long-lived sockets
+//! ([`super::forwarder`]), and, when the upstream truncates, over TCP through hickory-resolver.
+//!
+//! Every socket to an upstream carries the policy's firewall mark. The ruleset lets only marked
+//! packets reach an upstream, and setting a mark needs `CAP_NET_ADMIN`, so an agent cannot talk
+//! to the upstream itself and tunnel through it.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
@@ -29,9 +32,11 @@ use hickory_resolver::net::runtime::{
 };
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
-/// Entries of each upstream's answer cache. Bounded so that an agent asking for endless unique
-/// names under an allowed wildcard cannot grow memory.
-const CACHE_ENTRIES: u64 = 16_384;
+use super::cache::AnswerCache;
+use super::forwarder::UdpPool;
+
+/// Entries of hickory's own cache, which sees only the truncated (TCP) answers.
+const TCP_CACHE_ENTRIES: u64 = 1024;
 
 /// A definitive answer from an upstream: records, or a negative answer with its SOA.
 #[derive(Debug, Clone)]
@@ -51,15 +56,24 @@ pub struct UpstreamFailure {
     pub reason: String,
 }
 
-/// The ordered set of trusted resolvers.
+/// One trusted resolver: the UDP pool, and hickory for answers that need TCP.
+struct Server {
+    addr: SocketAddr,
+    udp: UdpPool,
+    tcp: Resolver<MarkedRuntime>,
+}
+
+/// The ordered set of trusted resolvers and the answer cache in front of them.
 pub struct Upstreams {
-    resolvers: Vec<(SocketAddr, Resolver<MarkedRuntime>)>,
+    servers: Vec<Server>,
+    cache: AnswerCache,
     per_upstream: Duration,
     total_timeout: Duration,
 }
 
 impl Upstreams {
-    /// Builds one resolver per upstream. `mark` is put on every socket (0: none).
+    /// Opens the sockets to every upstream. `mark` is put on every socket (0: none). Must be
+    /// called inside the tokio runtime.
     pub fn new(
         upstreams: &[SocketAddr],
         total_timeout: Duration,
@@ -68,7 +82,7 @@ impl Upstreams {
         // Leave every upstream a fair share of the total, so the last one is still tried.
         let count = u32::try_from(upstreams.len().max(1)).unwrap_or(u32::MAX);
         let per_upstream = (total_timeout / count).max(Duration::from_millis(50));
-        let mut resolvers = Vec::with_capacity(upstreams.len());
+        let mut servers = Vec::with_capacity(upstreams.len());
         for &addr in upstreams {
             let mut udp = ConnectionConfig::udp();
             udp.port = addr.port();
@@ -87,15 +101,22 @@ impl Upstreams {
             opts.preserve_intermediates = true;
             opts.timeout = per_upstream;
             opts.attempts = 1;
-            opts.cache_size = CACHE_ENTRIES;
+            opts.cache_size = TCP_CACHE_ENTRIES;
             opts.num_concurrent_reqs = 1;
             opts.max_active_requests = 4096;
             opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
             opts.try_tcp_on_error = false;
-            resolvers.push((addr, builder.build()?));
+            let udp = UdpPool::open(addr, mark)
+                .map_err(|error| NetError::from(format!("sockets to {addr}: {error}")))?;
+            servers.push(Server {
+                addr,
+                udp,
+                tcp: builder.build()?,
+            });
         }
         Ok(Upstreams {
-            resolvers,
+            servers,
+            cache: AnswerCache::default(),
             per_upstream,
             total_timeout,
         })
@@ -107,50 +128,42 @@ impl Upstreams {
         name: &Name,
         qtype: RecordType,
     ) -> Result<UpstreamAnswer, UpstreamFailure> {
+        if let Some(hit) = self.cache.get(name, qtype, Instant::now()) {
+            return Ok(hit);
+        }
         let mut last = UpstreamFailure {
             upstream: None,
             reason: "no upstream configured".to_owned(),
         };
         let attempt = async {
-            for (addr, resolver) in &self.resolvers {
-                // hickory may spend its timeout once per transport; hold each upstream to its
-                // share so the next one is still tried in time.
-                let lookup =
-                    tokio::time::timeout(self.per_upstream, resolver.lookup(name.clone(), qtype));
-                match lookup.await {
+            for server in &self.servers {
+                match tokio::time::timeout(self.per_upstream, server.query(name, qtype)).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(reason)) => {
+                        last = UpstreamFailure {
+                            upstream: Some(server.addr),
+                            reason,
+                        };
+                    }
                     Err(_elapsed) => {
                         last = UpstreamFailure {
-                            upstream: Some(*addr),
+                            upstream: Some(server.addr),
                             reason: format!(
-                                "{addr} did not answer within {} ms",
+                                "{} did not answer within {} ms",
+                                server.addr,
                                 self.per_upstream.as_millis()
                             ),
                         };
                     }
-                    Ok(Ok(lookup)) if !answers_question(lookup.message(), name, qtype) => {
-                        last = UpstreamFailure {
-                            upstream: Some(*addr),
-                            reason: format!("{addr} answered another question"),
-                        };
-                    }
-                    Ok(Ok(lookup)) => {
-                        return Ok(UpstreamAnswer {
-                            upstream: *addr,
-                            rcode: lookup.message().metadata.response_code,
-                            answers: lookup.answers().to_vec(),
-                            soa: None,
-                        });
-                    }
-                    Ok(Err(error)) => match negative_answer(*addr, error) {
-                        Ok(answer) => return Ok(answer),
-                        Err(failure) => last = failure,
-                    },
                 }
             }
             Err(())
         };
         match tokio::time::timeout(self.total_timeout, attempt).await {
-            Ok(Ok(answer)) => Ok(answer),
+            Ok(Ok(answer)) => {
+                self.cache.put(name, qtype, &answer, Instant::now());
+                Ok(answer)
+            }
             Ok(Err(())) => Err(last),
             Err(_elapsed) => Err(UpstreamFailure {
                 upstream: last.upstream,
@@ -159,6 +172,49 @@ impl Upstreams {
                     self.total_timeout.as_millis()
                 ),
             }),
+        }
+    }
+}
+
+impl Server {
+    /// One upstream's definitive answer (records, NXDOMAIN or NODATA), or why there is none.
+    async fn query(&self, name: &Name, qtype: RecordType) -> Result<UpstreamAnswer, String> {
+        let message = self.udp.exchange(name, qtype).await?;
+        if message.metadata.truncation {
+            return self.query_tcp(name, qtype).await;
+        }
+        let rcode = message.metadata.response_code;
+        if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+            return Err(format!("{} answered {rcode}", self.addr));
+        }
+        let Message {
+            answers,
+            authorities,
+            ..
+        } = message;
+        Ok(UpstreamAnswer {
+            upstream: self.addr,
+            rcode,
+            answers,
+            soa: authorities
+                .into_iter()
+                .find(|r| r.record_type() == RecordType::SOA),
+        })
+    }
+
+    /// The same question through hickory, which retries over TCP when the answer is truncated.
+    async fn query_tcp(&self, name: &Name, qtype: RecordType) -> Result<UpstreamAnswer, String> {
+        match self.tcp.lookup(name.clone(), qtype).await {
+            Ok(lookup) if !answers_question(lookup.message(), name, qtype) => {
+                Err(format!("{} answered another question", self.addr))
+            }
+            Ok(lookup) => Ok(UpstreamAnswer {
+                upstream: self.addr,
+                rcode: lookup.message().metadata.response_code,
+                answers: lookup.answers().to_vec(),
+                soa: None,
+            }),
+            Err(error) => negative_answer(self.addr, error).map_err(|failure| failure.reason),
         }
     }
 }
@@ -208,7 +264,7 @@ struct MarkedRuntime {
     mark: u32,
 }
 
-fn set_mark(socket: socket2::SockRef<'_>, mark: u32) -> io::Result<()> {
+pub(super) fn set_mark(socket: socket2::SockRef<'_>, mark: u32) -> io::Result<()> {
     if mark == 0 {
         return Ok(());
     }
