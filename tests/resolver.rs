@@ -391,3 +391,51 @@ fn ttls_are_capped_at_ttl_max() {
 
 #[allow(dead_code)]
 fn _unused(_: SocketAddr) {}
+
+#[test]
+fn a_lost_upstream_datagram_is_asked_again_well_within_the_timeout() {
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    // upstream_timeout is 1 s: the retry must come well before it.
+    let fence = fence_with(&upstream, &["api.allowed.test"], "");
+    upstream.lose_next_udp(1);
+    let started = Instant::now();
+    let reply = fence.udp("api.allowed.test", RecordType::A);
+    let took = started.elapsed();
+    assert_eq!(addresses(&reply), ["198.51.100.10"]);
+    assert!(took < Duration::from_millis(900), "took {took:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_ne!(seen[0].id, seen[1].id, "the retry uses a new ID");
+}
+
+#[test]
+fn answers_are_cached_for_their_ttl_and_no_longer() {
+    let upstream = Upstream::start();
+    upstream.a("short.allowed.test", "198.51.100.10", 1);
+    upstream.a("long.allowed.test", "198.51.100.11", 300);
+    let fence = fence_with(&upstream, &["*.allowed.test"], "");
+    for _ in 0..3 {
+        assert_eq!(
+            addresses(&fence.udp("long.allowed.test", RecordType::A)),
+            ["198.51.100.11"]
+        );
+        assert_eq!(
+            addresses(&fence.udp("LONG.allowed.test", RecordType::A)),
+            ["198.51.100.11"]
+        );
+    }
+    assert_eq!(
+        upstream.seen_for("long.allowed.test").len(),
+        1,
+        "served from the cache"
+    );
+    fence.udp("short.allowed.test", RecordType::A);
+    std::thread::sleep(Duration::from_millis(1100));
+    fence.udp("short.allowed.test", RecordType::A);
+    assert_eq!(
+        upstream.seen_for("short.allowed.test").len(),
+        2,
+        "expired after its TTL"
+    );
+}

@@ -184,6 +184,8 @@ fn marked_socket(upstream: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
         Some(socket2::Protocol::UDP),
     )?;
     super::upstream::set_mark(socket2::SockRef::from(&socket), mark)?;
+    // Replies for many queries share this socket: a deep queue rides out bursts (best effort).
+    let _ = socket.set_recv_buffer_size(4 << 20);
     socket.set_nonblocking(true)?;
     let any: SocketAddr = if upstream.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()

@@ -35,6 +35,10 @@ use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use super::cache::AnswerCache;
 use super::forwarder::UdpPool;
 
+/// How long the first UDP attempt waits before the question is sent again; each next attempt
+/// waits twice as long.
+const FIRST_RETRANSMIT: Duration = Duration::from_millis(400);
+
 /// Entries of hickory's own cache, which sees only the truncated (TCP) answers.
 const TCP_CACHE_ENTRIES: u64 = 1024;
 
@@ -179,7 +183,15 @@ impl Upstreams {
 impl Server {
     /// One upstream's definitive answer (records, NXDOMAIN or NODATA), or why there is none.
     async fn query(&self, name: &Name, qtype: RecordType) -> Result<UpstreamAnswer, String> {
-        let message = self.udp.exchange(name, qtype).await?;
+        // A datagram lost on the way is asked again (with a new ID) after a short wait rather
+        // than costing the whole timeout; the caller's deadline bounds the attempts.
+        let mut wait = FIRST_RETRANSMIT;
+        let message = loop {
+            match tokio::time::timeout(wait, self.udp.exchange(name, qtype)).await {
+                Ok(reply) => break reply?,
+                Err(_elapsed) => wait = wait.saturating_mul(2),
+            }
+        };
         if message.metadata.truncation {
             return self.query_tcp(name, qtype).await;
         }

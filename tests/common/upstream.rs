@@ -77,6 +77,8 @@ pub struct Upstream {
     /// When set, every UDP query gets an empty TC answer (forcing a retry over TCP) and TCP
     /// queries are answered with this behaviour instead of `behaviour`.
     tcp_behaviour: Arc<Mutex<Option<Behaviour>>>,
+    /// UDP queries still to be received and ignored, as if lost on the way.
+    lose_udp: Arc<std::sync::atomic::AtomicU32>,
     stop: Arc<AtomicBool>,
 }
 
@@ -128,6 +130,7 @@ impl Upstream {
             seen: Arc::default(),
             behaviour: Arc::new(Mutex::new(Behaviour::Normal)),
             tcp_behaviour: Arc::default(),
+            lose_udp: Arc::default(),
             stop: Arc::default(),
         };
         upstream.spawn_udp(udp);
@@ -141,6 +144,11 @@ impl Upstream {
 
     /// Misbehaves over TCP only: UDP queries are answered TC (so the client must retry over
     /// TCP), and TCP queries get `behaviour`.
+    /// The next `count` UDP queries are recorded but never answered (lost datagrams).
+    pub fn lose_next_udp(&self, count: u32) {
+        self.lose_udp.store(count, Ordering::Relaxed);
+    }
+
     pub fn set_tcp_behaviour(&self, behaviour: Behaviour) {
         *self.tcp_behaviour.lock().unwrap() = Some(behaviour);
     }
@@ -224,13 +232,18 @@ impl Upstream {
             .unwrap();
         let (zone, seen, behaviour, stop) = self.shared();
         let tcp_behaviour = self.tcp_behaviour.clone();
+        let lose_udp = self.lose_udp.clone();
         thread::spawn(move || {
             let mut buf = vec![0u8; 65535];
             while !stop.load(Ordering::Relaxed) {
                 let Ok((len, peer)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
+                let lost = lose_udp
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
                 let behaviour = match *tcp_behaviour.lock().unwrap() {
+                    _ if lost => Behaviour::Silent,
                     Some(_) => Behaviour::TruncatedNoTcp,
                     None => *behaviour.lock().unwrap(),
                 };
