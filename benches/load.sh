@@ -339,7 +339,7 @@ latency_stats() { # latency_stats OUTFILE SENT
 
 log_bytes() { [[ $QUERY_LOG == file && -f $TMP/dnsfence-queries.jsonl ]] && stat -c %s "$TMP/dnsfence-queries.jsonl" || echo 0; }
 log_lines() { [[ $QUERY_LOG == file && -f $TMP/dnsfence-queries.jsonl ]] && wc -l <"$TMP/dnsfence-queries.jsonl" || echo 0; }
-log_reset() { if [[ $QUERY_LOG == file ]]; then : >"$TMP/dnsfence-queries.jsonl"; fi; }
+log_reset() { if [[ $QUERY_LOG == file ]]; then grep -h "\"SERVFAIL\"" "$TMP/dnsfence-queries.jsonl" >>"$TMP/servfail.jsonl" 2>/dev/null || true; : >"$TMP/dnsfence-queries.jsonl"; fi; }
 
 # fresh_sent FILE SENT FRESH: fresh (never asked) names among the first SENT lines of FILE
 fresh_sent() {

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
@@ -27,7 +27,12 @@ const POOL_SIZE: usize = 8;
 /// EDNS buffer advertised to the upstream: large answers come back truncated and go to TCP.
 const EDNS_PAYLOAD: u16 = 1232;
 
-type Pending = Arc<Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
+/// Queries waiting for a reply, by ID. Each entry carries the token of the query that owns it,
+/// so a query that ends removes its own entry and never a later query's that reuses the ID.
+type Pending = Arc<Mutex<HashMap<u16, (u64, oneshot::Sender<Vec<u8>>)>>>;
+
+/// Source of the tokens above.
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(0);
 
 struct PooledSocket {
     socket: Arc<UdpSocket>,
@@ -83,14 +88,24 @@ impl UdpPool {
             .send(&bytes)
             .await
             .map_err(|error| format!("{}: {error}", self.upstream))?;
-        let reply = reply_rx
-            .await
-            .map_err(|_| "the upstream socket closed".to_owned())?;
-        let message = Message::from_vec(&reply)
-            .map_err(|error| format!("{} sent a malformed reply: {error}", self.upstream))?;
-        check_reply(&message, waiting.id, name, qtype)
-            .map_err(|why| format!("{} {why}", self.upstream))?;
-        Ok(message)
+        let mut reply_rx = reply_rx;
+        loop {
+            let reply = reply_rx
+                .await
+                .map_err(|_| "the upstream socket closed".to_owned())?;
+            let message = Message::from_vec(&reply)
+                .map_err(|error| format!("{} sent a malformed reply: {error}", self.upstream))?;
+            match check_reply(&message, waiting.id, name, qtype) {
+                Ok(()) => return Ok(message),
+                // A late reply to an earlier query that had this ID before it gave up: not
+                // ours, so keep waiting for ours (the caller's deadline still holds).
+                Err(Mismatch::Question) => match waiting.rearm() {
+                    Some(next) => reply_rx = next,
+                    None => return Err("too many queries waiting on one upstream socket".into()),
+                },
+                Err(Mismatch::Other(why)) => return Err(format!("{} {why}", self.upstream)),
+            }
+        }
     }
 }
 
@@ -98,19 +113,22 @@ impl UdpPool {
 struct Waiting {
     pending: Pending,
     id: u16,
+    token: u64,
 }
 
 impl Waiting {
     fn register(pending: &Pending, reply: oneshot::Sender<Vec<u8>>) -> Option<Waiting> {
         let mut map = pending.lock().ok()?;
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         // Random IDs: with the socket's random port, what an off-path spoofer must guess.
         for _ in 0..16 {
             let id: u16 = rand::random();
             if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(id) {
-                slot.insert(reply);
+                slot.insert((token, reply));
                 return Some(Waiting {
                     pending: pending.clone(),
                     id,
+                    token,
                 });
             }
         }
@@ -118,28 +136,49 @@ impl Waiting {
     }
 }
 
+impl Waiting {
+    /// Waits again on the same ID after a reply that was not for this query.
+    fn rearm(&self) -> Option<oneshot::Receiver<Vec<u8>>> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let mut map = self.pending.lock().ok()?;
+        match map.entry(self.id) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((self.token, reply_tx));
+                Some(reply_rx)
+            }
+            std::collections::hash_map::Entry::Occupied(_) => None,
+        }
+    }
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.pending.lock() {
+        if let Ok(mut map) = self.pending.lock()
+            && map
+                .get(&self.id)
+                .is_some_and(|(token, _)| *token == self.token)
+        {
             map.remove(&self.id);
         }
     }
 }
 
-fn check_reply(
-    message: &Message,
-    id: u16,
-    name: &Name,
-    qtype: RecordType,
-) -> Result<(), &'static str> {
+/// Why a reply is not the answer to the query waiting for its ID.
+enum Mismatch {
+    /// It answers another question: a late reply to an earlier user of the ID.
+    Question,
+    Other(&'static str),
+}
+
+fn check_reply(message: &Message, id: u16, name: &Name, qtype: RecordType) -> Result<(), Mismatch> {
     if message.metadata.id != id {
-        return Err("answered with another ID");
+        return Err(Mismatch::Other("answered with another ID"));
     }
     if message.metadata.message_type != MessageType::Response {
-        return Err("sent a query instead of a response");
+        return Err(Mismatch::Other("sent a query instead of a response"));
     }
     if message.metadata.op_code != OpCode::Query {
-        return Err("answered with another opcode");
+        return Err(Mismatch::Other("answered with another opcode"));
     }
     match message.queries.as_slice() {
         [query]
@@ -149,7 +188,7 @@ fn check_reply(
         {
             Ok(())
         }
-        _ => Err("answered another question"),
+        _ => Err(Mismatch::Question),
     }
 }
 
@@ -171,7 +210,7 @@ async fn receive(socket: Arc<UdpSocket>, pending: Pending) {
             continue;
         };
         let waiter = pending.lock().ok().and_then(|mut map| map.remove(&id));
-        if let (Some(waiter), Some(reply)) = (waiter, buf.get(..len)) {
+        if let (Some((_, waiter)), Some(reply)) = (waiter, buf.get(..len)) {
             let _ = waiter.send(reply.to_vec());
         }
     }
