@@ -73,14 +73,15 @@ impl Dnsfence {
         panic!("dnsfence did not start (see its stderr above)");
     }
 
-    /// Waits until dnsfence accepts TCP; false if it exited first.
+    /// Waits until this dnsfence (not another test's on the same port) listens on its TCP
+    /// port, which it binds after its UDP port; false if it exited first.
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+            if listens_on(self.child.id(), self.addr.port()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -158,6 +159,29 @@ impl Drop for Dnsfence {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port` (from /proc: the listening
+/// socket's inode among the process's file descriptors).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let port_hex = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is field 1, state field 3 (0A: LISTEN), inode field 9.
+            if fields.len() > 9 && fields[1].ends_with(&port_hex) && fields[3] == "0A" {
+                inodes.push(format!("socket:[{}]", fields[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| inodes.iter().any(|inode| target.to_str() == Some(inode)))
 }
 
 pub fn read_log(path: &Path) -> Vec<serde_json::Value> {
