@@ -974,54 +974,24 @@ pub(crate) fn parse_element_key(set: &SetDef, key: &[u8]) -> Option<(Option<IpAd
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{DenyWith, FirewallPolicy, Group, LogTarget, OnExit, RuleSet, TtlPolicy};
     use std::net::SocketAddr;
-    use std::path::PathBuf;
-    use std::time::Duration;
 
+    /// The shared test policy with two listen addresses, two upstreams (v4 and v6) and
+    /// static CIDRs in odd spellings (host bits set, IPv4-mapped).
     fn policy(hooks: Vec<Hook>, per_client: bool) -> Policy {
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
-        Policy {
-            source: PathBuf::from("test.yaml"),
-            listen: vec![sa("127.0.0.1:53"), sa("10.9.0.1:53")],
-            upstreams: vec![sa("192.0.2.53:53"), sa("[2001:db8::53]:53")],
-            upstream_timeout: Duration::from_secs(2),
-            deny_answers: vec![],
-            cname: crate::policy::CnameMode::Follow,
-            https_hints: crate::policy::HintMode::Admit,
-            limits: crate::policy::Limits::default(),
-            exfiltration: crate::policy::ExfiltrationLimits::default(),
-            warnings: vec![],
-            deny_with: DenyWith::NxDomain,
-            qtypes: vec![],
-            default_group: Group {
-                name: "default".into(),
-                from: vec![],
-                rules: RuleSet::default(),
-                allow_answers: vec![],
-            },
-            clients: vec![],
-            log: LogTarget::Stdout,
-            ttl: TtlPolicy {
-                min: Duration::from_secs(30),
-                max: Duration::from_secs(3600),
-                grace: Duration::from_secs(30),
-            },
-            firewall: FirewallPolicy {
-                enabled: true,
-                table: "dnsfence".into(),
-                hooks,
-                allow_cidrs: vec![
-                    "10.1.2.3/8".parse().unwrap(),
-                    "::ffff:192.0.2.0/120".parse().unwrap(),
-                ],
-                per_client,
-                log_denied: true,
-                on_exit: OnExit::Keep,
-                set_size: 1024,
-                mark: 0x2a,
-            },
-        }
+        let mut p = crate::firewall::testns::policy("dnsfence");
+        p.listen = vec![sa("127.0.0.1:53"), sa("10.9.0.1:53")];
+        p.upstreams = vec![sa("192.0.2.53:53"), sa("[2001:db8::53]:53")];
+        p.firewall.hooks = hooks;
+        p.firewall.per_client = per_client;
+        p.firewall.allow_cidrs = vec![
+            "10.1.2.3/8".parse().unwrap(),
+            "::ffff:192.0.2.0/120".parse().unwrap(),
+        ];
+        p.firewall.log_denied = true;
+        p.firewall.mark = 0x2a;
+        p
     }
 
     fn chain(l: &Layout, hook: ChainHook) -> Vec<String> {

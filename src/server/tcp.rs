@@ -17,7 +17,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::NetError;
 use hickory_server::server::{ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
@@ -245,10 +244,7 @@ impl ResponseHandler for TcpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(u16::MAX);
-        let info = response.destructive_emit(&mut encoder)?;
+        let (bytes, info) = super::encode(response, u16::MAX)?;
         let framed = frame(&bytes).ok_or(NetError::from("response longer than 65535 bytes"))?;
         self.replies
             .send(framed)

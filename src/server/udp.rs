@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::NetError;
 use hickory_server::server::{ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
@@ -92,10 +91,7 @@ impl ResponseHandler for UdpResponder {
         let max_size = response
             .edns()
             .map_or(512, |edns| edns.max_payload().max(512));
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(max_size);
-        let info = response.destructive_emit(&mut encoder)?;
+        let (bytes, info) = super::encode(response, max_size)?;
         self.socket
             .send_to(&bytes, self.peer)
             .await
