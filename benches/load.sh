@@ -1049,6 +1049,20 @@ if ((PERF)) && has dnsfence; then
     done
 fi
 
+# ---- every round, for whoever doubts a median -------------------------------------------------------
+say ""
+say "--- every round, in the order run (max QPS, CPU us/query, p99 / p99.9 / p50 ms at $P99_RATE qps, bound by, other work %) ---"
+for w in $WORKLOADS; do
+    for ((r = 1; r <= REPS; r++)); do
+        for s in "${SRV_LIST[@]}"; do
+            k="$s.$w.$r"
+            printf '  %-10s %-8s round %d: %9s qps %8s us/q   p99 %9s  p99.9 %9s  p50 %7s ms   %-8s other %s%%%s\n' \
+                "$w" "$s" "$r" "$(fmt qps "${R[$k.qps]}")" "$(fmt us "${R[$k.cpu]}")" "${R[$k.p99]}" "${R[$k.p999]}" "${R[$k.p50]}" \
+                "${R[$k.bound]}" "${R[$k.osrv]}" "$([[ $PIN == cores ]] && echo " / ${R[$k.ocli]}%")"
+        done
+    done
+done
+
 # ---- the table for README.md -----------------------------------------------------------------------
 say ""
 if ((REPS == 1)); then say "--- for README.md (one run each: use REPS=3 or more for figures to publish) ---"; else say "--- for README.md (median (min–max) of $REPS runs each) ---"; fi
