@@ -3,7 +3,7 @@
 //!
 //! [`Firewall::install`] creates `table inet <firewall.table>` in one atomic transaction: two
 //! timeout sets (`allow4`, `allow6`; per client they are keyed `client . destination`) and
-//! default-drop base chains for the configured hooks (see `ruleset.rs` for the rules and why they
+//! default-drop base chains for the configured hooks (see `ruleset` for the rules and why they
 //! are in that order). An existing table with the same layout is kept as it is, elements and
 //! all, so a restart does not cut live allowances; a table that differs in any way is deleted
 //! and re-created in the same transaction, so there is no moment without a firewall.
@@ -15,9 +15,12 @@
 //! SERVFAIL (fail closed).
 //!
 //! Module map:
-//! * `ruleset`: the ruleset as a small IR, rendered to nft text and to netlink expressions;
-//! * `netlink`: the socket, batches, acknowledgements and dumps (the only code that sees
-//!   netlink);
+//! * `ruleset`: the ruleset as a small IR (`model`), built from the policy one chain at a time
+//!   (`build`), rendered to nft text (`text`) and lowered to netlink expressions (`lower`);
+//!   the byte keys of set elements (`keys`);
+//! * `netlink`: the only code that sees netlink: the socket, batch encoding, attribute walking
+//!   and dumps;
+//! * `compare`: whether the table in the kernel is the one the policy asks for;
 //! * `admission`: the admission thread, group commit and the lifetime map.
 //!
 //! What a crash leaves behind: the table, default drop. Agents lose egress until dnsfence is
@@ -33,9 +36,10 @@
 //!   agents' addresses are the sources; on the `output` hook a local agent queries from
 //!   127.0.0.1 but its packets leave from the host's address;
 //! * an upstream on a non-loopback address of this host makes every local connection to that
-//!   address drop (rule 2 in `ruleset.rs`); use a loopback address for a local resolver.
+//!   address drop (rule 2 in `ruleset`); use a loopback address for a local resolver.
 
 mod admission;
+mod compare;
 mod netlink;
 mod ruleset;
 
@@ -207,7 +211,7 @@ impl Firewall {
                 control.commit(b).map_err(err)?;
                 tracing::info!(target: "dnsfence::firewall", table = %table, "created the nftables table");
             }
-            Some(existing) => match netlink::compare(&layout, &existing) {
+            Some(existing) => match compare::compare(&layout, &existing) {
                 Ok(()) => {
                     seed = keep_elements(&mut control, &layout).map_err(err)?;
                     tracing::info!(

@@ -1,0 +1,283 @@
+//! Encoding one nf_tables transaction: `BATCH_BEGIN`, the messages, `BATCH_END`.
+//!
+//! Each message gets its own sequence number and `NLM_F_ACK`, and [`Batch`] remembers which
+//! [`Op`] each number stands for, so that an error names the rule or set it concerns.
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_netfilter::nftables as nft;
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+
+use super::error::Op;
+use super::expr::rule_expressions;
+use super::nftables_subsys;
+use crate::firewall::ruleset::{CHAIN_POLICY, CHAIN_PRIORITY, Chain, Expr, Layout, SetDef};
+
+/// Elements per `NEWSETELEM` message (the element list's length field is 16 bits; the largest
+/// element, an IPv6 pair with its timeout, takes 56 bytes).
+pub(crate) const MAX_ELEMS_PER_MESSAGE: usize = 1000;
+
+/// One element to add: key bytes and timeout in milliseconds (never 0).
+pub(crate) struct Elem<'a> {
+    pub(crate) key: &'a [u8],
+    pub(crate) timeout_ms: u64,
+}
+
+/// An nf_tables batch under construction.
+pub(crate) struct Batch {
+    pub(super) buf: Vec<u8>,
+    pub(super) table: String,
+    pub(super) first_seq: u32,
+    pub(super) next_seq: u32,
+    pub(super) ops: Vec<(u32, Op)>,
+}
+
+pub(super) fn nft_message(
+    inner: nft::NfTablesMessage,
+    flags: u16,
+    seq: u32,
+) -> NetlinkMessage<NetfilterMessage> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let msg = NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+        inner,
+    );
+    let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    m.finalize();
+    m
+}
+
+pub(super) fn control_message(inner: ControlMessage, seq: u32) -> NetlinkMessage<NetfilterMessage> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = seq;
+    let msg = NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, nftables_subsys()),
+        inner,
+    );
+    let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    m.finalize();
+    m
+}
+
+pub(super) fn append(buf: &mut Vec<u8>, m: &NetlinkMessage<NetfilterMessage>) {
+    let start = buf.len();
+    buf.resize(start + m.buffer_len(), 0);
+    if let Some(dst) = buf.get_mut(start..) {
+        m.serialize(dst);
+    }
+}
+
+impl Batch {
+    fn push(&mut self, inner: nft::NfTablesMessage, flags: u16, op: Op) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        append(
+            &mut self.buf,
+            &nft_message(inner, NLM_F_REQUEST | NLM_F_ACK | flags, seq),
+        );
+        self.ops.push((seq, op));
+    }
+
+    /// Number of messages in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub(crate) fn add_table(&mut self) {
+        let inner = nft::NfTablesMessage::NewTable(nft::TableMessage {
+            attributes: vec![nft::TableAttribute::Name(self.table.clone())],
+        });
+        self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewTable);
+    }
+
+    pub(crate) fn del_table(&mut self) {
+        let inner = nft::NfTablesMessage::DeleteTable(nft::TableMessage {
+            attributes: vec![nft::TableAttribute::Name(self.table.clone())],
+        });
+        self.push(inner, 0, Op::DelTable);
+    }
+
+    pub(crate) fn add_set(&mut self, set: &SetDef, id: u32) {
+        let inner = nft::NfTablesMessage::NewSet(nft::SetMessage {
+            attributes: vec![
+                nft::SetAttribute::Table(self.table.clone()),
+                nft::SetAttribute::Name(set.name().to_string()),
+                nft::SetAttribute::Flags(nft::SetFlags::Timeout),
+                nft::SetAttribute::KeyType(set.key_type()),
+                nft::SetAttribute::KeyLen(set.key_len()),
+                nft::SetAttribute::Id(id),
+                nft::SetAttribute::Description(vec![nft::SetDescription::Size(set.size)]),
+            ],
+        });
+        self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewSet(set.name()));
+    }
+
+    pub(crate) fn add_chain(&mut self, chain: &Chain) {
+        let inner = nft::NfTablesMessage::NewChain(nft::ChainMessage {
+            attributes: vec![
+                nft::ChainAttribute::Table(self.table.clone()),
+                nft::ChainAttribute::Name(chain.name().to_string()),
+                nft::ChainAttribute::Hook(vec![
+                    nft::Hook::Number(nft::HookNumber::Inet(nft::InetHookNumber::from(
+                        super::hook_number(chain.hook),
+                    ))),
+                    nft::Hook::Priority(CHAIN_PRIORITY as u32),
+                ]),
+                nft::ChainAttribute::Policy(CHAIN_POLICY.code()),
+                nft::ChainAttribute::Type("filter".to_string()),
+            ],
+        });
+        self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewChain(chain.name()));
+    }
+
+    pub(crate) fn add_rule(&mut self, chain: &'static str, index: usize, exprs: &[Expr]) {
+        let inner = nft::NfTablesMessage::NewRule(nft::RuleMessage {
+            attributes: vec![
+                nft::RuleAttribute::Table(self.table.clone()),
+                nft::RuleAttribute::Chain(chain.to_string()),
+                nft::RuleAttribute::Expressions(rule_expressions(exprs)),
+            ],
+        });
+        self.push(
+            inner,
+            NLM_F_CREATE | NLM_F_APPEND,
+            Op::NewRule { chain, index },
+        );
+    }
+
+    /// Adds elements with their timeouts, [`MAX_ELEMS_PER_MESSAGE`] per message. Never
+    /// `NLM_F_EXCL`.
+    pub(crate) fn add_elements(&mut self, set: &'static str, elems: &[Elem<'_>]) {
+        for chunk in elems.chunks(MAX_ELEMS_PER_MESSAGE) {
+            let list = chunk
+                .iter()
+                .map(|e| {
+                    nft::ListAttribute::Element(vec![
+                        nft::SetElementAttribute::Key(nft::DataAttribute::Value(e.key.to_vec())),
+                        nft::SetElementAttribute::Timeout(e.timeout_ms),
+                    ])
+                })
+                .collect();
+            let inner = nft::NfTablesMessage::NewSetElement(nft::SetElementMessage {
+                attributes: vec![
+                    nft::SetElementList::Table(self.table.clone()),
+                    nft::SetElementList::Set(set.to_string()),
+                    nft::SetElementList::Elements(list),
+                ],
+            });
+            self.push(
+                inner,
+                NLM_F_CREATE,
+                Op::NewElems {
+                    set,
+                    count: chunk.len(),
+                },
+            );
+        }
+    }
+
+    /// Deletes elements by key.
+    pub(crate) fn del_elements(&mut self, set: &'static str, keys: &[Vec<u8>]) {
+        for chunk in keys.chunks(MAX_ELEMS_PER_MESSAGE) {
+            let list = chunk
+                .iter()
+                .map(|k| {
+                    nft::ListAttribute::Element(vec![nft::SetElementAttribute::Key(
+                        nft::DataAttribute::Value(k.clone()),
+                    )])
+                })
+                .collect();
+            let inner = nft::NfTablesMessage::DeleteSetElement(nft::SetElementMessage {
+                attributes: vec![
+                    nft::SetElementList::Table(self.table.clone()),
+                    nft::SetElementList::Set(set.to_string()),
+                    nft::SetElementList::Elements(list),
+                ],
+            });
+            self.push(
+                inner,
+                0,
+                Op::DelElems {
+                    set,
+                    count: chunk.len(),
+                },
+            );
+        }
+    }
+
+    /// Adds the whole layout: table, sets, chains, rules.
+    pub(crate) fn add_layout(&mut self, layout: &Layout) {
+        self.add_table();
+        for (i, set) in layout.sets.iter().enumerate() {
+            self.add_set(set, i as u32 + 1);
+        }
+        for chain in &layout.chains {
+            self.add_chain(chain);
+        }
+        for chain in &layout.chains {
+            for (i, rule) in chain.rules.iter().enumerate() {
+                self.add_rule(chain.name(), i, &rule.exprs());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_netfilter::nftables::NfTablesMessageType as Ty;
+
+    use super::super::attrs::{be64_of, nla, nlas, replies};
+    use super::super::dump::{NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_TIMEOUT};
+    use super::super::nft_type;
+    use super::*;
+
+    const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+
+    #[test]
+    fn batch_layout_is_well_formed() {
+        let mut b = Batch {
+            buf: Vec::new(),
+            table: "t".into(),
+            first_seq: 1,
+            next_seq: 2,
+            ops: Vec::new(),
+        };
+        append(&mut b.buf, &control_message(ControlMessage::BatchBegin, 1));
+        let keys = vec![vec![1u8, 2, 3, 4]; 2500];
+        let elems: Vec<Elem<'_>> = keys
+            .iter()
+            .map(|k| Elem {
+                key: k,
+                timeout_ms: 1000,
+            })
+            .collect();
+        b.add_elements("allow4", &elems);
+        assert_eq!(b.len(), 3);
+        let msgs: Vec<_> = replies(&b.buf).collect();
+        assert_eq!(msgs.len(), 4);
+        assert_eq!(msgs[0].ty, NFNL_MSG_BATCH_BEGIN);
+        for m in &msgs[1..] {
+            assert_eq!(m.ty, nft_type(Ty::NewSetElement));
+            assert_eq!(
+                m.flags & NLM_F_EXCL,
+                0,
+                "element adds must never be exclusive"
+            );
+            assert_ne!(m.flags & NLM_F_ACK, 0);
+            let list = nla(&m.payload[4..], NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+            let n = nlas(list).count();
+            assert!(n == 1000 || n == 500);
+            let first = nlas(list).next().unwrap().1;
+            assert_eq!(
+                nla(first, NFTA_SET_ELEM_TIMEOUT).and_then(be64_of),
+                Some(1000)
+            );
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Lowering the ruleset's [`Expr`]s to netlink expressions.
+//!
+//! The crate types `meta`, `payload`, `cmp`, `bitwise`, `lookup` and `immediate`; `ct`, `fib`,
+//! `limit` and `log` are encoded here as raw attributes (numbers from
+//! `include/uapi/linux/netfilter/nf_tables.h`, which the crate does not export).
+
+use netlink_packet_core::{DefaultNla, Emitable};
+use netlink_packet_netfilter::nftables as nft;
+
+use super::attrs::nlas;
+use super::dump::{RawExpr, parse_expressions};
+use crate::firewall::ruleset::{Expr, MetaKey};
+
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFT_CT_STATE: u32 = 0;
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFT_FIB_RESULT_OIF: u32 = 1;
+const NFTA_FIB_F_SADDR: u32 = 1 << 0;
+const NFTA_FIB_F_IIF: u32 = 1 << 3;
+const NFTA_FIB_F_PRESENT: u32 = 1 << 5;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LIMIT_TYPE: u16 = 4;
+const NFTA_LIMIT_FLAGS: u16 = 5;
+const NFT_LIMIT_PKTS: u32 = 0;
+const NFTA_LOG_PREFIX: u16 = 2;
+
+fn be32(v: u32) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+fn raw(name: &str, attrs: Vec<DefaultNla>) -> nft::Expressions {
+    nft::Expressions::Other {
+        expression_type: name.to_string(),
+        attributes: attrs,
+    }
+}
+
+fn meta_key(k: MetaKey) -> nft::MetaKey {
+    match k {
+        MetaKey::Mark => nft::MetaKey::Mark,
+        MetaKey::Iif => nft::MetaKey::Iif,
+        MetaKey::Oif => nft::MetaKey::Oif,
+        MetaKey::NfProto => nft::MetaKey::Nfproto,
+        MetaKey::L4Proto => nft::MetaKey::L4Proto,
+    }
+}
+
+/// One [`Expr`] as an `NFTA_LIST_ELEM` of a rule's expression list.
+fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
+    let reg1 = nft::Register::Reg1;
+    let ex = match e {
+        Expr::Meta { key, dreg } => nft::Expressions::Meta(vec![
+            nft::Meta::Key(meta_key(*key)),
+            nft::Meta::DestinationRegister(nft::Register::from(*dreg)),
+        ]),
+        Expr::Payload {
+            base,
+            offset,
+            len,
+            dreg,
+        } => nft::Expressions::Payload(vec![
+            nft::Payload::DestinationRegister(nft::Register::from(*dreg)),
+            nft::Payload::Base(base.number()),
+            nft::Payload::Offset(*offset),
+            nft::Payload::Len(*len),
+        ]),
+        Expr::Cmp { neq, data } => nft::Expressions::Cmp(vec![
+            nft::Cmp::SourceRegister(reg1),
+            nft::Cmp::Op(if *neq {
+                nft::Operator::NotEqual
+            } else {
+                nft::Operator::Equal
+            }),
+            nft::Cmp::Data(nft::DataAttribute::Value(data.clone())),
+        ]),
+        Expr::Bitwise { mask, xor } => nft::Expressions::Bitwise(vec![
+            nft::Bitwise::SourceRegister(reg1),
+            nft::Bitwise::DestinationRegister(reg1),
+            nft::Bitwise::Length(mask.len() as u32),
+            nft::Bitwise::Mask(nft::DataAttribute::Value(mask.clone())),
+            nft::Bitwise::Xor(nft::DataAttribute::Value(xor.clone())),
+        ]),
+        Expr::Lookup { set } => nft::Expressions::Lookup(vec![
+            nft::Lookup::Set(set.to_string()),
+            nft::Lookup::SourceRegister(reg1),
+        ]),
+        Expr::CtState => raw(
+            "ct",
+            vec![
+                DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_STATE)),
+                DefaultNla::new(NFTA_CT_DREG, be32(1)),
+            ],
+        ),
+        Expr::FibSaddrIifOifPresent => raw(
+            "fib",
+            vec![
+                DefaultNla::new(
+                    NFTA_FIB_FLAGS,
+                    be32(NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT),
+                ),
+                DefaultNla::new(NFTA_FIB_RESULT, be32(NFT_FIB_RESULT_OIF)),
+                DefaultNla::new(NFTA_FIB_DREG, be32(1)),
+            ],
+        ),
+        Expr::Limit { rate, burst } => raw(
+            "limit",
+            vec![
+                DefaultNla::new(NFTA_LIMIT_RATE, rate.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_LIMIT_UNIT, 1u64.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_LIMIT_BURST, be32(*burst)),
+                DefaultNla::new(NFTA_LIMIT_TYPE, be32(NFT_LIMIT_PKTS)),
+                DefaultNla::new(NFTA_LIMIT_FLAGS, be32(0)),
+            ],
+        ),
+        Expr::Log { prefix } => {
+            let mut p = prefix.as_bytes().to_vec();
+            p.push(0);
+            raw("log", vec![DefaultNla::new(NFTA_LOG_PREFIX, p)])
+        }
+        Expr::Verdict(v) => nft::Expressions::Immediate(vec![
+            nft::Immediate::DestinationRegister(nft::Register::Verdict),
+            nft::Immediate::Data(nft::DataAttribute::Verdict(vec![
+                nft::VerdictAttribute::Code(nft::Verdict::Other(v.code())),
+            ])),
+        ]),
+    };
+    nft::ListAttribute::from(ex)
+}
+
+pub(super) fn rule_expressions(
+    exprs: &[Expr],
+) -> Vec<nft::ListAttribute<nft::ExpressionAttribute>> {
+    exprs.iter().map(expression).collect()
+}
+
+/// Our expressions in the same raw form, by serialising them and reading them back.
+pub(crate) fn raw_expressions(exprs: &[Expr]) -> Vec<RawExpr> {
+    let attr = nft::RuleAttribute::Expressions(rule_expressions(exprs));
+    let mut buf = vec![0; attr.buffer_len()];
+    attr.emit(&mut buf);
+    nlas(&buf)
+        .next()
+        .map(|(_, v)| parse_expressions(v))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::ruleset::Verdict;
+
+    #[test]
+    fn raw_expressions_round_trip() {
+        let exprs = vec![
+            Expr::CtState,
+            Expr::Cmp {
+                neq: true,
+                data: vec![0; 4],
+            },
+            Expr::Verdict(Verdict::Accept),
+        ];
+        let raw = raw_expressions(&exprs);
+        assert_eq!(raw.len(), 3);
+        assert_eq!(raw[0].name, "ct");
+        assert_eq!(raw[2].name, "immediate");
+    }
+}

@@ -1,0 +1,461 @@
+//! From policy to [`Layout`]: validation, then one builder per base chain.
+//!
+//! [`Parts`] holds what the chains share (the upstreams, the listen addresses, the rule groups
+//! that several chains repeat); `output_chain`, `input_chain` and `forward_chain` each put them
+//! in the order the module documentation of `ruleset` explains.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::keys::normalize_ip;
+use super::model::{
+    Chain, ChainHook, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef, Verdict,
+};
+use crate::policy::{FirewallPolicy, Hook, Policy};
+
+/// Longest table name accepted (the kernel allows 255; a short name keeps logs readable).
+const MAX_TABLE_NAME: usize = 64;
+
+/// Checks that `name` is a plain nft identifier: a letter, then letters, digits or `_`.
+/// Anything else could break (or inject into) the rendered script.
+pub(crate) fn check_table_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !first_ok
+        || name.len() > MAX_TABLE_NAME
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(format!(
+            "firewall.table {name:?} is not a valid table name (a letter, then letters, digits or _, \
+             at most {MAX_TABLE_NAME} characters)"
+        ));
+    }
+    Ok(())
+}
+
+/// Truncates host bits and turns an IPv4-mapped prefix (at least /96) into its IPv4 prefix.
+fn normalize_net(net: IpNet) -> IpNet {
+    let net = net.trunc();
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(n) = Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(n.trunc());
+    }
+    net
+}
+
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+fn rule(matches: Vec<Match>, verdict: Verdict) -> Rule {
+    Rule {
+        matches,
+        verdict: Some(verdict),
+    }
+}
+
+/// A listen address of dnsfence, normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Listen {
+    ip: IpAddr,
+    port: u16,
+}
+
+/// Matches "DNS to this listen address" for one protocol: for a wildcard address (0.0.0.0, ::)
+/// any address of its family, which is right on loopback and in `input` (local destinations only).
+fn listen_matches(l: Listen, proto: Proto, prefix: &[Match]) -> Vec<Match> {
+    let mut m = prefix.to_vec();
+    if l.ip.is_unspecified() {
+        m.push(Match::NfProto(Family::of(l.ip)));
+    } else {
+        m.push(Match::Daddr(host_net(l.ip)));
+    }
+    m.push(Match::Dport(proto, l.port));
+    m
+}
+
+/// Validates the firewall part of a policy (the parts the kernel would refuse or that would
+/// make the firewall meaningless).
+fn validate(fw: &FirewallPolicy) -> Result<(), String> {
+    check_table_name(&fw.table)?;
+    if fw.hooks.is_empty() {
+        return Err("firewall.hooks is empty: the firewall would enforce nothing".to_string());
+    }
+    if fw.set_size == 0 {
+        return Err(
+            "firewall.set_size must be at least 1 (the kernel reads 0 as unlimited)".to_string(),
+        );
+    }
+    if fw.mark == 0 {
+        return Err(
+            "firewall.mark must not be 0: every unmarked packet has mark 0, so agents \
+             could reach the upstreams"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// What the chains are built from.
+struct Parts {
+    mark: u32,
+    per_client: bool,
+    log_denied: bool,
+    listens: BTreeSet<Listen>,
+    upstreams: BTreeSet<(IpAddr, u16)>,
+    cidrs: Vec<IpNet>,
+}
+
+impl Parts {
+    fn of(policy: &Policy) -> Parts {
+        let fw = &policy.firewall;
+        let listens = policy
+            .listen
+            .iter()
+            .map(|s| Listen {
+                ip: normalize_ip(s.ip()),
+                port: s.port(),
+            })
+            .collect();
+        let upstreams = policy
+            .upstreams
+            .iter()
+            .map(|s| (normalize_ip(s.ip()), s.port()))
+            .collect();
+        let mut cidrs: Vec<IpNet> = Vec::new();
+        for net in fw.allow_cidrs.iter().map(|n| normalize_net(*n)) {
+            if !cidrs.contains(&net) {
+                cidrs.push(net);
+            }
+        }
+        Parts {
+            mark: fw.mark,
+            per_client: fw.per_client,
+            log_denied: fw.log_denied,
+            listens,
+            upstreams,
+            cidrs,
+        }
+    }
+
+    /// dnsfence's own marked queries to an upstream address and port.
+    fn upstream_accept(&self) -> Vec<Rule> {
+        self.upstreams
+            .iter()
+            .flat_map(|&(ip, port)| {
+                Proto::BOTH.map(|p| {
+                    rule(
+                        vec![
+                            Match::Mark(self.mark),
+                            Match::Daddr(host_net(ip)),
+                            Match::Dport(p, port),
+                        ],
+                        Verdict::Accept,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Anything else to an upstream (for a loopback upstream: to its port only).
+    fn upstream_drop(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        let mut seen = BTreeSet::new();
+        for &(ip, port) in &self.upstreams {
+            if ip.is_loopback() {
+                for p in Proto::BOTH {
+                    rules.push(rule(
+                        vec![Match::Daddr(host_net(ip)), Match::Dport(p, port)],
+                        Verdict::Drop,
+                    ));
+                }
+            } else if seen.insert(ip) {
+                rules.push(rule(vec![Match::Daddr(host_net(ip))], Verdict::Drop));
+            }
+        }
+        rules
+    }
+
+    fn allow_sets(&self) -> Vec<Rule> {
+        [Family::V4, Family::V6]
+            .map(|family| {
+                rule(
+                    vec![Match::AllowSet {
+                        family,
+                        per_client: self.per_client,
+                    }],
+                    Verdict::Accept,
+                )
+            })
+            .to_vec()
+    }
+
+    fn allow_cidrs(&self) -> Vec<Rule> {
+        self.cidrs
+            .iter()
+            .map(|n| rule(vec![Match::Daddr(*n)], Verdict::Accept))
+            .collect()
+    }
+
+    fn neighbour_discovery(&self) -> Vec<Rule> {
+        NdType::ACCEPTED
+            .map(|t| rule(vec![Match::Icmpv6(t)], Verdict::Accept))
+            .to_vec()
+    }
+
+    fn established() -> Rule {
+        rule(vec![Match::CtEstablishedRelated], Verdict::Accept)
+    }
+
+    /// DNS to dnsfence's listen addresses, except loopback (and, unless `wildcards`, the
+    /// wildcard addresses, which would mean "DNS to anywhere" outside `input`).
+    fn listen_accept(&self, wildcards: bool) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        for &l in &self.listens {
+            if l.ip.is_loopback() || (!wildcards && l.ip.is_unspecified()) {
+                continue;
+            }
+            for p in Proto::BOTH {
+                rules.push(rule(listen_matches(l, p, &[]), Verdict::Accept));
+            }
+        }
+        rules
+    }
+
+    /// The optional rate-limited log, then drop.
+    fn tail(&self) -> Vec<Rule> {
+        let mut tail = Vec::new();
+        if self.log_denied {
+            tail.push(Rule {
+                matches: vec![Match::Limit, Match::Log],
+                verdict: None,
+            });
+        }
+        tail.push(rule(vec![], Verdict::Drop));
+        tail
+    }
+
+    /// Agents on this host.
+    fn output_chain(&self) -> Chain {
+        let mut rules = self.upstream_accept();
+        rules.extend(self.upstream_drop());
+        // Loopback: dnsfence's own listen addresses, then no other DNS, then the rest.
+        for &l in &self.listens {
+            for p in Proto::BOTH {
+                rules.push(rule(listen_matches(l, p, &[Match::OifLo]), Verdict::Accept));
+            }
+        }
+        let dns_ports: BTreeSet<u16> = DNS_PORTS
+            .iter()
+            .copied()
+            .chain(self.listens.iter().map(|l| l.port))
+            .collect();
+        for &port in &dns_ports {
+            for p in Proto::BOTH {
+                rules.push(rule(
+                    vec![Match::OifLo, Match::Dport(p, port)],
+                    Verdict::Drop,
+                ));
+            }
+        }
+        rules.push(rule(vec![Match::OifLo], Verdict::Accept));
+        rules.push(Self::established());
+        // Locally destined packets leave through lo and were handled above.
+        rules.extend(self.listen_accept(false));
+        rules.extend(self.allow_sets());
+        rules.extend(self.allow_cidrs());
+        rules.extend(self.neighbour_discovery());
+        rules.extend(self.tail());
+        Chain {
+            hook: ChainHook::Output,
+            rules,
+        }
+    }
+
+    /// The gateway itself, when agents are routed through it.
+    fn input_chain(&self) -> Chain {
+        let mut rules = vec![
+            rule(vec![Match::IifLo], Verdict::Accept),
+            Self::established(),
+        ];
+        rules.extend(self.listen_accept(true));
+        rules.extend(self.neighbour_discovery());
+        rules.extend(self.tail());
+        Chain {
+            hook: ChainHook::Input,
+            rules,
+        }
+    }
+
+    /// Agents in namespaces or containers routed through this host.
+    fn forward_chain(&self) -> Chain {
+        let mut rules = self.upstream_drop();
+        rules.push(rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop));
+        rules.push(Self::established());
+        rules.extend(self.allow_sets());
+        rules.extend(self.allow_cidrs());
+        rules.extend(self.neighbour_discovery());
+        rules.extend(self.tail());
+        Chain {
+            hook: ChainHook::Forward,
+            rules,
+        }
+    }
+}
+
+impl Layout {
+    /// Validates the firewall part of `policy` and builds the layout.
+    pub(crate) fn from_policy(policy: &Policy) -> Result<Layout, String> {
+        let fw: &FirewallPolicy = &policy.firewall;
+        validate(fw)?;
+        let parts = Parts::of(policy);
+        let mut chains = Vec::new();
+        if fw.hooks.contains(&Hook::Output) {
+            chains.push(parts.output_chain());
+        }
+        if fw.hooks.contains(&Hook::Forward) {
+            chains.push(parts.input_chain());
+            chains.push(parts.forward_chain());
+        }
+        let sets = [Family::V4, Family::V6]
+            .map(|family| SetDef {
+                family,
+                per_client: fw.per_client,
+                size: fw.set_size,
+            })
+            .to_vec();
+        Ok(Layout {
+            table: fw.table.clone(),
+            sets,
+            chains,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::firewall::ruleset::model::ChainHook;
+
+    /// The shared test policy with two listen addresses, two upstreams (v4 and v6) and
+    /// static CIDRs in odd spellings (host bits set, IPv4-mapped).
+    fn policy(hooks: Vec<Hook>, per_client: bool) -> Policy {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut p = crate::firewall::testns::policy("dnsfence");
+        p.listen = vec![sa("127.0.0.1:53"), sa("10.9.0.1:53")];
+        p.upstreams = vec![sa("192.0.2.53:53"), sa("[2001:db8::53]:53")];
+        p.firewall.hooks = hooks;
+        p.firewall.per_client = per_client;
+        p.firewall.allow_cidrs = vec![
+            "10.1.2.3/8".parse().unwrap(),
+            "::ffff:192.0.2.0/120".parse().unwrap(),
+        ];
+        p.firewall.log_denied = true;
+        p.firewall.mark = 0x2a;
+        p
+    }
+
+    fn chain(l: &Layout, hook: ChainHook) -> Vec<String> {
+        l.chains
+            .iter()
+            .find(|c| c.hook == hook)
+            .map(|c| c.rules.iter().map(Rule::text).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn output_order_puts_upstream_drop_before_established() {
+        let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
+        let rules = chain(&l, ChainHook::Output);
+        let pos = |s: &str| rules.iter().position(|r| r == s).unwrap();
+        let mark = pos("meta mark 0x0000002a ip daddr 192.0.2.53 udp dport 53 accept");
+        let drop = pos("ip daddr 192.0.2.53 drop");
+        let drop6 = pos("ip6 daddr 2001:db8::53 drop");
+        let lo_dns = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
+        let lo_other = pos("oif \"lo\" udp dport 853 drop");
+        let lo = pos("oif \"lo\" accept");
+        let ct = pos("ct state established,related accept");
+        let listen = pos("ip daddr 10.9.0.1 tcp dport 53 accept");
+        let set = pos("ip daddr @allow4 accept");
+        let cidr = pos("ip daddr 10.0.0.0/8 accept");
+        let mapped = pos("ip daddr 192.0.2.0/24 accept");
+        let nd = pos("icmpv6 type nd-neighbor-solicit accept");
+        let log = pos("limit rate 10/second log prefix \"dnsfence drop \"");
+        assert!(mark < drop && drop < drop6 && drop6 < lo_dns && lo_dns < lo_other);
+        assert!(lo_other < lo && lo < ct && ct < listen && listen < set && set < cidr);
+        assert!(cidr < mapped && mapped < nd && nd < log);
+        assert_eq!(rules.last().map(String::as_str), Some("drop"));
+        assert!(!l.chains.iter().any(|c| c.hook != ChainHook::Output));
+    }
+
+    #[test]
+    fn forward_adds_input_and_rpf() {
+        let l = Layout::from_policy(&policy(vec![Hook::Forward], true)).unwrap();
+        let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["input", "forward"]);
+        let fwd = chain(&l, ChainHook::Forward);
+        assert_eq!(fwd[0], "ip daddr 192.0.2.53 drop");
+        assert_eq!(fwd[2], "fib saddr . iif oif missing drop");
+        assert_eq!(fwd[3], "ct state established,related accept");
+        assert_eq!(fwd[4], "ip saddr . ip daddr @allow4 accept");
+        assert_eq!(fwd[5], "ip6 saddr . ip6 daddr @allow6 accept");
+        let inp = chain(&l, ChainHook::Input);
+        assert_eq!(inp[0], "iif \"lo\" accept");
+        assert!(inp.contains(&"ip daddr 10.9.0.1 udp dport 53 accept".to_string()));
+        assert!(!inp.iter().any(|r| r.contains("127.0.0.1")));
+    }
+
+    #[test]
+    fn rejects_dangerous_settings() {
+        let mut p = policy(vec![Hook::Output], false);
+        p.firewall.mark = 0;
+        assert!(Layout::from_policy(&p).unwrap_err().contains("mark"));
+        let mut p = policy(vec![Hook::Output], false);
+        p.firewall.set_size = 0;
+        assert!(Layout::from_policy(&p).unwrap_err().contains("set_size"));
+        let mut p = policy(vec![], false);
+        p.firewall.hooks.clear();
+        assert!(Layout::from_policy(&p).is_err());
+        for bad in ["", "1x", "a b", "x;flush ruleset", "a{", "é"] {
+            assert!(check_table_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_table_name("dnsfence_2").is_ok());
+    }
+
+    #[test]
+    fn wildcard_listen_never_opens_dns_to_anywhere() {
+        let mut p = policy(vec![Hook::Output, Hook::Forward], false);
+        p.listen = vec!["0.0.0.0:53".parse().unwrap()];
+        let l = Layout::from_policy(&p).unwrap();
+        let out = chain(&l, ChainHook::Output);
+        // Allowed on loopback only, in output.
+        assert!(out.contains(&"oif \"lo\" meta nfproto ipv4 udp dport 53 accept".to_string()));
+        assert!(!out.contains(&"meta nfproto ipv4 udp dport 53 accept".to_string()));
+        let inp = chain(&l, ChainHook::Input);
+        assert!(inp.contains(&"meta nfproto ipv4 udp dport 53 accept".to_string()));
+    }
+
+    #[test]
+    fn loopback_upstream_drops_only_its_port() {
+        let mut p = policy(vec![Hook::Output], false);
+        p.upstreams = vec!["127.0.0.1:5353".parse().unwrap()];
+        let l = Layout::from_policy(&p).unwrap();
+        let out = chain(&l, ChainHook::Output);
+        assert!(out.contains(&"ip daddr 127.0.0.1 udp dport 5353 drop".to_string()));
+        assert!(!out.contains(&"ip daddr 127.0.0.1 drop".to_string()));
+    }
+
+    #[test]
+    #[ignore = "prints the rendered ruleset"]
+    fn print_render() {
+        let l = Layout::from_policy(&policy(vec![Hook::Output, Hook::Forward], false)).unwrap();
+        println!("{}", l.render());
+    }
+}

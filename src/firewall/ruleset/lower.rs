@@ -1,0 +1,252 @@
+//! Lowering rules to netlink expressions, in the order and encoding `nft` itself produces for
+//! the same text (`nft --debug=netlink`).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::model::{Family, LOG_BURST, LOG_PREFIX, LOG_RATE_PER_SECOND, Match, Rule, Verdict};
+
+impl Rule {
+    /// The rule as netlink expressions, in order.
+    pub(crate) fn exprs(&self) -> Vec<Expr> {
+        let mut out = Vec::new();
+        for m in &self.matches {
+            m.lower(&mut out);
+        }
+        if let Some(v) = self.verdict {
+            out.push(Expr::Verdict(v));
+        }
+        out
+    }
+}
+
+/// Registers: `1` is the first 16-byte register, `2` the second; `9` is the second 4-byte
+/// register (NFT_REG32_01), right after the first 4 bytes of register 1.
+pub(crate) const REG1: u32 = 1;
+const REG2: u32 = 2;
+const REG32_01: u32 = 9;
+
+/// `meta` keys used here (`enum nft_meta_keys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetaKey {
+    Mark,
+    Iif,
+    Oif,
+    NfProto,
+    L4Proto,
+}
+
+/// `payload` bases (`enum nft_payload_bases`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PayloadBase {
+    Network,
+    Transport,
+}
+
+impl PayloadBase {
+    pub(crate) fn number(self) -> u32 {
+        match self {
+            PayloadBase::Network => 1,
+            PayloadBase::Transport => 2,
+        }
+    }
+}
+
+/// One netlink expression, as `nft --debug=netlink` prints them. Data is in the byte order the
+/// kernel compares: addresses and ports big-endian, meta values (mark, ifindex) host order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Expr {
+    /// `[ meta load <key> => reg 1 ]`
+    Meta { key: MetaKey, dreg: u32 },
+    /// `[ payload load <len>b @ <base> header + <offset> => reg <dreg> ]`
+    Payload {
+        base: PayloadBase,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `[ cmp eq|neq reg 1 <data> ]`
+    Cmp { neq: bool, data: Vec<u8> },
+    /// `[ bitwise reg 1 = ( reg 1 & <mask> ) ^ <xor> ]`
+    Bitwise { mask: Vec<u8>, xor: Vec<u8> },
+    /// `[ lookup reg 1 set <set> ]`
+    Lookup { set: &'static str },
+    /// `[ ct load state => reg 1 ]`
+    CtState,
+    /// `[ fib saddr . iif oif present => reg 1 ]`
+    FibSaddrIifOifPresent,
+    /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
+    Limit { rate: u64, burst: u32 },
+    /// `[ log prefix … ]`
+    Log { prefix: &'static str },
+    /// `[ immediate reg 0 accept|drop ]`
+    Verdict(Verdict),
+}
+
+fn cmp_eq(data: impl Into<Vec<u8>>) -> Expr {
+    Expr::Cmp {
+        neq: false,
+        data: data.into(),
+    }
+}
+
+fn meta(key: MetaKey) -> Expr {
+    Expr::Meta { key, dreg: REG1 }
+}
+
+fn network(offset: u32, len: u32, dreg: u32) -> Expr {
+    Expr::Payload {
+        base: PayloadBase::Network,
+        offset,
+        len,
+        dreg,
+    }
+}
+
+pub(super) fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn mask_octets(net: &IpNet) -> Vec<u8> {
+    match net {
+        IpNet::V4(n) => n.netmask().octets().to_vec(),
+        IpNet::V6(n) => n.netmask().octets().to_vec(),
+    }
+}
+
+/// `ct state` bits: established (2) and related (4).
+const CT_ESTABLISHED_RELATED: u32 = 2 | 4;
+
+impl Match {
+    pub(super) fn lower(&self, out: &mut Vec<Expr>) {
+        match self {
+            Match::Mark(m) => {
+                out.push(meta(MetaKey::Mark));
+                out.push(cmp_eq(m.to_ne_bytes()));
+            }
+            Match::OifLo => {
+                out.push(meta(MetaKey::Oif));
+                out.push(cmp_eq(1u32.to_ne_bytes()));
+            }
+            Match::IifLo => {
+                out.push(meta(MetaKey::Iif));
+                out.push(cmp_eq(1u32.to_ne_bytes()));
+            }
+            Match::NfProto(f) => {
+                out.push(meta(MetaKey::NfProto));
+                out.push(cmp_eq([f.nfproto()]));
+            }
+            Match::Daddr(net) => {
+                let f = Family::of(net.addr());
+                Match::NfProto(f).lower(out);
+                let prefix = u32::from(net.prefix_len());
+                if prefix > 0 && prefix % 8 == 0 {
+                    // nft loads just the prefix bytes when the prefix is byte-aligned.
+                    let len = prefix / 8;
+                    out.push(network(f.daddr_offset(), len, REG1));
+                    let mut data = octets(net.addr());
+                    data.truncate(len as usize);
+                    out.push(cmp_eq(data));
+                } else {
+                    out.push(network(f.daddr_offset(), f.addr_len(), REG1));
+                    let mask = mask_octets(net);
+                    let xor = vec![0; mask.len()];
+                    out.push(Expr::Bitwise { mask, xor });
+                    out.push(cmp_eq(octets(net.network())));
+                }
+            }
+            Match::Dport(p, port) => {
+                out.push(meta(MetaKey::L4Proto));
+                out.push(cmp_eq([p.number()]));
+                out.push(Expr::Payload {
+                    base: PayloadBase::Transport,
+                    offset: 2,
+                    len: 2,
+                    dreg: REG1,
+                });
+                out.push(cmp_eq(port.to_be_bytes()));
+            }
+            Match::CtEstablishedRelated => {
+                out.push(Expr::CtState);
+                out.push(Expr::Bitwise {
+                    mask: CT_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                });
+                out.push(Expr::Cmp {
+                    neq: true,
+                    data: vec![0; 4],
+                });
+            }
+            Match::AllowSet { family, per_client } => {
+                Match::NfProto(*family).lower(out);
+                let len = family.addr_len();
+                if *per_client {
+                    out.push(network(family.saddr_offset(), len, REG1));
+                    let second = match family {
+                        Family::V4 => REG32_01,
+                        Family::V6 => REG2,
+                    };
+                    out.push(network(family.daddr_offset(), len, second));
+                } else {
+                    out.push(network(family.daddr_offset(), len, REG1));
+                }
+                out.push(Expr::Lookup {
+                    set: family.set_name(),
+                });
+            }
+            Match::FibSaddrIifOifMissing => {
+                out.push(Expr::FibSaddrIifOifPresent);
+                out.push(cmp_eq([0u8; 4]));
+            }
+            Match::Icmpv6(t) => {
+                Match::NfProto(Family::V6).lower(out);
+                out.push(meta(MetaKey::L4Proto));
+                out.push(cmp_eq([58u8]));
+                out.push(Expr::Payload {
+                    base: PayloadBase::Transport,
+                    offset: 0,
+                    len: 1,
+                    dreg: REG1,
+                });
+                out.push(cmp_eq([t.number()]));
+            }
+            Match::Limit => out.push(Expr::Limit {
+                rate: LOG_RATE_PER_SECOND,
+                burst: LOG_BURST,
+            }),
+            Match::Log => out.push(Expr::Log { prefix: LOG_PREFIX }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowering_matches_nft() {
+        let r = Rule {
+            matches: vec![Match::Daddr("10.1.2.0/23".parse().unwrap())],
+            verdict: Some(Verdict::Accept),
+        };
+        let e = r.exprs();
+        assert_eq!(e.len(), 6);
+        assert_eq!(
+            e[3],
+            Expr::Bitwise {
+                mask: vec![255, 255, 254, 0],
+                xor: vec![0; 4]
+            }
+        );
+        let r = Rule {
+            matches: vec![Match::Daddr("10.0.0.0/8".parse().unwrap())],
+            verdict: None,
+        };
+        assert_eq!(r.exprs()[2], network(16, 1, REG1));
+        assert_eq!(r.exprs()[3], cmp_eq([10u8]));
+    }
+}

@@ -1,0 +1,299 @@
+//! The ruleset's vocabulary: families, protocols, matches, verdicts, rules, chains, sets and
+//! the layout that holds them. No behaviour beyond naming and numbering.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// Name of the IPv4 allow set.
+pub(crate) const SET4: &str = "allow4";
+/// Name of the IPv6 allow set.
+pub(crate) const SET6: &str = "allow6";
+/// The prefix of logged drops (the kernel log shows it before the packet's fields).
+pub(crate) const LOG_PREFIX: &str = "dnsfence drop ";
+/// Logged drops per second at most.
+pub(crate) const LOG_RATE_PER_SECOND: u64 = 10;
+/// nft's default burst for `limit rate`.
+pub(crate) const LOG_BURST: u32 = 5;
+/// Ports that are DNS whatever the policy says: plain DNS and DNS over TLS.
+pub(crate) const DNS_PORTS: [u16; 2] = [53, 853];
+
+/// IP family of an address match or a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(crate) fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
+    pub(crate) fn nfproto(self) -> u8 {
+        match self {
+            Family::V4 => 2,
+            Family::V6 => 10,
+        }
+    }
+
+    pub(crate) fn nft_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The payload keyword: `ip` or `ip6`.
+    pub(crate) fn header(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    pub(crate) fn addr_len(self) -> u32 {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 16,
+        }
+    }
+
+    pub(crate) fn saddr_offset(self) -> u32 {
+        match self {
+            Family::V4 => 12,
+            Family::V6 => 8,
+        }
+    }
+
+    pub(crate) fn daddr_offset(self) -> u32 {
+        match self {
+            Family::V4 => 16,
+            Family::V6 => 24,
+        }
+    }
+
+    /// The nftables data type of one address (`ipv4_addr` = 7, `ipv6_addr` = 8).
+    pub(crate) fn datatype(self) -> u32 {
+        match self {
+            Family::V4 => 7,
+            Family::V6 => 8,
+        }
+    }
+
+    pub(crate) fn datatype_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+
+    pub(crate) fn set_name(self) -> &'static str {
+        match self {
+            Family::V4 => SET4,
+            Family::V6 => SET6,
+        }
+    }
+}
+
+/// Transport protocol of a port match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            Proto::Udp => 17,
+            Proto::Tcp => 6,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        }
+    }
+
+    pub(crate) const BOTH: [Proto; 2] = [Proto::Udp, Proto::Tcp];
+}
+
+/// ICMPv6 neighbour discovery messages that are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NdType {
+    RouterSolicit,
+    NeighborSolicit,
+    NeighborAdvert,
+}
+
+impl NdType {
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            NdType::RouterSolicit => 133,
+            NdType::NeighborSolicit => 135,
+            NdType::NeighborAdvert => 136,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            NdType::RouterSolicit => "nd-router-solicit",
+            NdType::NeighborSolicit => "nd-neighbor-solicit",
+            NdType::NeighborAdvert => "nd-neighbor-advert",
+        }
+    }
+
+    pub(crate) const ACCEPTED: [NdType; 3] = [
+        NdType::NeighborSolicit,
+        NdType::NeighborAdvert,
+        NdType::RouterSolicit,
+    ];
+}
+
+/// One statement of a rule, in nft terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Match {
+    /// `meta mark 0x…`
+    Mark(u32),
+    /// `oif "lo"` (the loopback interface is index 1 in every network namespace).
+    OifLo,
+    /// `iif "lo"`
+    IifLo,
+    /// `meta nfproto ipv4|ipv6`
+    NfProto(Family),
+    /// `ip daddr …` / `ip6 daddr …`, an address or a prefix.
+    Daddr(IpNet),
+    /// `udp dport …` / `tcp dport …`
+    Dport(Proto, u16),
+    /// `ct state established,related`
+    CtEstablishedRelated,
+    /// `ip daddr @allow4`, or per client `ip saddr . ip daddr @allow4`.
+    AllowSet { family: Family, per_client: bool },
+    /// `fib saddr . iif oif missing`: the source is not routed back through the input interface.
+    FibSaddrIifOifMissing,
+    /// `icmpv6 type …`
+    Icmpv6(NdType),
+    /// `limit rate N/second`
+    Limit,
+    /// `log prefix "…"`
+    Log,
+}
+
+/// The verdict of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accept,
+    Drop,
+}
+
+impl Verdict {
+    /// `NF_ACCEPT` / `NF_DROP`.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Verdict::Accept => 1,
+            Verdict::Drop => 0,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Drop => "drop",
+        }
+    }
+}
+
+/// One rule: all matches must hold, then the verdict (if any) applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rule {
+    pub(crate) matches: Vec<Match>,
+    pub(crate) verdict: Option<Verdict>,
+}
+
+/// The netfilter hook of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChainHook {
+    Input,
+    Forward,
+    Output,
+}
+
+impl ChainHook {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ChainHook::Input => "input",
+            ChainHook::Forward => "forward",
+            ChainHook::Output => "output",
+        }
+    }
+}
+
+/// A base chain: `type filter hook <hook> priority filter; policy drop;`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    pub(crate) hook: ChainHook,
+    pub(crate) rules: Vec<Rule>,
+}
+
+impl Chain {
+    /// Chains are named after their hook.
+    pub(crate) fn name(&self) -> &'static str {
+        self.hook.name()
+    }
+}
+
+/// The chain priority: `filter` (0).
+pub(crate) const CHAIN_PRIORITY: i32 = 0;
+/// The chain policy: drop.
+pub(crate) const CHAIN_POLICY: Verdict = Verdict::Drop;
+
+/// One allow set (`flags timeout`, never a default timeout: every element carries its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SetDef {
+    pub(crate) family: Family,
+    /// Keyed by `client . destination` instead of `destination`.
+    pub(crate) per_client: bool,
+    pub(crate) size: u32,
+}
+
+impl SetDef {
+    pub(crate) fn name(&self) -> &'static str {
+        self.family.set_name()
+    }
+
+    /// `NFTA_SET_KEY_TYPE`: a concatenation packs its types 6 bits each.
+    pub(crate) fn key_type(&self) -> u32 {
+        let t = self.family.datatype();
+        if self.per_client { (t << 6) | t } else { t }
+    }
+
+    /// `NFTA_SET_KEY_LEN` in bytes (each concatenated field is padded to 4 bytes; addresses are).
+    pub(crate) fn key_len(&self) -> u32 {
+        let l = self.family.addr_len();
+        if self.per_client { 2 * l } else { l }
+    }
+
+    pub(crate) fn type_text(&self) -> String {
+        let t = self.family.datatype_name();
+        if self.per_client {
+            format!("{t} . {t}")
+        } else {
+            t.to_string()
+        }
+    }
+}
+
+/// Everything install() creates: `table inet <table>` with its sets and chains, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub(crate) table: String,
+    pub(crate) sets: Vec<SetDef>,
+    pub(crate) chains: Vec<Chain>,
+}

@@ -1,0 +1,103 @@
+//! The layout as nft text, exactly as `nft list table` prints it.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+use super::model::{CHAIN_POLICY, Family, LOG_PREFIX, LOG_RATE_PER_SECOND, Layout, Match, Rule};
+
+impl Layout {
+    /// The layout as nft text, formatted exactly like `nft list table inet <table>` prints it
+    /// (when its sets are empty), after a comment header.
+    pub(crate) fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# nftables ruleset of dnsfence (what `dnsfence` installs at start-up).\n\
+             # Compare with the live table: nft list table inet {t}\n\
+             # Apply by hand (replaces the table, dropping its elements):\n\
+             #   nft delete table inet {t}; nft -f <this file>",
+            t = self.table
+        );
+        let _ = writeln!(s, "table inet {} {{", self.table);
+        let mut first = true;
+        for set in &self.sets {
+            if !first {
+                s.push('\n');
+            }
+            first = false;
+            let _ = writeln!(s, "\tset {} {{", set.name());
+            let _ = writeln!(s, "\t\ttype {}", set.type_text());
+            let _ = writeln!(s, "\t\tsize {}", set.size);
+            let _ = writeln!(s, "\t\tflags timeout");
+            let _ = writeln!(s, "\t}}");
+        }
+        for chain in &self.chains {
+            if !first {
+                s.push('\n');
+            }
+            first = false;
+            let _ = writeln!(s, "\tchain {} {{", chain.name());
+            let _ = writeln!(
+                s,
+                "\t\ttype filter hook {} priority filter; policy {};",
+                chain.hook.name(),
+                CHAIN_POLICY.name()
+            );
+            for r in &chain.rules {
+                let _ = writeln!(s, "\t\t{}", r.text());
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+fn addr_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+impl Match {
+    pub(super) fn text(&self) -> String {
+        match self {
+            Match::Mark(m) => format!("meta mark 0x{m:08x}"),
+            Match::OifLo => "oif \"lo\"".to_string(),
+            Match::IifLo => "iif \"lo\"".to_string(),
+            Match::NfProto(f) => format!("meta nfproto {}", f.nft_name()),
+            Match::Daddr(net) => {
+                let f = Family::of(net.addr());
+                format!("{} daddr {}", f.header(), addr_text(net))
+            }
+            Match::Dport(p, port) => format!("{} dport {port}", p.name()),
+            Match::CtEstablishedRelated => "ct state established,related".to_string(),
+            Match::AllowSet { family, per_client } => {
+                let h = family.header();
+                if *per_client {
+                    format!("{h} saddr . {h} daddr @{}", family.set_name())
+                } else {
+                    format!("{h} daddr @{}", family.set_name())
+                }
+            }
+            Match::FibSaddrIifOifMissing => "fib saddr . iif oif missing".to_string(),
+            Match::Icmpv6(t) => format!("icmpv6 type {}", t.name()),
+            Match::Limit => format!("limit rate {LOG_RATE_PER_SECOND}/second"),
+            Match::Log => format!("log prefix \"{LOG_PREFIX}\""),
+        }
+    }
+}
+
+impl Rule {
+    /// The rule as nft prints it.
+    pub(crate) fn text(&self) -> String {
+        let mut parts: Vec<String> = self.matches.iter().map(Match::text).collect();
+        if let Some(v) = self.verdict {
+            parts.push(v.name().to_string());
+        }
+        parts.join(" ")
+    }
+}
