@@ -1132,7 +1132,8 @@ fn client_edns_options_and_message_id_never_reach_the_upstream() {
 /// The case of the letters a client sends is a channel too: `ApI.aLlOwEd.TeSt` carries one bit
 /// per letter to the zone's authoritative server, and the wildcard budget (keyed on the
 /// lower-cased name) counts every case variant as a free repeat. The upstream must only ever
-/// see one spelling of a name.
+/// see dnsfence's own spelling of a name: a random one per query (0x20, against forgers), never
+/// the client's.
 #[test]
 fn client_letter_case_never_reaches_the_upstream() {
     let upstream = Upstream::start();
@@ -1194,16 +1195,19 @@ fn client_letter_case_never_reaches_the_upstream() {
         spellings.len(),
         letters * 200 / 8,
     );
-    for q in &seen {
-        assert!(
-            q.labels
-                .iter()
-                .all(|l| !l.iter().any(u8::is_ascii_uppercase)),
-            "the upstream saw the client's case pattern {:?} ({} distinct spellings reached it)",
-            q.name,
-            spellings.len()
-        );
-    }
+    // dnsfence draws its own random case per query, so a client spelling reaches the upstream
+    // only by chance (64 of 2^14 or more spellings per name: about one in 250 queries).
+    let sent_labels: HashSet<Vec<Vec<u8>>> = sent.iter().map(|s| wire::labels(s)).collect();
+    let copied: Vec<&str> = seen
+        .iter()
+        .filter(|q| sent_labels.contains(&q.labels))
+        .map(|q| q.name.as_str())
+        .collect();
+    assert!(
+        copied.len() <= 4,
+        "the upstream saw the client's case patterns {copied:?} ({} distinct spellings reached it)",
+        spellings.len()
+    );
 }
 
 /// An iodine-like tunnel under an allowed `**.` wildcard: 500 unique random-label names in a
@@ -1742,7 +1746,9 @@ fn queries_beyond_max_inflight_are_refused_at_once() {
             .all(|(_, took)| *took < Duration::from_millis(500)),
         "{outcomes:?}"
     );
-    assert!(upstream.seen().len() <= 3, "{:?}", upstream.seen());
+    // Only the admitted questions reach the upstream (each possibly sent again while slow).
+    let asked: HashSet<String> = upstream.seen().into_iter().map(|q| q.name).collect();
+    assert!(asked.len() <= 3, "{:?}", upstream.seen());
 }
 
 /// `tcp_connections: 8`: the 9th concurrent connection is closed at once, the first 8 work, and
@@ -2096,7 +2102,9 @@ fn memory_stays_bounded_under_20000_unique_wildcard_names() {
         "RSS grew by {} KiB",
         after - before
     );
-    assert!(upstream.seen().len() <= 20_500);
+    // 20,500 names in all; a loaded machine may see some asked twice (retransmits).
+    let asked: HashSet<String> = upstream.seen().into_iter().map(|q| q.name).collect();
+    assert!(asked.len() <= 20_500, "{} names asked", asked.len());
     assert!(
         upstream
             .seen()

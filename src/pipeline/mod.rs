@@ -11,9 +11,7 @@
 
 pub mod address_guard;
 pub mod answer_filter;
-pub mod cache;
 pub mod decision;
-pub mod forwarder;
 pub mod limits;
 pub mod request;
 pub mod upstream;

@@ -21,6 +21,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 /// One query the upstream received.
 #[derive(Debug, Clone)]
 pub struct SeenQuery {
+    /// The name in lower case (as the log prints it).
     pub name: String,
     pub qtype: RecordType,
     pub tcp: bool,
@@ -80,6 +81,8 @@ pub struct Upstream {
     /// UDP queries still to be received and ignored, as if lost on the way.
     lose_udp: Arc<std::sync::atomic::AtomicU32>,
     stop: Arc<AtomicBool>,
+    /// The UDP socket, for sending forged replies from the upstream's own address and port.
+    udp: UdpSocket,
 }
 
 fn key(name: &str) -> String {
@@ -132,6 +135,7 @@ impl Upstream {
             tcp_behaviour: Arc::default(),
             lose_udp: Arc::default(),
             stop: Arc::default(),
+            udp: udp.try_clone().expect("clone upstream udp socket"),
         };
         upstream.spawn_udp(udp);
         upstream.spawn_tcp(tcp);
@@ -222,6 +226,14 @@ impl Upstream {
             .collect()
     }
 
+    /// Sends `bytes` to `to` from the upstream's own UDP address and port, as a forger who
+    /// spoofs the upstream would.
+    pub fn send_from_upstream(&self, bytes: &[u8], to: SocketAddr) {
+        self.udp
+            .send_to(bytes, to)
+            .expect("send from the upstream's socket");
+    }
+
     pub fn clear_seen(&self) {
         self.seen.lock().unwrap().clear();
     }
@@ -247,6 +259,22 @@ impl Upstream {
                     Some(_) => Behaviour::TruncatedNoTcp,
                     None => *behaviour.lock().unwrap(),
                 };
+                // A slow upstream is slow for each query, not a queue: like a recursive
+                // resolver, it works on many questions at once.
+                if let Behaviour::Slow(ms) = behaviour {
+                    let (bytes, zone, seen) = (buf[..len].to_vec(), zone.clone(), seen.clone());
+                    let Ok(socket) = socket.try_clone() else {
+                        continue;
+                    };
+                    thread::spawn(move || {
+                        let reply = respond(&bytes, false, peer, &zone, &seen, Behaviour::Normal);
+                        thread::sleep(Duration::from_millis(ms));
+                        if let Some(reply) = reply {
+                            let _ = socket.send_to(&reply, peer);
+                        }
+                    });
+                    continue;
+                }
                 if let Some(reply) = respond(&buf[..len], false, peer, &zone, &seen, behaviour) {
                     let _ = socket.send_to(&reply, peer);
                 }
@@ -345,7 +373,8 @@ fn respond(
     let query = Message::from_vec(bytes).ok()?;
     let question = query.queries.first()?.clone();
     seen.lock().unwrap().push(SeenQuery {
-        name: question.name().to_string(),
+        // dnsfence mixes the letter case of what it sends (0x20); `labels` keeps it.
+        name: question.name().to_string().to_ascii_lowercase(),
         qtype: question.query_type(),
         tcp,
         id: query.metadata.id,

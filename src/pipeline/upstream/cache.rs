@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{Name, RData, RecordType};
 
-use super::upstream::UpstreamAnswer;
+use super::answer::UpstreamAnswer;
 
 /// Answers kept at most.
 pub const MAX_ENTRIES: usize = 16_384;

@@ -1,0 +1,260 @@
+//! The upstream stage end to end: the real binary against scripted upstreams on loopback that
+//! record every query. Slow upstreams, unguessable queries, forged replies, many clients asking
+//! one name.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::upstream::SeenQuery;
+use common::*;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+fn fence_with(upstream: &Upstream, allow: &[&str], extra: &str) -> Dnsfence {
+    Dnsfence::start(&policy(upstream.addr, allow, extra))
+}
+
+/// A policy whose upstream_timeout is `timeout` (the shared helper's is 1 s).
+fn policy_with_timeout(upstream: SocketAddr, allow: &str, timeout: &str, extra: &str) -> String {
+    format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{upstream}\"]\nupstream_timeout: {timeout}\n\
+         allow: [\"{allow}\"]\nfirewall: {{enabled: false}}\n{extra}"
+    )
+}
+
+/// A recursive resolver on the real internet often takes 0.5-1.5 s for a cold name: every such
+/// answer must reach the client within `upstream_timeout`, however many times dnsfence re-sent
+/// the question meanwhile (every copy's answer counts), with only a few copies sent.
+#[test]
+fn slow_upstreams_are_answered_within_the_timeout() {
+    let delays = [200u64, 600, 1200, 1800];
+    let results: Vec<(u64, Result<Duration, String>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = delays
+            .iter()
+            .map(|&delay| {
+                s.spawn(move || {
+                    let upstream = Upstream::start();
+                    upstream.a("api.allowed.test", "198.51.100.10", 300);
+                    upstream.set_behaviour(Behaviour::Slow(delay));
+                    let fence = Dnsfence::start(&policy_with_timeout(
+                        upstream.addr,
+                        "api.allowed.test",
+                        "2s",
+                        "",
+                    ));
+                    let started = Instant::now();
+                    let reply = fence.udp("api.allowed.test", RecordType::A);
+                    let took = started.elapsed();
+                    let outcome = if addresses(&reply) == ["198.51.100.10"] {
+                        Ok(took)
+                    } else {
+                        Err(format!(
+                            "{} after {took:?}: {:?}",
+                            reply.metadata.response_code,
+                            fence.log(1)
+                        ))
+                    };
+                    (delay, outcome, upstream.seen().len())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (delay, outcome, queries) in &results {
+        eprintln!("upstream answering after {delay} ms: {outcome:?}, {queries} upstream queries");
+    }
+    for (delay, outcome, queries) in results {
+        let took = outcome.unwrap_or_else(|e| panic!("answer after {delay} ms: {e}"));
+        assert!(
+            took < Duration::from_millis(2000),
+            "{delay} ms took {took:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(delay),
+            "{delay} ms answered in {took:?}"
+        );
+        assert!(
+            (1..=4).contains(&queries),
+            "{delay} ms cost {queries} queries"
+        );
+    }
+}
+
+/// RFC 5452: an off-path forger must guess the source port and the ID. 500 upstream queries
+/// leave from at least 400 different ports, and their IDs show no pattern.
+#[test]
+fn upstream_queries_use_random_source_ports_and_ids() {
+    let upstream = Upstream::start();
+    let names: Vec<String> = (0..500).map(|i| format!("n{i}.ports.test")).collect();
+    for n in &names {
+        upstream.a(n, "198.51.100.10", 300);
+    }
+    let fence = fence_with(
+        &upstream,
+        &["*.ports.test"],
+        "limits: {client_qps: 0}\nexfiltration: {wildcard_names_per_minute: 0}\n",
+    );
+    for n in &names {
+        let reply = fence.udp(n, RecordType::A);
+        assert_eq!(addresses(&reply), ["198.51.100.10"], "{n}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 500, "one upstream query per name");
+    let ports: HashSet<u16> = seen.iter().map(|q| q.peer.port()).collect();
+    let ids: Vec<u16> = seen.iter().map(|q| q.id).collect();
+    let mut buckets = [0u32; 8];
+    for id in &ids {
+        buckets[usize::from(id >> 13)] += 1;
+    }
+    let close_neighbours = ids.windows(2).filter(|w| w[0].abs_diff(w[1]) <= 16).count();
+    eprintln!(
+        "500 queries: {} distinct source ports, ID buckets {buckets:?}, {close_neighbours} \
+         consecutive IDs within 16 of each other",
+        ports.len()
+    );
+    assert!(ports.len() >= 400, "{} distinct ports", ports.len());
+    // Each eighth of the ID space expects 62.5 of 500 (sd 7.4).
+    assert!(
+        buckets.iter().all(|&b| (30..=95).contains(&b)),
+        "{buckets:?}"
+    );
+    // A counter or a small step would put neighbours close; random IDs almost never do.
+    assert!(close_neighbours <= 5, "{close_neighbours}");
+}
+
+/// A reply from `from` (the upstream's socket or another), for `labels` spelled as given.
+fn forged_reply(id: u16, labels: &[Vec<u8>], addr: [u8; 4]) -> Vec<u8> {
+    let name = Name::from_labels(labels.iter().map(Vec::as_slice)).unwrap();
+    let mut reply = Message::new(id, MessageType::Response, OpCode::Query);
+    reply.metadata.recursion_desired = true;
+    reply.metadata.recursion_available = true;
+    reply.add_query(Query::query(name.clone(), RecordType::A));
+    reply.add_answer(Record::from_rdata(
+        name,
+        300,
+        RData::A(A::new(addr[0], addr[1], addr[2], addr[3])),
+    ));
+    reply.to_vec().unwrap()
+}
+
+fn flip_case(labels: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|b| {
+                    if b.is_ascii_alphabetic() {
+                        b ^ 0x20
+                    } else {
+                        *b
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits until the upstream has received a query for `suffix`.
+fn pending_query(upstream: &Upstream, suffix: &str) -> SeenQuery {
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Some(q) = upstream.seen_for(suffix).into_iter().next() {
+            return q;
+        }
+        assert!(Instant::now() < until, "no upstream query for {suffix}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// While a query is pending, replies forged from the upstream's address to the port it left
+/// from, with another ID, another question, the question in another letter case, or sent from
+/// another port of the upstream's address, are all ignored, and the real answer is taken. The
+/// control: a forgery that matches in every respect does get through (so the forgeries above
+/// did reach dnsfence's socket, and were refused for what was wrong with them).
+#[test]
+fn forged_upstream_replies_are_ignored_and_the_real_answer_taken() {
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    upstream.a("ctl.allowed.test", "198.51.100.11", 300);
+    upstream.set_behaviour(Behaviour::Slow(700));
+    let fence = fence_with(&upstream, &["*.allowed.test"], "");
+    let forged = [198, 51, 100, 66];
+    let other_port = UdpSocket::bind("127.0.0.1:0").unwrap();
+
+    let addr = fence.addr;
+    let client = std::thread::spawn(move || {
+        let reply = query_udp(addr, &query("api.allowed.test", RecordType::A)).unwrap();
+        addresses(&reply)
+    });
+    let pending = pending_query(&upstream, "api.allowed.test");
+    let to = pending.peer;
+    let (id, labels) = (pending.id, pending.labels.clone());
+    let other_name: Vec<Vec<u8>> = vec![b"evil".to_vec(), b"test".to_vec()];
+    upstream.send_from_upstream(&forged_reply(id ^ 0x5a5a, &labels, forged), to);
+    upstream.send_from_upstream(&forged_reply(id, &other_name, forged), to);
+    upstream.send_from_upstream(&forged_reply(id, &flip_case(&labels), forged), to);
+    other_port
+        .send_to(&forged_reply(id, &labels, forged), to)
+        .unwrap();
+    assert_eq!(client.join().unwrap(), ["198.51.100.10"]);
+    let log = fence.log(1);
+    assert_eq!(log[0]["answers"].as_array().unwrap().len(), 1, "{log:?}");
+
+    // Control: the same path with everything right is taken (the forger's win, by design).
+    let client = std::thread::spawn(move || {
+        let reply = query_udp(addr, &query("ctl.allowed.test", RecordType::A)).unwrap();
+        addresses(&reply)
+    });
+    let pending = pending_query(&upstream, "ctl.allowed.test");
+    upstream.send_from_upstream(
+        &forged_reply(pending.id, &pending.labels, forged),
+        pending.peer,
+    );
+    assert_eq!(client.join().unwrap(), ["198.51.100.66"]);
+}
+
+/// 200 clients asking one uncached name at once cost the upstream one query, and every client
+/// gets the answer.
+#[test]
+fn many_clients_asking_one_uncached_name_cause_one_upstream_query() {
+    let upstream = Upstream::start();
+    upstream.a("herd.allowed.test", "198.51.100.10", 300);
+    upstream.set_behaviour(Behaviour::Slow(300));
+    let fence = fence_with(
+        &upstream,
+        &["herd.allowed.test"],
+        "limits: {client_qps: 0}\n",
+    );
+    let bytes = query("herd.allowed.test", RecordType::A).to_vec().unwrap();
+    let clients: Vec<UdpSocket> = (0..200)
+        .map(|_| {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket.send_to(&bytes, fence.addr).unwrap();
+            socket
+        })
+        .collect();
+    let mut answered = 0;
+    let mut buf = [0u8; 1500];
+    for socket in &clients {
+        if let Ok((len, _)) = socket.recv_from(&mut buf) {
+            let reply = Message::from_vec(&buf[..len]).unwrap();
+            if reply.metadata.response_code == ResponseCode::NoError
+                && addresses(&reply) == ["198.51.100.10"]
+            {
+                answered += 1;
+            }
+        }
+    }
+    let queries = upstream.seen_for("herd.allowed.test").len();
+    eprintln!("200 clients: {answered} answered, {queries} upstream queries");
+    assert_eq!(answered, 200);
+    assert_eq!(queries, 1);
+    assert_eq!(fence.log(200).len(), 200, "every client has its log line");
+}
