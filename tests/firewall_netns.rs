@@ -203,6 +203,7 @@ fn policy(table: &str, hooks: Vec<Hook>, per_client: bool) -> Policy {
         ],
         upstream_timeout: Duration::from_secs(2),
         deny_answers: vec![],
+        nat64_prefixes: vec![],
         cname: dnsfence::policy::CnameMode::Follow,
         https_hints: dnsfence::policy::HintMode::Admit,
         limits: dnsfence::policy::Limits::default(),
@@ -238,6 +239,7 @@ fn policy(table: &str, hooks: Vec<Hook>, per_client: bool) -> Policy {
             on_exit: OnExit::Keep,
             set_size: 65536,
             mark: 0x1d5f,
+            ..FirewallPolicy::default()
         },
     }
 }

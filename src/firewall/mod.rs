@@ -520,6 +520,7 @@ pub(crate) mod testns {
             upstreams: vec![SocketAddr::from(([192, 0, 2, 53], 53))],
             upstream_timeout: Duration::from_secs(2),
             deny_answers: vec![],
+            nat64_prefixes: vec![],
             cname: crate::policy::CnameMode::Follow,
             https_hints: crate::policy::HintMode::Admit,
             limits: crate::policy::Limits::default(),
@@ -550,6 +551,7 @@ pub(crate) mod testns {
                 on_exit: OnExit::Keep,
                 set_size: 1024,
                 mark: 1,
+                ..FirewallPolicy::default()
             },
         }
     }

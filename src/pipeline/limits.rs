@@ -278,6 +278,7 @@ mod tests {
     fn the_rate_limiter_allows_a_burst_then_the_rate() {
         let limiter = RateLimiter::new(&Limits {
             max_inflight: 10,
+            max_inflight_per_client: 10,
             client_qps: 10,
             client_burst: 20,
             tcp_connections: 10,

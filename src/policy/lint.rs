@@ -10,7 +10,9 @@
 
 use ipnet::IpNet;
 
-use super::RuleKind;
+use super::diagnostic::{Pos, Report, quote};
+use super::schema::DraftGroup;
+use super::{ExfiltrationLimits, RuleKind};
 
 /// Suffixes below which anyone can register a name (from the PSL PRIVATE section).
 pub const MULTI_TENANT_SUFFIXES: &[&str] = &[
@@ -97,6 +99,84 @@ pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 /// `true` for a network that covers a whole address family (`0.0.0.0/0`, `::/0`).
 pub(crate) fn is_everything(net: &IpNet) -> bool {
     net.prefix_len() == 0
+}
+
+/// Lints on the allowlists: `allow_answers` that turn protection off or overlap `deny_answers`,
+/// wildcard rules no name can fit under `exfiltration.max_name_length`.
+pub(crate) fn groups<'a>(
+    r: &mut Report,
+    groups: impl Iterator<Item = &'a DraftGroup>,
+    deny_answers: &[(Pos, IpNet)],
+    exfiltration: &ExfiltrationLimits,
+) {
+    for g in groups {
+        for &(pos, allowed) in &g.answer_positions {
+            if is_everything(&allowed) {
+                r.warn(
+                    pos,
+                    format!(
+                        "allow_answers \"{allowed}\" admits private and internal answers from \
+                         anywhere, which turns off DNS-rebinding protection; list the networks you need"
+                    ),
+                );
+            }
+            for &(dpos, denied) in deny_answers {
+                if overlaps(&allowed, &denied) {
+                    r.warn(
+                        pos,
+                        format!(
+                            "allow_answers \"{allowed}\" overlaps deny_answers \"{denied}\" (line {}), \
+                             which always wins; remove one of them",
+                            dpos.line
+                        ),
+                    );
+                }
+            }
+        }
+        for (rule, &pos) in g.rules.iter().zip(&g.rule_positions) {
+            if rule.kind == RuleKind::Exact {
+                continue;
+            }
+            let shortest = rule.suffix().len() + 2;
+            if shortest > exfiltration.max_name_length {
+                r.warn(
+                    pos,
+                    format!(
+                        "no name under {:?} fits exfiltration.max_name_length ({}), so the rule \
+                         can never allow anything; raise the limit or use a shorter suffix",
+                        rule.pattern, exfiltration.max_name_length
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// A client group whose every network is inside an earlier group's can never be chosen.
+pub(crate) fn shadowed_clients(r: &mut Report, clients: &[(Pos, DraftGroup)]) {
+    for (i, (pos, g)) in clients.iter().enumerate() {
+        if g.from_positions.is_empty() {
+            continue;
+        }
+        for (_, earlier) in &clients[..i] {
+            let covered = g
+                .from_positions
+                .iter()
+                .all(|(_, net)| earlier.from.iter().any(|e| e.contains(net)));
+            if covered {
+                r.warn(
+                    *pos,
+                    format!(
+                        "group {} can never match: every network in its `from` is inside the \
+                         earlier group {}, and the first match wins; move it up or narrow the earlier group",
+                        quote(&g.name),
+                        quote(&earlier.name)
+                    ),
+                );
+                break;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //!
 //! The loader is a pipeline of small steps, one file each:
 //! - `raw`: YAML text to a tree of nodes that know their line and column (serde-saphyr);
-//! - `schema`: the keys, their defaults and checks, reading through `read` (typed readers),
-//!   `name` (allow rules, IDNA), `net` (addresses), `duration`;
+//! - `schema`: the keys, their defaults and checks, one file per section of the policy, reading
+//!   through `read` (typed readers), `name` (allow rules, IDNA), `net` (addresses), `duration`;
 //! - `lint`: warnings for policies that load but are probably unsafe;
 //! - `matcher`: the trie that answers "which rule allows this wire name" at run time.
 //!
@@ -29,13 +29,14 @@ mod tests;
 pub use diagnostic::{Diagnostic, PolicyError};
 pub use lint::MULTI_TENANT_SUFFIXES;
 pub use matcher::{RuleSet, RuleSetError};
+pub(crate) use schema::check_table_name;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hickory_proto::rr::RecordType;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -66,6 +67,9 @@ pub struct Policy {
     /// special-purpose ranges the pipeline always refuses (this list holds only what the
     /// policy file adds). It wins over every `allow_answers`.
     pub deny_answers: Vec<IpNet>,
+    /// The operator's NAT64 /96 prefixes, in addition to the well-known `64:ff9b::/96` and the
+    /// local-use `64:ff9b:1::/48`: an answer inside one is judged by the IPv4 address it embeds.
+    pub nat64_prefixes: Vec<Ipv6Net>,
     /// Whether every name of a CNAME chain must itself be allowed.
     pub cname: CnameMode,
     /// What happens to `ipv4hint`/`ipv6hint` in HTTPS/SVCB answers.
@@ -180,6 +184,9 @@ pub enum HintMode {
 pub struct Limits {
     /// Queries being resolved at once (>= 1).
     pub max_inflight: usize,
+    /// Queries of one client being resolved at once (1..=`max_inflight`), so that one agent or
+    /// one slow zone cannot take every slot; the client is keyed as the budgets key it.
+    pub max_inflight_per_client: usize,
     /// Per-client queries per second (token bucket refill); 0 turns the limit off.
     pub client_qps: u32,
     /// Per-client bucket size (>= 1 when `client_qps` is on).
@@ -197,6 +204,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_inflight: 1024,
+            max_inflight_per_client: 64,
             client_qps: 200,
             client_burst: 400,
             tcp_connections: 256,
@@ -324,6 +332,36 @@ pub struct FirewallPolicy {
     /// Socket mark dnsfence puts on its own upstream queries, so the ruleset can tell them apart
     /// from an agent's (setting a mark needs CAP_NET_ADMIN).
     pub mark: u32,
+    /// Ports that outside hosts may open connections to on an agent (`"8080/tcp"`); empty by
+    /// default, so nothing from outside reaches a non-root listener.
+    pub inbound: Vec<InboundPort>,
+    /// The most addresses of each family that one answer may have admitted (and returned);
+    /// the rest are removed from the reply, so one zone cannot fill a set.
+    pub max_addresses_per_answer: u32,
+    /// With `per_client`, the most elements of each allow set that belong to one client, so
+    /// one client cannot fill a set for the others (`max_addresses_per_answer..=set_size`).
+    pub max_elements_per_client: u32,
+}
+
+impl FirewallPolicy {
+    /// The per-client share when the policy names none: a sixteenth of the set (4,096 of the
+    /// default 65,536), never less than one whole answer, never more than the set.
+    pub fn default_elements_per_client(set_size: u32, max_addresses_per_answer: u32) -> u32 {
+        (set_size / 16).max(max_addresses_per_answer).min(set_size)
+    }
+}
+
+/// A port outside hosts may connect to (`firewall.inbound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InboundPort {
+    pub port: u16,
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
 }
 
 /// Defaults when the `firewall` section or one of its keys is absent. Enabled unless the policy
@@ -340,6 +378,9 @@ impl Default for FirewallPolicy {
             on_exit: OnExit::Keep,
             set_size: 65536,
             mark: 0x0d5f,
+            inbound: Vec::new(),
+            max_addresses_per_answer: 32,
+            max_elements_per_client: 4096,
         }
     }
 }

@@ -252,6 +252,30 @@ pub(crate) fn duration(r: &mut Report, node: &Node, what: &str) -> Option<Durati
         .ok()
 }
 
+/// A duration that must not be 0; absent or wrong gives `default_secs`.
+pub(crate) fn nonzero_duration(
+    r: &mut Report,
+    node: Option<&Node>,
+    what: &str,
+    default_secs: u64,
+) -> Duration {
+    let default = Duration::from_secs(default_secs);
+    let Some(node) = node else {
+        return default;
+    };
+    match duration(r, node, what) {
+        Some(d) if d.is_zero() => {
+            r.error(
+                node.pos,
+                format!("{what} is 0, which makes no sense; write a duration such as \"{default_secs}s\""),
+            );
+            default
+        }
+        Some(d) => d,
+        None => default,
+    }
+}
+
 /// A list of CIDRs (each reported on its own line and column).
 pub(crate) fn cidrs(r: &mut Report, node: &Node, what: &str) -> Vec<(Pos, IpNet)> {
     let Some(items) = list(r, node, what) else {

@@ -177,6 +177,7 @@ exfiltration: {max_name_length: 253, max_label_length: 63, wildcard_names_per_mi
         p.limits,
         Limits {
             max_inflight: 10,
+            max_inflight_per_client: 10,
             client_qps: 0,
             client_burst: 0,
             tcp_connections: 3,
@@ -447,7 +448,7 @@ fn unknown_keys_name_the_allowed_keys() {
     assert_eq!(errs.len(), 2, "{errs:#?}");
     assert_eq!(
         errs[0],
-        "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, cname, https_hints, limits, exfiltration, firewall"
+        "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, nat64_prefixes, cname, https_hints, limits, exfiltration, firewall"
     );
     assert!(errs[1].starts_with(
         "policy.yaml:5:1: unknown key \"bogus\" in the policy; the keys are: listen,"
@@ -985,4 +986,193 @@ exfiltration: {{max_name_length: 60}}
         w[2].starts_with("policy.yaml:10:11: group \"narrow\" can never match"),
         "{w:#?}"
     );
+}
+
+/// A policy with a `firewall:` section of its own (BASE turns the firewall off).
+fn firewall_policy(section: &str) -> Result<Policy, PolicyError> {
+    parse(&format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"9.9.9.9:53\"]\nfirewall:\n{section}"
+    ))
+}
+
+fn firewall_errors(section: &str) -> Vec<String> {
+    match firewall_policy(section) {
+        Ok(_) => panic!("policy loaded but should not:\n{section}"),
+        Err(e) => e.errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn quota_and_inbound_keys_have_their_documented_defaults() {
+    let p = load("");
+    assert!(p.nat64_prefixes.is_empty());
+    assert!(p.firewall.inbound.is_empty());
+    assert_eq!(p.firewall.max_addresses_per_answer, 32);
+    assert_eq!(p.firewall.max_elements_per_client, 4096);
+    assert_eq!(p.limits.max_inflight_per_client, 64);
+    // The default share of in-flight queries never exceeds the whole.
+    assert_eq!(
+        load("limits: {max_inflight: 10}\n")
+            .limits
+            .max_inflight_per_client,
+        10
+    );
+    // The default per-client set share follows set_size, never below one whole answer.
+    let p = firewall_policy("  set_size: 160\n  per_client: true\n").unwrap();
+    assert_eq!(p.firewall.max_elements_per_client, 32);
+    let p = firewall_policy("  set_size: 8\n").unwrap();
+    assert_eq!(p.firewall.max_addresses_per_answer, 8);
+    assert_eq!(p.firewall.max_elements_per_client, 8);
+}
+
+#[test]
+fn quota_and_inbound_keys_are_read() {
+    let p = firewall_policy(
+        "  per_client: true
+  inbound: [\"8080/tcp\", \"5353/udp\", \"65535/tcp\"]
+  max_addresses_per_answer: 4
+  max_elements_per_client: 100
+",
+    )
+    .unwrap();
+    assert_eq!(
+        p.firewall.inbound,
+        [
+            InboundPort {
+                port: 8080,
+                transport: Transport::Tcp
+            },
+            InboundPort {
+                port: 5353,
+                transport: Transport::Udp
+            },
+            InboundPort {
+                port: 65535,
+                transport: Transport::Tcp
+            }
+        ]
+    );
+    assert_eq!(p.firewall.max_addresses_per_answer, 4);
+    assert_eq!(p.firewall.max_elements_per_client, 100);
+    let p = load("limits: {max_inflight: 100, max_inflight_per_client: 7}\n");
+    assert_eq!(p.limits.max_inflight_per_client, 7);
+    let p = load("nat64_prefixes: [\"2001:db8:64::/96\"]\n");
+    assert_eq!(p.nat64_prefixes, ["2001:db8:64::/96".parse().unwrap()]);
+}
+
+#[test]
+fn bad_inbound_ports_are_refused_with_their_position() {
+    for bad in [
+        "8080",
+        "0/tcp",
+        "70000/tcp",
+        "8080/sctp",
+        "08080/tcp",
+        "/tcp",
+        "80/TCP",
+        "-1/udp",
+    ] {
+        let errs = firewall_errors(&format!("  inbound: [\"{bad}\"]\n"));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:#?}");
+        assert!(
+            errs[0].starts_with("policy.yaml:4:13: firewall.inbound entry"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[0].contains("\"8080/tcp\""), "{}", errs[0]);
+    }
+    let errs = firewall_errors("  inbound: [\"22/tcp\", \"22/tcp\"]\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("listed twice"), "{}", errs[0]);
+}
+
+#[test]
+fn answer_and_client_quotas_are_bounded() {
+    for (section, expected) in [
+        (
+            "  max_addresses_per_answer: 0\n",
+            "policy.yaml:4:29: firewall.max_addresses_per_answer is 0, out of range; write a number from 1 to 4096",
+        ),
+        (
+            "  max_addresses_per_answer: 5000\n",
+            "policy.yaml:4:29: firewall.max_addresses_per_answer is 5000, out of range",
+        ),
+        (
+            "  set_size: 16\n  max_addresses_per_answer: 32\n",
+            "policy.yaml:5:29: firewall.max_addresses_per_answer (32) is above firewall.set_size (16)",
+        ),
+        (
+            "  per_client: true\n  max_elements_per_client: 8\n",
+            "policy.yaml:5:28: firewall.max_elements_per_client (8) is below firewall.max_addresses_per_answer (32)",
+        ),
+        (
+            "  max_elements_per_client: 70000\n",
+            "policy.yaml:4:28: firewall.max_elements_per_client is 70000, out of range; write a number from 1 to 65536",
+        ),
+    ] {
+        let errs = firewall_errors(section);
+        assert_eq!(errs.len(), 1, "{section}: {errs:#?}");
+        assert!(errs[0].starts_with(expected), "{}", errs[0]);
+    }
+    let e = one_error("limits: {max_inflight: 10, max_inflight_per_client: 11}\n");
+    assert!(
+        e.starts_with(
+            "policy.yaml:4:53: limits.max_inflight_per_client (11) is above limits.max_inflight (10)"
+        ),
+        "{e}"
+    );
+    let e = one_error("limits: {max_inflight_per_client: 0}\n");
+    assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn a_client_share_without_per_client_is_warned_about() {
+    let p = firewall_policy("  max_elements_per_client: 100\n").unwrap();
+    let w = warnings(&p);
+    assert!(
+        w.iter()
+            .any(|w| w
+                .starts_with("policy.yaml:4:28: firewall.max_elements_per_client has no effect")),
+        "{w:#?}"
+    );
+    let p = firewall_policy("  per_client: true\n  max_elements_per_client: 100\n").unwrap();
+    assert!(
+        !warnings(&p)
+            .iter()
+            .any(|w| w.contains("max_elements_per_client")),
+        "{:#?}",
+        warnings(&p)
+    );
+}
+
+#[test]
+fn nat64_prefixes_must_be_ipv6_slash_96() {
+    let e = one_error("nat64_prefixes: [\"2001:db8:64::/64\"]\n");
+    assert!(
+        e.starts_with("policy.yaml:4:18: nat64_prefixes: \"2001:db8:64::/64\" is a /64"),
+        "{e}"
+    );
+    let e = one_error("nat64_prefixes: [\"10.0.0.0/8\"]\n");
+    assert!(e.contains("is an IPv4 network"), "{e}");
+    let e = one_error("nat64_prefixes: [\"2001:db8:64::/96\", \"2001:db8:64::/96\"]\n");
+    assert!(e.contains("listed twice"), "{e}");
+    let p = load("nat64_prefixes: [\"64:ff9b::/96\"]\n");
+    assert!(p.nat64_prefixes.is_empty());
+    assert!(
+        warnings(&p).iter().any(|w| w
+            .starts_with("policy.yaml:4:18: nat64_prefixes: \"64:ff9b::/96\" is the well-known")),
+        "{:#?}",
+        warnings(&p)
+    );
+}
+
+#[test]
+fn table_names_follow_the_one_rule_the_ruleset_uses() {
+    for bad in ["9fw", "_fw", &"a".repeat(33)] {
+        let errs = firewall_errors(&format!("  table: \"{bad}\"\n"));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:#?}");
+        assert!(errs[0].contains("is not a valid table name"), "{}", errs[0]);
+    }
+    let p = firewall_policy(&format!("  table: {}\n", "a".repeat(32))).unwrap();
+    assert_eq!(p.firewall.table.len(), 32);
 }

@@ -15,25 +15,9 @@ use super::model::{
 };
 use crate::policy::{FirewallPolicy, Hook, Policy};
 
-/// Longest table name accepted (the kernel allows 255; a short name keeps logs readable).
-const MAX_TABLE_NAME: usize = 64;
-
-/// Checks that `name` is a plain nft identifier: a letter, then letters, digits or `_`.
-/// Anything else could break (or inject into) the rendered script.
-pub(crate) fn check_table_name(name: &str) -> Result<(), String> {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
-    if !first_ok
-        || name.len() > MAX_TABLE_NAME
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
-        return Err(format!(
-            "firewall.table {name:?} is not a valid table name (a letter, then letters, digits or _, \
-             at most {MAX_TABLE_NAME} characters)"
-        ));
-    }
-    Ok(())
-}
+/// Table names: the policy's one rule, so `check`, `serve` and `ruleset` agree (a plain nft
+/// identifier: anything else could break, or inject into, the rendered script).
+pub(crate) use crate::policy::check_table_name;
 
 /// Truncates host bits and turns an IPv4-mapped prefix (at least /96) into its IPv4 prefix.
 fn normalize_net(net: IpNet) -> IpNet {

@@ -1,0 +1,307 @@
+//! `firewall`: the nftables side (table, hooks, sets and their quotas, inbound ports).
+
+use std::collections::HashMap;
+
+use super::super::diagnostic::{Pos, Report, quote};
+use super::super::lint;
+use super::super::raw::{Node, Value};
+use super::super::read;
+use super::super::{FirewallPolicy, Hook, InboundPort, OnExit, Transport};
+
+const FIREWALL_KEYS: &[&str] = &[
+    "enabled",
+    "table",
+    "hooks",
+    "allow_cidrs",
+    "per_client",
+    "log_denied",
+    "on_exit",
+    "set_size",
+    "mark",
+    "inbound",
+    "max_addresses_per_answer",
+    "max_elements_per_client",
+];
+
+/// The longest nftables table name a policy may use. The kernel takes longer ones, but the
+/// ruleset derives chain and set names from it and prints it for `nft`; 32 keeps all of that
+/// readable and inside every kernel's limits.
+pub(crate) const MAX_TABLE_NAME: usize = 32;
+
+/// The most addresses of one family an answer may have admitted: a DNS message over TCP holds
+/// at most about 4,096 A records, so nothing larger can ever matter.
+pub(crate) const MAX_ADDRESSES_PER_ANSWER: u64 = 4096;
+
+/// The one rule for table names, used by `check`, `serve` and `ruleset` alike: a letter, then
+/// letters, digits or `_`, at most [`MAX_TABLE_NAME`] characters (what `nft` accepts unquoted).
+pub(crate) fn check_table_name(name: &str) -> Result<(), String> {
+    let starts_with_letter = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic());
+    let ok = starts_with_letter
+        && name.len() <= MAX_TABLE_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "firewall.table {} is not a valid table name; use a letter, then letters, digits \
+             or \"_\", at most {MAX_TABLE_NAME} characters, such as \"dnsfence\"",
+            quote(name)
+        ))
+    }
+}
+
+pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
+    let mut fw = FirewallPolicy::default();
+    let Some(f) = node.and_then(|n| read::fields(r, n, "firewall", FIREWALL_KEYS)) else {
+        return fw;
+    };
+    if let Some(b) = f
+        .get("enabled")
+        .and_then(|n| read::boolean(r, n, "firewall.enabled"))
+    {
+        fw.enabled = b;
+    }
+    if let Some(node) = f.get("table")
+        && let Some(t) = read::text(r, node, "firewall.table")
+    {
+        match check_table_name(t) {
+            Ok(()) => fw.table = t.to_owned(),
+            Err(e) => r.error(node.pos, e),
+        }
+    }
+    if let Some(node) = f.get("hooks") {
+        fw.hooks = hooks(r, node);
+    }
+    if let Some(node) = f.get("allow_cidrs") {
+        let nets = read::cidrs(r, node, "firewall.allow_cidrs");
+        for (pos, net) in &nets {
+            if lint::is_everything(net) {
+                r.warn(
+                    *pos,
+                    format!(
+                        "firewall.allow_cidrs \"{net}\" admits every destination, so the \
+                         firewall contains nothing; list the networks you need"
+                    ),
+                );
+            }
+        }
+        fw.allow_cidrs = nets.into_iter().map(|(_, n)| n).collect();
+    }
+    if let Some(b) = f
+        .get("per_client")
+        .and_then(|n| read::boolean(r, n, "firewall.per_client"))
+    {
+        fw.per_client = b;
+    }
+    if let Some(b) = f
+        .get("log_denied")
+        .and_then(|n| read::boolean(r, n, "firewall.log_denied"))
+    {
+        fw.log_denied = b;
+    }
+    if let Some(v) = f.get("on_exit").and_then(|n| {
+        read::choice(
+            r,
+            n,
+            "firewall.on_exit",
+            &[("keep", OnExit::Keep), ("remove", OnExit::Remove)],
+        )
+    }) {
+        fw.on_exit = v;
+    }
+    if let Some(n) = f
+        .get("set_size")
+        .and_then(|n| read::integer(r, n, "firewall.set_size", 1, u64::from(u32::MAX)))
+    {
+        fw.set_size = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    if let Some(node) = f.get("mark")
+        && let Some(m) = mark(r, node)
+    {
+        fw.mark = m;
+    }
+    if let Some(node) = f.get("inbound") {
+        fw.inbound = inbound(r, node);
+    }
+    let set_size = u64::from(fw.set_size);
+    let per_answer_node = f.get("max_addresses_per_answer");
+    if let Some(node) = per_answer_node
+        && let Some(n) = read::integer(
+            r,
+            node,
+            "firewall.max_addresses_per_answer",
+            1,
+            MAX_ADDRESSES_PER_ANSWER,
+        )
+    {
+        if n > set_size {
+            r.error(
+                node.pos,
+                format!(
+                    "firewall.max_addresses_per_answer ({n}) is above firewall.set_size \
+                     ({set_size}), so one answer could fill a whole set; write at most {set_size}"
+                ),
+            );
+        } else {
+            fw.max_addresses_per_answer = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+    }
+    fw.max_addresses_per_answer = fw.max_addresses_per_answer.min(fw.set_size);
+    fw.max_elements_per_client =
+        FirewallPolicy::default_elements_per_client(fw.set_size, fw.max_addresses_per_answer);
+    if let Some(node) = f.get("max_elements_per_client")
+        && let Some(n) = read::integer(r, node, "firewall.max_elements_per_client", 1, set_size)
+    {
+        let per_answer = u64::from(fw.max_addresses_per_answer);
+        if n < per_answer {
+            r.error(
+                node.pos,
+                format!(
+                    "firewall.max_elements_per_client ({n}) is below \
+                     firewall.max_addresses_per_answer ({per_answer}), so one answer could \
+                     not be admitted whole; write at least {per_answer}"
+                ),
+            );
+        } else {
+            fw.max_elements_per_client = u32::try_from(n).unwrap_or(u32::MAX);
+            if !fw.per_client {
+                r.warn(
+                    node.pos,
+                    "firewall.max_elements_per_client has no effect without per_client: true \
+                     (the allow sets are shared by every client); remove it or set per_client: true",
+                );
+            }
+        }
+    }
+    fw
+}
+
+/// `firewall.inbound`: ports outside hosts may open connections to, as `"8080/tcp"`.
+fn inbound(r: &mut Report, node: &Node) -> Vec<InboundPort> {
+    let what = "firewall.inbound";
+    let Some(items) = read::list(r, node, what) else {
+        return Vec::new();
+    };
+    let mut ports = Vec::new();
+    let mut seen: HashMap<InboundPort, Pos> = HashMap::new();
+    for item in items {
+        let Some(text) = read::text(r, item, "a firewall.inbound entry") else {
+            continue;
+        };
+        let Some(port) = parse_inbound(text) else {
+            r.error(
+                item.pos,
+                format!(
+                    "{what} entry {} is not a port; write a port from 1 to 65535 and its \
+                     protocol, such as \"8080/tcp\" or \"5000/udp\"",
+                    quote(text)
+                ),
+            );
+            continue;
+        };
+        if let Some(first) = seen.insert(port, item.pos) {
+            r.error(
+                item.pos,
+                format!(
+                    "{what}: {} is listed twice (also on line {}); remove one",
+                    quote(text),
+                    first.line
+                ),
+            );
+        } else {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+fn parse_inbound(text: &str) -> Option<InboundPort> {
+    let (port, proto) = text.split_once('/')?;
+    let transport = match proto {
+        "tcp" => Transport::Tcp,
+        "udp" => Transport::Udp,
+        _ => return None,
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.starts_with('0') {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    Some(InboundPort { port, transport })
+}
+
+fn hooks(r: &mut Report, node: &Node) -> Vec<Hook> {
+    let default = FirewallPolicy::default().hooks;
+    let Some(items) = read::list(r, node, "firewall.hooks") else {
+        return default;
+    };
+    if items.is_empty() {
+        r.error(
+            node.pos,
+            "firewall.hooks is empty, so nothing would be filtered; write [output], [forward] \
+             or [output, forward]",
+        );
+        return default;
+    }
+    let mut hooks = Vec::new();
+    let mut seen: HashMap<&'static str, Pos> = HashMap::new();
+    for item in items {
+        let Some(hook) = read::choice(
+            r,
+            item,
+            "a firewall hook",
+            &[("output", Hook::Output), ("forward", Hook::Forward)],
+        ) else {
+            continue;
+        };
+        let word = match hook {
+            Hook::Output => "output",
+            Hook::Forward => "forward",
+        };
+        if let Some(first) = seen.insert(word, item.pos) {
+            r.error(
+                item.pos,
+                format!(
+                    "firewall hook {word} is listed twice (also on line {}); remove one",
+                    first.line
+                ),
+            );
+        } else {
+            hooks.push(hook);
+        }
+    }
+    hooks
+}
+
+/// The socket mark: a YAML integer (`0x0d5f`, `3423`) or a string (`"0x0d5f"`), nonzero.
+fn mark(r: &mut Report, node: &Node) -> Option<u32> {
+    let hint = "write a nonzero 32-bit number such as 0x0d5f";
+    let value: Option<u64> = match &node.value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::Str(s) => {
+            let t = s.trim();
+            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => t.parse().ok(),
+            }
+        }
+        _ => None,
+    };
+    match value.and_then(|v| u32::try_from(v).ok()) {
+        Some(0) => {
+            r.error(
+                node.pos,
+                format!("firewall.mark is 0, which means \"no mark\" and cannot tell dnsfence's own queries apart; {hint}"),
+            );
+            None
+        }
+        Some(m) => Some(m),
+        None => {
+            let found = match &node.value {
+                Value::Str(s) => quote(s),
+                other => other.kind().to_owned(),
+            };
+            r.error(node.pos, format!("firewall.mark cannot be {found}; {hint}"));
+            None
+        }
+    }
+}
