@@ -157,6 +157,7 @@ fn ruleset_prints_a_script_nft_accepts() {
     if !require_root("ruleset_prints_a_script_nft_accepts") {
         return;
     }
+    common::require_tool("nft");
     let mut child = Command::new("nft")
         .args(["-c", "-f", "-"])
         .stdin(std::process::Stdio::piped())

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-use common::{addresses, query, require_root};
+use common::{addresses, query, require_root, require_tool};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
@@ -146,6 +146,8 @@ fn as_nobody(lab: &Lab, limit: Duration, argv: &[&str]) -> (i32, String) {
         "--regid=65534",
         "--clear-groups",
     ];
+    // `exec` checks setpriv; the program under it is checked here.
+    require_tool(argv[0]);
     all.extend_from_slice(argv);
     let out = lab.gw.exec(limit, &all);
     (
@@ -277,10 +279,12 @@ fn harness_topology_routes_agents_and_the_gateway_to_every_internet_address_and_
         .collect();
     drop(stream);
     drop(lab);
+    require_tool("ip");
     let listed = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
         .unwrap();
+    assert!(listed.status.success(), "ip netns list: {listed:?}");
     let listed = String::from_utf8_lossy(&listed.stdout);
     for name in &names {
         assert!(
@@ -1168,13 +1172,25 @@ fn upstream_queries_from_the_resolver_pass_but_reused_ports_do_not() {
 // Ways around the firewall (hardening)
 // =============================================================================================
 
-/// `ping -c 1` from `ns` to `target`, waiting one second: true when a reply came back.
+/// `ping -c 1` from `ns` to `target`, waiting one second: true when a reply came back, false
+/// when ping ran and got none (its exit code 1). Anything else (ping missing or broken, exit
+/// 2, killed by `timeout`) fails the test: "no reply" must mean the packet was dropped.
 fn pings(ns: &Netns, target: &str) -> bool {
     let out = ns.exec(
         Duration::from_secs(3),
         &["ping", "-n", "-c", "1", "-W", "1", target],
     );
-    out.status.success()
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "ping {target} in {} did not run: {:?}\n{}{}",
+            ns.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
 }
 
 #[test]

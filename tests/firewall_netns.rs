@@ -21,6 +21,10 @@ use dnsfence::policy::{
 use nix::sched::CloneFlags;
 use serde_json::Value;
 
+#[path = "common/tools.rs"]
+mod tools;
+use tools::require_tool;
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -32,39 +36,24 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
 /// A network namespace that is deleted when dropped (even when the test panics).
 struct Netns {
     name: String,
 }
 
 impl Netns {
-    /// `None` (test skipped) without root, `ip` or `nft`; panics instead when `CI` is set.
+    /// `None` (test skipped) without root, panicking instead when `CI` is set. Panics without
+    /// `ip` or `nft`, naming the package (a missing tool is never a reason to skip).
     fn new(tag: &str) -> Option<Netns> {
-        let missing = if !is_root() {
-            Some("root")
-        } else if !have("ip") {
-            Some("the ip tool")
-        } else if !have("nft") {
-            Some("the nft tool")
-        } else {
-            None
-        };
-        if let Some(what) = missing {
+        if !is_root() {
             if std::env::var_os("CI").is_some() {
-                panic!("{tag}: this test needs {what} and CI is set: failing instead of skipping");
+                panic!("{tag}: this test needs root and CI is set: failing instead of skipping");
             }
-            eprintln!("SKIPPED {tag}: needs {what}");
+            eprintln!("SKIPPED {tag}: needs root");
             return None;
         }
+        require_tool("ip");
+        require_tool("nft");
         let name = format!("dnsf-{tag}-{}", std::process::id());
         let ns = Netns { name };
         sh("ip", &["netns", "add", &ns.name]);
@@ -86,12 +75,14 @@ impl Netns {
     }
 
     fn exec(&self, cmd: &[&str]) -> String {
+        require_tool(cmd[0]);
         let mut args = vec!["netns", "exec", &self.name];
         args.extend_from_slice(cmd);
         sh("ip", &args)
     }
 
     fn try_exec_stdin(&self, cmd: &[&str], input: &str) -> Result<String, String> {
+        require_tool(cmd[0]);
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(cmd)
@@ -175,6 +166,7 @@ impl Drop for Netns {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
+    require_tool(cmd);
     let out = Command::new(cmd).args(args).output().expect("spawn");
     assert!(
         out.status.success(),
@@ -995,13 +987,14 @@ fn missing_privilege_is_reported() {
         }
         return;
     }
-    if !is_root() || !have("setpriv") {
+    if !is_root() {
         if std::env::var_os("CI").is_some() {
-            panic!("missing_privilege_is_reported needs root and setpriv, and CI is set");
+            panic!("missing_privilege_is_reported needs root, and CI is set");
         }
-        eprintln!("SKIPPED missing_privilege_is_reported: needs root and setpriv");
+        eprintln!("SKIPPED missing_privilege_is_reported: needs root");
         return;
     }
+    require_tool("setpriv");
     let exe = std::env::current_exe().expect("current exe");
     let out = Command::new("setpriv")
         .args([

@@ -436,6 +436,11 @@ mod tests {
     }
 }
 
+// The integration tests' tool check (std only), so that a missing `ip` fails naming its package.
+#[cfg(test)]
+#[path = "../../tests/common/tools.rs"]
+mod test_tools;
+
 /// Network namespaces for the tests that need the kernel (root). Without root they skip with a
 /// message, unless `CI` is set: then they fail.
 #[cfg(test)]
@@ -448,6 +453,7 @@ pub(crate) mod testns {
 
     use nix::sched::CloneFlags;
 
+    use super::test_tools as tools;
     use crate::policy::{
         DenyWith, FirewallPolicy, Group, Hook, LogTarget, OnExit, Policy, RuleSet, TtlPolicy,
     };
@@ -477,6 +483,7 @@ pub(crate) mod testns {
                 eprintln!("SKIPPED {tag}: needs root");
                 return None;
             }
+            tools::require_tool("ip");
             let name = format!("dnsf-u{tag}-{}", std::process::id());
             let ok = Command::new("ip")
                 .args(["netns", "add", &name])

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod netns;
+pub mod tools;
 pub mod upstream;
 pub mod wire;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 
+pub use tools::require_tool;
 pub use upstream::{Behaviour, Upstream, name};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dnsfence");
@@ -147,9 +149,9 @@ impl Dnsfence {
     }
 
     pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        // A signal, not `kill(1)`: one program fewer for a fresh machine to miss.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
     }
 }

@@ -37,6 +37,7 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
 use nix::sched::CloneFlags;
 
+use super::tools::require_tool;
 use super::upstream::Upstream;
 use super::{BIN, query, read_log};
 
@@ -117,6 +118,8 @@ impl Netns {
 
     /// A command run as `ip netns exec <name> <program>`.
     pub fn command(&self, program: &str) -> Command {
+        require_tool("ip");
+        require_tool(program);
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name, program]);
         command
@@ -126,6 +129,9 @@ impl Netns {
     pub fn exec(&self, limit: Duration, argv: &[&str]) -> Output {
         let secs = format!("{:.1}", limit.as_secs_f64());
         let mut command = self.command("timeout");
+        if let Some(program) = argv.first() {
+            require_tool(program);
+        }
         command.args(["-k", "1", &secs]).args(argv);
         command.stdin(Stdio::null());
         command
@@ -167,6 +173,7 @@ fn enter(path: &Path) {
 
 /// Runs a host command that must succeed.
 fn sh(program: &str, args: &[&str]) {
+    require_tool(program);
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -725,6 +732,11 @@ impl Lab {
     /// test (letters, digits, `_`), used in the nftables table name.
     pub fn new(tag: &str) -> Lab {
         static SEQ: AtomicU32 = AtomicU32::new(0);
+        // Every lab runs these; checked first so a missing one fails with its package before
+        // anything is built.
+        for program in ["ip", "nft", "timeout"] {
+            require_tool(program);
+        }
         sweep_stale();
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let base = format!("{PREFIX}{}-{seq}-", std::process::id());
