@@ -247,8 +247,13 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
     let (log, writer) = QueryLog::open(&policy.log)
         .map_err(|error| format!("cannot open the query log: {error}"))?;
     let result = runtime.block_on(async {
-        let upstreams = Upstreams::new(&policy.upstreams, policy.upstream_timeout, mark)
-            .map_err(|error| format!("upstreams: {error}"))?;
+        let upstreams = Upstreams::new(
+            &policy.upstreams,
+            policy.upstream_timeout,
+            policy.upstream_options.order,
+            mark,
+        )
+        .map_err(|error| format!("upstreams: {error}"))?;
         let admitter = firewall.as_ref().map(Firewall::admitter);
         let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
         tracing::info!(policy = %path.display(), "dnsfence starting");

@@ -194,6 +194,7 @@ fn policy(table: &str, hooks: Vec<Hook>, per_client: bool) -> Policy {
             sa("127.0.0.1:5300"),
         ],
         upstream_timeout: Duration::from_secs(2),
+        upstream_options: Default::default(),
         deny_answers: vec![],
         nat64_prefixes: vec![],
         cname: dnsfence::policy::CnameMode::Follow,

@@ -258,3 +258,132 @@ fn many_clients_asking_one_uncached_name_cause_one_upstream_query() {
     assert_eq!(queries, 1);
     assert_eq!(fence.log(200).len(), 200, "every client has its log line");
 }
+
+/// A policy with `upstreams` in this order, `*.allowed.test` allowed without a name budget.
+fn policy_for(upstreams: &[&Upstream], extra: &str) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [{}]\nupstream_timeout: 2s\n\
+         allow: [\"*.allowed.test\"]\nfirewall: {{enabled: false}}\n\
+         limits: {{client_qps: 0}}\nexfiltration: {{wildcard_names_per_minute: 0}}\n{extra}",
+        list.join(", ")
+    )
+}
+
+/// The upstream a query's log line names.
+fn answered_by(fence: &Dnsfence, qname: &str) -> String {
+    let want = fqdn(qname);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = read_log(&fence.log_path);
+        if let Some(line) = log.iter().find(|l| l["qname"] == want.as_str()) {
+            return line["upstream"].as_str().unwrap_or("").to_owned();
+        }
+        assert!(Instant::now() < until, "no log line for {qname}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `[dead, alive]`: the first query finds out (answered by the live one within its budget),
+/// the next 20 are answered at the live one's speed without waiting for the dead one, and when
+/// the dead one comes back (probed in the background) it is used again, being the faster.
+#[test]
+fn a_dead_upstream_is_skipped_after_one_failure_and_used_again_when_it_comes_back() {
+    let dead = Upstream::start();
+    let alive = Upstream::start();
+    for i in 0..200 {
+        dead.a(&format!("n{i}.allowed.test"), "198.51.100.1", 300);
+        alive.a(&format!("n{i}.allowed.test"), "198.51.100.2", 300);
+    }
+    dead.set_behaviour(Behaviour::Silent);
+    alive.set_behaviour(Behaviour::Slow(20));
+    let fence = Dnsfence::start(&policy_for(&[&dead, &alive], ""));
+
+    let started = Instant::now();
+    let first = fence.udp("n0.allowed.test", RecordType::A);
+    let took = started.elapsed();
+    assert_eq!(addresses(&first), ["198.51.100.2"], "{:?}", fence.log(1));
+    assert!(
+        took < Duration::from_millis(1500),
+        "first query took {took:?}"
+    );
+    assert_eq!(
+        answered_by(&fence, "n0.allowed.test"),
+        alive.addr.to_string()
+    );
+    let dead_queries = dead.seen().len();
+
+    let mut slowest = Duration::ZERO;
+    for i in 1..=20 {
+        let name = format!("n{i}.allowed.test");
+        let started = Instant::now();
+        let reply = fence.udp(&name, RecordType::A);
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(addresses(&reply), ["198.51.100.2"], "{name}");
+        assert_eq!(answered_by(&fence, &name), alive.addr.to_string());
+    }
+    eprintln!(
+        "first query {took:?}; next 20: slowest {slowest:?}; the dead upstream saw {} queries \
+         meanwhile (background probes)",
+        dead.seen().len() - dead_queries
+    );
+    assert!(slowest < Duration::from_millis(100), "slowest {slowest:?}");
+
+    // It comes back: a background probe finds out, and being faster it gets the queries.
+    dead.set_behaviour(Behaviour::Normal);
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut i = 21;
+    let back_after = loop {
+        let name = format!("n{i}.allowed.test");
+        let reply = fence.udp(&name, RecordType::A);
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+        if answered_by(&fence, &name) == dead.addr.to_string() {
+            break i - 21;
+        }
+        assert!(
+            Instant::now() < until,
+            "the upstream that came back is never used"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        i += 1;
+    };
+    eprintln!("used again after {back_after} more queries");
+}
+
+/// `upstream_order: strict` keeps to the policy's order while the first upstream works;
+/// `fastest` (the default) moves to the faster one.
+#[test]
+fn upstream_order_strict_keeps_the_policy_order_and_fastest_moves_to_the_faster() {
+    for (order, extra) in [("strict", "upstream_order: strict\n"), ("fastest", "")] {
+        let slow = Upstream::start();
+        let fast = Upstream::start();
+        for i in 0..10 {
+            slow.a(&format!("n{i}.allowed.test"), "198.51.100.1", 300);
+            fast.a(&format!("n{i}.allowed.test"), "198.51.100.2", 300);
+        }
+        slow.set_behaviour(Behaviour::Slow(40));
+        let fence = Dnsfence::start(&policy_for(&[&slow, &fast], extra));
+        let mut by_fast = 0;
+        for i in 0..10 {
+            let name = format!("n{i}.allowed.test");
+            let reply = fence.udp(&name, RecordType::A);
+            assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+            if answered_by(&fence, &name) == fast.addr.to_string() {
+                by_fast += 1;
+            }
+        }
+        eprintln!("{order}: {by_fast} of 10 answered by the faster second upstream");
+        if order == "strict" {
+            assert_eq!(by_fast, 0, "strict order");
+        } else {
+            assert!(by_fast >= 8, "fastest: {by_fast} of 10");
+        }
+    }
+}

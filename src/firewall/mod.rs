@@ -526,6 +526,7 @@ pub(crate) mod testns {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 53))],
             upstreams: vec![SocketAddr::from(([192, 0, 2, 53], 53))],
             upstream_timeout: Duration::from_secs(2),
+            upstream_options: Default::default(),
             deny_answers: vec![],
             nat64_prefixes: vec![],
             cname: crate::policy::CnameMode::Follow,

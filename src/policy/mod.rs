@@ -49,6 +49,8 @@ pub struct Policy {
     pub upstreams: Vec<SocketAddr>,
     /// How long one query may wait for the upstreams in all before the client gets SERVFAIL.
     pub upstream_timeout: Duration,
+    /// How the upstreams are chosen and reached.
+    pub upstream_options: UpstreamOptions,
     /// What a denied query is answered with.
     pub deny_with: DenyWith,
     /// Query types that may be forwarded for allowed names.
@@ -157,6 +159,23 @@ impl Policy {
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
         std::iter::once(&self.default_group).chain(self.clients.iter())
     }
+}
+
+/// How the upstreams are chosen and reached, beyond their addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamOptions {
+    /// `upstream_order`.
+    pub order: UpstreamOrder,
+}
+
+/// Which upstream a question goes to first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamOrder {
+    /// The upstream that is up and has answered fastest lately.
+    #[default]
+    Fastest,
+    /// The first upstream in the policy's order that is up.
+    Strict,
 }
 
 /// How CNAME chains in answers are judged.

@@ -5,7 +5,7 @@
 //! the caller discards the result if anything was reported as an error.
 //!
 //! One file per section of the policy, each owning its keys, their bounds and their checks:
-//! - `endpoints`: `listen`, `upstreams`, `upstream_timeout`;
+//! - `endpoints`: `listen`, `upstreams`, `upstream_timeout`, `upstream_order`;
 //! - `queries`: `deny_with`, `qtypes`, `cname`, `https_hints` (how a query is answered);
 //! - `answer_addresses`: `deny_answers`, `nat64_prefixes` (which answer addresses are refused);
 //! - `groups`: `allow`, `allow_answers`, `clients` (the allowlists);
@@ -38,6 +38,7 @@ const TOP_KEYS: &[&str] = &[
     "listen",
     "upstreams",
     "upstream_timeout",
+    "upstream_order",
     "deny_with",
     "allow",
     "allow_answers",
@@ -106,6 +107,7 @@ pub(crate) fn build(root: &Node, source: &Path, r: &mut Report) -> Option<Policy
         listen: endpoints.listen,
         upstreams: endpoints.upstreams,
         upstream_timeout: endpoints.upstream_timeout,
+        upstream_options: endpoints.upstream_options,
         deny_with,
         qtypes,
         default_group: default_group.group,

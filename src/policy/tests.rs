@@ -107,6 +107,7 @@ fn research_agent_policy_reaches_the_model_server_by_name_and_address() {
 fn minimal_policy_gets_the_documented_defaults() {
     let p = parse("listen: [\"127.0.0.1:53\"]\nupstreams: [\"10.0.0.53:53\"]\n").unwrap();
     assert_eq!(p.upstream_timeout, Duration::from_secs(2));
+    assert_eq!(p.upstream_options.order, UpstreamOrder::Fastest);
     assert_eq!(p.deny_with, DenyWith::NxDomain);
     assert_eq!(
         p.qtypes,
@@ -144,6 +145,7 @@ fn minimal_policy_gets_the_documented_defaults() {
 fn every_key_is_read() {
     let p = load(
         "upstream_timeout: 500ms
+upstream_order: strict
 deny_with: refused
 allow: [a.example.com]
 allow_answers: [\"10.1.0.0/16\"]
@@ -158,6 +160,7 @@ exfiltration: {max_name_length: 253, max_label_length: 63, wildcard_names_per_mi
 ",
     );
     assert_eq!(p.upstream_timeout, Duration::from_millis(500));
+    assert_eq!(p.upstream_options.order, UpstreamOrder::Strict);
     assert_eq!(p.deny_with, DenyWith::Refused);
     assert_eq!(p.default_group.allow_answers, [net("10.1.0.0/16")]);
     assert_eq!(p.qtypes, [RecordType::A, RecordType::TXT]);
@@ -448,7 +451,7 @@ fn unknown_keys_name_the_allowed_keys() {
     assert_eq!(errs.len(), 2, "{errs:#?}");
     assert_eq!(
         errs[0],
-        "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, nat64_prefixes, cname, https_hints, limits, exfiltration, firewall"
+        "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, upstream_order, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, nat64_prefixes, cname, https_hints, limits, exfiltration, firewall"
     );
     assert!(errs[1].starts_with(
         "policy.yaml:5:1: unknown key \"bogus\" in the policy; the keys are: listen,"

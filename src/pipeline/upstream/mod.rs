@@ -10,9 +10,9 @@
 //! ```
 //!
 //! Every query is a fresh message built here ([`wire`]): the upstream never sees the client's
-//! ID, bytes, EDNS options (client subnet, cookies) or letter case, only dnsfence's. The
-//! upstreams are tried in the policy's order, each within its share of `upstream_timeout`, so
-//! the log can name the one that answered.
+//! ID, bytes, EDNS options (client subnet, cookies) or letter case, only dnsfence's. Which
+//! upstream is asked first, and when the next one is brought in, is [`health`]'s business; the
+//! log names the one that answered.
 //!
 //! Identical questions in flight at the same time are asked once: the first asker runs the
 //! query, the others wait for its outcome (each client still gets its own reply, admission and
@@ -21,36 +21,40 @@
 //!
 //! Every socket to an upstream carries the policy's firewall mark ([`socket`]).
 //!
-//! The modules form a tree without cycles: `answer` and `wire` are leaves, `socket` is a leaf,
+//! The modules form a tree without cycles: `answer`, `wire`, `socket` and `health` are leaves,
 //! `cache` knows `answer`, `udp` knows `wire` and `socket`, `tcp` knows `answer` and `socket`,
 //! and this facade knows them all.
 
 mod answer;
 pub mod cache;
+mod health;
 mod socket;
 mod tcp;
 mod udp;
 mod wire;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use hickory_resolver::net::NetError;
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 pub use answer::{UpstreamAnswer, UpstreamFailure};
 use cache::AnswerCache;
+use health::Health;
 use tcp::TcpClient;
 use udp::UdpOutcome;
 use wire::OutgoingQuery;
 
-/// How long the first UDP attempt waits before the question is sent again; each next attempt
-/// waits twice as long.
-const FIRST_RETRANSMIT: Duration = Duration::from_millis(400);
+use crate::policy::UpstreamOrder as Order;
 
 /// Fewer source ports than this and the port adds too little to the ID (RFC 5452 asks for as
 /// large a range as practicable).
@@ -68,16 +72,34 @@ struct Flight {
 struct Server {
     addr: SocketAddr,
     tcp: TcpClient,
+    health: Arc<Health>,
 }
 
-/// The ordered set of trusted resolvers and the answer cache in front of them.
+/// The trusted resolvers, what is known of their health, and the answer cache in front.
 pub struct Upstreams {
     servers: Vec<Server>,
+    order: Order,
     mark: u32,
     cache: AnswerCache,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
-    per_upstream: Duration,
     total_timeout: Duration,
+}
+
+/// Why one upstream gave no answer to one question.
+struct AttemptError {
+    reason: String,
+}
+
+type AttemptFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<UpstreamAnswer, AttemptError>> + Send + 'a>>;
+
+/// A question under way at one upstream.
+struct Attempt<'a> {
+    server: usize,
+    started: Instant,
+    rto: Duration,
+    /// None once it has ended.
+    future: Option<AttemptFuture<'a>>,
 }
 
 impl Upstreams {
@@ -86,16 +108,15 @@ impl Upstreams {
     pub fn new(
         upstreams: &[SocketAddr],
         total_timeout: Duration,
+        order: Order,
         mark: u32,
     ) -> Result<Upstreams, NetError> {
-        // Leave every upstream a fair share of the total, so the last one is still tried.
-        let count = u32::try_from(upstreams.len().max(1)).unwrap_or(u32::MAX);
-        let per_upstream = (total_timeout / count).max(Duration::from_millis(50));
         let mut servers = Vec::with_capacity(upstreams.len());
         for &addr in upstreams {
             servers.push(Server {
                 addr,
-                tcp: TcpClient::new(addr, per_upstream, mark)?,
+                tcp: TcpClient::new(addr, total_timeout, mark)?,
+                health: Arc::default(),
             });
         }
         if let Some((low, high)) = socket::local_port_range()
@@ -111,10 +132,10 @@ impl Upstreams {
         }
         Ok(Upstreams {
             servers,
+            order,
             mark,
             cache: AnswerCache::default(),
             flights: Mutex::default(),
-            per_upstream,
             total_timeout,
         })
     }
@@ -126,7 +147,7 @@ impl Upstreams {
         name: &Name,
         qtype: RecordType,
     ) -> Result<UpstreamAnswer, UpstreamFailure> {
-        if let Some(hit) = self.cache.get(name, qtype, Instant::now()) {
+        if let Some(hit) = self.cache.get(name, qtype, std::time::Instant::now()) {
             return Ok(hit);
         }
         let seat = self.board(name, qtype);
@@ -156,73 +177,190 @@ impl Upstreams {
         }
     }
 
-    /// Asks the upstreams in order, each within its share, all within the total timeout.
+    /// Asks the upstreams, best first. Each one not answering within its retransmission
+    /// timeout (or failing) brings the next one in, while the earlier ones stay asked: the
+    /// first answer from any of them wins, until the total timeout.
     async fn ask(&self, name: &Name, qtype: RecordType) -> Result<UpstreamAnswer, UpstreamFailure> {
         // A flight that just landed may have left its answer in the cache.
-        if let Some(hit) = self.cache.get(name, qtype, Instant::now()) {
+        if let Some(hit) = self.cache.get(name, qtype, std::time::Instant::now()) {
             return Ok(hit);
         }
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let deadline = started + self.total_timeout;
         let question = OutgoingQuery::new(name, qtype);
-        let mut last = UpstreamFailure {
-            upstream: None,
-            reason: "no upstream configured".to_owned(),
-        };
-        for server in &self.servers {
-            let now = tokio::time::Instant::now();
+        let healths: Vec<&Health> = self.servers.iter().map(|s| &*s.health).collect();
+        let (order, probes) = health::plan(&healths, self.order, started);
+        for index in probes {
+            self.probe(index, &question, deadline);
+        }
+        let mut last: Option<UpstreamFailure> = None;
+        let mut attempts: Vec<Attempt<'_>> = Vec::with_capacity(order.len());
+        let mut waiting = order.iter().copied();
+        let mut bring_next_at = started;
+        let outcome = loop {
+            let now = Instant::now();
             if now >= deadline {
-                break;
+                break None;
             }
-            let share_ends = (now + self.per_upstream).min(deadline);
-            let outcome = match tokio::time::timeout_at(
-                share_ends,
-                self.ask_server(server, name, qtype, &question, share_ends),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_elapsed) => Err(format!(
-                    "{} did not answer within {} ms",
-                    server.addr,
-                    self.per_upstream.as_millis()
-                )),
-            };
-            match outcome {
-                Ok(answer) => {
-                    self.cache.put(name, qtype, &answer, Instant::now());
-                    return Ok(answer);
-                }
-                Err(reason) => {
-                    last = UpstreamFailure {
-                        upstream: Some(server.addr),
-                        reason,
+            let running = attempts.iter().any(|a| a.future.is_some());
+            if now >= bring_next_at || !running {
+                if let Some(index) = waiting.next() {
+                    let Some(server) = self.servers.get(index) else {
+                        continue;
                     };
+                    let rto = server.health.rto();
+                    attempts.push(Attempt {
+                        server: index,
+                        started: now,
+                        rto,
+                        future: Some(Box::pin(
+                            self.attempt(server, name, qtype, &question, rto, deadline),
+                        )),
+                    });
+                    bring_next_at = now + rto;
+                    continue;
                 }
+                if !running {
+                    break None;
+                }
+                bring_next_at = deadline;
+            }
+            tokio::select! {
+                (index, result) = next_outcome(&mut attempts) => match result {
+                    Ok(answer) => break Some(answer),
+                    Err(error) => {
+                        // No use waiting: bring the next upstream in now.
+                        bring_next_at = Instant::now();
+                        last = Some(UpstreamFailure {
+                            upstream: self.servers.get(index).map(|s| s.addr),
+                            reason: error.reason,
+                        });
+                    }
+                },
+                () = tokio::time::sleep_until(bring_next_at.min(deadline)) => {}
+            }
+        };
+        // Upstreams asked long enough to have answered, and cut short: they timed out.
+        let now = Instant::now();
+        for attempt in attempts.iter().filter(|a| a.future.is_some()) {
+            if now.duration_since(attempt.started) >= attempt.rto
+                && let Some(server) = self.servers.get(attempt.server)
+            {
+                server.health.failed(now);
+                last.get_or_insert_with(|| UpstreamFailure {
+                    upstream: Some(server.addr),
+                    reason: format!("{} did not answer in time", server.addr),
+                });
             }
         }
-        Err(last)
+        match outcome {
+            Some(answer) => {
+                self.cache
+                    .put(name, qtype, &answer, std::time::Instant::now());
+                Ok(answer)
+            }
+            None => Err(last.unwrap_or_else(|| UpstreamFailure {
+                upstream: None,
+                reason: if self.servers.is_empty() {
+                    "no upstream configured".to_owned()
+                } else {
+                    format!(
+                        "no answer from the upstreams within {} ms",
+                        self.total_timeout.as_millis()
+                    )
+                },
+            })),
+        }
     }
 
-    /// One upstream's definitive answer (records, NXDOMAIN or NODATA), or why there is none.
-    async fn ask_server(
+    /// One upstream's definitive answer (records, NXDOMAIN or NODATA), or why there is none;
+    /// what it shows of the upstream's health is recorded.
+    async fn attempt(
         &self,
         server: &Server,
         name: &Name,
         qtype: RecordType,
         question: &OutgoingQuery,
-        deadline: tokio::time::Instant,
-    ) -> Result<UpstreamAnswer, String> {
-        let message =
-            match udp::ask(server.addr, self.mark, question, FIRST_RETRANSMIT, deadline).await {
-                UdpOutcome::Reply(message) => message,
-                UdpOutcome::Failed(reason) => return Err(reason),
-            };
-        if message.metadata.truncation {
-            return server.tcp.query(name, qtype).await;
+        rto: Duration,
+        deadline: Instant,
+    ) -> Result<UpstreamAnswer, AttemptError> {
+        let started = Instant::now();
+        let message = match udp::ask(server.addr, self.mark, question, rto, deadline).await {
+            UdpOutcome::Reply(message) => message,
+            UdpOutcome::TimedOut(reason) | UdpOutcome::Failed(reason) => {
+                server.health.failed(Instant::now());
+                return Err(AttemptError { reason });
+            }
+        };
+        let rcode = message.metadata.response_code;
+        if upstream_wide_failure(rcode) {
+            server.health.failed(Instant::now());
+        } else {
+            server.health.answered(started.elapsed());
         }
-        definitive(server.addr, message)
+        if message.metadata.truncation && rcode == ResponseCode::NoError {
+            return match tokio::time::timeout_at(deadline, server.tcp.query(name, qtype)).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(reason)) => Err(AttemptError { reason }),
+                Err(_elapsed) => Err(AttemptError {
+                    reason: format!("{} did not answer over TCP in time", server.addr),
+                }),
+            };
+        }
+        definitive(server.addr, message).map_err(|reason| AttemptError { reason })
     }
+
+    /// Copies the question to an upstream that is down, in the background, to learn whether
+    /// it is back; its answer only updates the upstream's health.
+    fn probe(&self, index: usize, question: &OutgoingQuery, deadline: Instant) {
+        let Some(server) = self.servers.get(index) else {
+            return;
+        };
+        let (addr, mark, health, question) = (
+            server.addr,
+            self.mark,
+            server.health.clone(),
+            question.clone(),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match udp::ask(addr, mark, &question, health::MAX_RTO, deadline).await {
+                UdpOutcome::Reply(message)
+                    if !upstream_wide_failure(message.metadata.response_code) =>
+                {
+                    tracing::info!(upstream = %addr, "upstream answers again");
+                    health.answered(started.elapsed());
+                }
+                _ => health.failed(Instant::now()),
+            }
+        });
+    }
+}
+
+/// Rcodes that say the upstream will not serve us at all (rather than failing one name).
+fn upstream_wide_failure(rcode: ResponseCode) -> bool {
+    matches!(
+        rcode,
+        ResponseCode::Refused | ResponseCode::NotImp | ResponseCode::FormErr
+    )
+}
+
+/// The next attempt to end, with its server's index; pending while none has ended.
+fn next_outcome<'a, 'b>(
+    attempts: &'b mut [Attempt<'a>],
+) -> impl Future<Output = (usize, Result<UpstreamAnswer, AttemptError>)> + 'b {
+    std::future::poll_fn(move |cx| {
+        for attempt in attempts.iter_mut() {
+            let Some(future) = attempt.future.as_mut() else {
+                continue;
+            };
+            if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                attempt.future = None;
+                return Poll::Ready((attempt.server, result));
+            }
+        }
+        Poll::Pending
+    })
 }
 
 /// The answer in `message`, if it is one: records, NXDOMAIN or NODATA with their SOA.

@@ -32,7 +32,9 @@ const RECEIVE_BUFFER: usize = 4096;
 pub enum UdpOutcome {
     /// A reply that passed every check (it may still be truncated or carry an error rcode).
     Reply(Message),
-    /// No acceptable reply by the deadline, or the socket failed; the text says why.
+    /// No acceptable reply by the deadline; the text says why (and what was ignored).
+    TimedOut(String),
+    /// The upstream is unreachable or the socket failed.
     Failed(String),
 }
 
@@ -73,7 +75,7 @@ pub async fn ask(
             reply = exchange.reply() => return reply,
             () = tokio::time::sleep_until(resend_at.min(deadline)) => {
                 if Instant::now() >= deadline {
-                    return UdpOutcome::Failed(exchange.timeout_reason());
+                    return UdpOutcome::TimedOut(exchange.timeout_reason());
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! `listen`, `upstreams` and `upstream_timeout`: where dnsfence serves and whom it asks.
+//! `listen`, `upstreams`, `upstream_timeout` and `upstream_order`: where dnsfence serves and
+//! whom it asks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,12 +9,14 @@ use super::super::diagnostic::{Pos, Report};
 use super::super::net::Role;
 use super::super::raw::{Node, Value};
 use super::super::read::{self, Fields};
+use super::super::{UpstreamOptions, UpstreamOrder};
 
 /// The checked endpoints of a policy.
 pub(super) struct Endpoints {
     pub listen: Vec<SocketAddr>,
     pub upstreams: Vec<SocketAddr>,
     pub upstream_timeout: Duration,
+    pub upstream_options: UpstreamOptions,
 }
 
 pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
@@ -24,10 +27,25 @@ pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
     check_no_loop(r, &listen, &upstreams);
     let upstream_timeout =
         read::nonzero_duration(r, f.get("upstream_timeout"), "upstream_timeout", 2);
+    let order = f
+        .get("upstream_order")
+        .and_then(|n| {
+            read::choice(
+                r,
+                n,
+                "upstream_order",
+                &[
+                    ("fastest", UpstreamOrder::Fastest),
+                    ("strict", UpstreamOrder::Strict),
+                ],
+            )
+        })
+        .unwrap_or_default();
     Endpoints {
         listen: listen.into_iter().map(|(_, a)| a).collect(),
         upstreams: upstreams.into_iter().map(|(_, a)| a).collect(),
         upstream_timeout,
+        upstream_options: UpstreamOptions { order },
     }
 }
 
