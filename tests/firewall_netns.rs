@@ -334,7 +334,15 @@ fn installed_ruleset_equals_rendered_text() {
                 pos("ip daddr 192.0.2.53 drop") < pos("ct state established,related accept"),
                 "upstream drop must precede established"
             );
-            assert!(pos("oif \"lo\" udp dport 853 drop") < pos("oif \"lo\" accept"));
+            assert!(
+                pos("udp dport 853 drop") < pos("oif \"lo\" accept"),
+                "DNS to anything but dnsfence is dropped before loopback and the sets"
+            );
+            let set = out
+                .iter()
+                .position(|l| l.ends_with("@allow4 accept"))
+                .expect("allow4 rule");
+            assert!(pos("udp dport 53 drop") < set);
         }
         fw.shutdown().expect("shutdown");
         // A table loaded by hand from the rendered script is identical: install() keeps it.

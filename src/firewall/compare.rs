@@ -11,7 +11,7 @@ use netlink_packet_netfilter::nftables::SetFlags;
 use super::netlink::{
     KernelRule, KernelTable, RawExpr, be32_of, hook_number, raw_expressions, u16_at,
 };
-use super::ruleset::{CHAIN_POLICY, CHAIN_PRIORITY, Layout};
+use super::ruleset::Layout;
 
 /// Attributes the kernel reports with their default value although nft does not send them.
 fn is_kernel_default(name: &str, kind: u16, value: &[u8]) -> bool {
@@ -115,9 +115,9 @@ pub(crate) fn compare(layout: &Layout, k: &KernelTable) -> Result<(), String> {
             return Err(format!("chain {} is missing", want.name()));
         };
         if got.hook != Some(hook_number(want.hook))
-            || got.priority != Some(CHAIN_PRIORITY)
+            || got.priority != Some(want.priority())
             || got.has_device
-            || got.policy != Some(CHAIN_POLICY.code())
+            || got.policy != Some(want.policy().code())
             || got.kind.as_deref() != Some("filter")
         {
             return Err(format!(

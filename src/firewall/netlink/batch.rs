@@ -14,7 +14,7 @@ use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProto
 use super::error::Op;
 use super::expr::rule_expressions;
 use super::nftables_subsys;
-use crate::firewall::ruleset::{CHAIN_POLICY, CHAIN_PRIORITY, Chain, Expr, Layout, SetDef};
+use crate::firewall::ruleset::{Chain, Expr, Layout, SetDef};
 
 /// Elements per `NEWSETELEM` message (the element list's length field is 16 bits; the largest
 /// element, an IPv6 pair with its timeout, takes 56 bytes).
@@ -127,9 +127,9 @@ impl Batch {
                     nft::Hook::Number(nft::HookNumber::Inet(nft::InetHookNumber::from(
                         super::hook_number(chain.hook),
                     ))),
-                    nft::Hook::Priority(CHAIN_PRIORITY as u32),
+                    nft::Hook::Priority(chain.priority() as u32),
                 ]),
-                nft::ChainAttribute::Policy(CHAIN_POLICY.code()),
+                nft::ChainAttribute::Policy(chain.policy().code()),
                 nft::ChainAttribute::Type("filter".to_string()),
             ],
         });

@@ -14,6 +14,7 @@ use crate::firewall::ruleset::{Expr, MetaKey};
 const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
+const NFT_CT_DIRECTION: u32 = 1;
 const NFTA_FIB_DREG: u16 = 1;
 const NFTA_FIB_RESULT: u16 = 2;
 const NFTA_FIB_FLAGS: u16 = 3;
@@ -47,6 +48,7 @@ fn meta_key(k: MetaKey) -> nft::MetaKey {
         MetaKey::Oif => nft::MetaKey::Oif,
         MetaKey::NfProto => nft::MetaKey::Nfproto,
         MetaKey::L4Proto => nft::MetaKey::L4Proto,
+        MetaKey::SkUid => nft::MetaKey::SocketUserId,
     }
 }
 
@@ -93,6 +95,13 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
             "ct",
             vec![
                 DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_STATE)),
+                DefaultNla::new(NFTA_CT_DREG, be32(1)),
+            ],
+        ),
+        Expr::CtDirection => raw(
+            "ct",
+            vec![
+                DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_DIRECTION)),
                 DefaultNla::new(NFTA_CT_DREG, be32(1)),
             ],
         ),

@@ -67,5 +67,6 @@ pub(crate) fn hook_number(hook: crate::firewall::ruleset::ChainHook) -> u32 {
         ChainHook::Input => InetHookNumber::LocalIn,
         ChainHook::Forward => InetHookNumber::Forward,
         ChainHook::Output => InetHookNumber::LocalOut,
+        ChainHook::Prerouting => InetHookNumber::PreRouting,
     })
 }

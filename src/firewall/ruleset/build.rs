@@ -5,7 +5,7 @@
 //! in the order the module documentation of `ruleset` explains.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -18,6 +18,9 @@ use crate::policy::{FirewallPolicy, Hook, Policy};
 /// Table names: the policy's one rule, so `check`, `serve` and `ruleset` agree (a plain nft
 /// identifier: anything else could break, or inject into, the rendered script).
 pub(crate) use crate::policy::check_table_name;
+
+/// `ff02::2`, all routers on the link: where router solicitations go.
+const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 
 /// Truncates host bits and turns an IPv4-mapped prefix (at least /96) into its IPv4 prefix.
 fn normalize_net(net: IpNet) -> IpNet {
@@ -93,6 +96,8 @@ struct Parts {
     listens: BTreeSet<Listen>,
     upstreams: BTreeSet<(IpAddr, u16)>,
     cidrs: Vec<IpNet>,
+    /// Ports that outside hosts may open connections to, on sockets of any user.
+    inbound: Vec<(Proto, u16)>,
 }
 
 impl Parts {
@@ -124,6 +129,7 @@ impl Parts {
             listens,
             upstreams,
             cidrs,
+            inbound: Vec::new(),
         }
     }
 
@@ -186,10 +192,81 @@ impl Parts {
             .collect()
     }
 
-    fn neighbour_discovery(&self) -> Vec<Rule> {
-        NdType::ACCEPTED
-            .map(|t| rule(vec![Match::Icmpv6(t)], Verdict::Accept))
+    /// Neighbour discovery on the link only: hop limit 255 (RFC 4861: a router on the way
+    /// would have decremented it), router solicitations only to all-routers (`ff02::2`).
+    fn neighbour_discovery() -> Vec<Rule> {
+        let mut rules: Vec<Rule> = NdType::NEIGHBOUR
+            .map(|t| rule(vec![Match::Icmpv6(t), Match::HopLimit255], Verdict::Accept))
+            .to_vec();
+        rules.push(rule(
+            vec![
+                Match::Icmpv6(NdType::RouterSolicit),
+                Match::HopLimit255,
+                Match::Daddr(host_net(IpAddr::V6(ALL_ROUTERS))),
+            ],
+            Verdict::Accept,
+        ));
+        rules
+    }
+
+    /// No neighbour discovery message is ever forwarded: with options, one carries over a
+    /// kilobyte, and Linux forwards those whose addresses are not link-local.
+    fn neighbour_discovery_drop() -> Vec<Rule> {
+        NdType::ALL
+            .map(|t| rule(vec![Match::Icmpv6(t)], Verdict::Drop))
             .to_vec()
+    }
+
+    /// DNS (53) and DNS over TLS or QUIC (853) to anything that is not dnsfence: UDP and TCP,
+    /// IPv4 and IPv6. Any admitted host that runs a resolver would otherwise be a DNS tunnel.
+    fn dns_drop(prefix: &[Match], ports: &BTreeSet<u16>) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        for &port in ports {
+            for p in Proto::BOTH {
+                let mut m = prefix.to_vec();
+                m.push(Match::Dport(p, port));
+                rules.push(rule(m, Verdict::Drop));
+            }
+        }
+        rules
+    }
+
+    /// Replies on connections that outside hosts opened: from root's sockets (sshd and the
+    /// like), from dnsfence's listen ports and from the listed ports only. An agent (a user
+    /// other than root) that listens on a port gets nothing back out.
+    fn inbound(&self) -> Vec<Rule> {
+        let mut ports: BTreeSet<(Proto, u16)> = self.inbound.iter().copied().collect();
+        for l in self.listens.iter().filter(|l| !l.ip.is_loopback()) {
+            for p in Proto::BOTH {
+                ports.insert((p, l.port));
+            }
+        }
+        let mut rules: Vec<Rule> = ports
+            .into_iter()
+            .map(|(p, port)| {
+                rule(
+                    vec![Match::CtDirectionReply, Match::Sport(p, port)],
+                    Verdict::Accept,
+                )
+            })
+            .collect();
+        rules.push(rule(
+            vec![Match::CtDirectionReply, Match::SkUidNotRoot],
+            Verdict::Drop,
+        ));
+        rules
+    }
+
+    /// The source check on every packet before anything else sees it (`prerouting`, priority
+    /// raw: before conntrack, routing and any local socket).
+    fn prerouting_chain(&self) -> Chain {
+        Chain {
+            hook: ChainHook::Prerouting,
+            rules: vec![
+                rule(vec![Match::IifLo], Verdict::Accept),
+                rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop),
+            ],
+        }
     }
 
     fn established() -> Rule {
@@ -228,32 +305,29 @@ impl Parts {
     fn output_chain(&self) -> Chain {
         let mut rules = self.upstream_accept();
         rules.extend(self.upstream_drop());
-        // Loopback: dnsfence's own listen addresses, then no other DNS, then the rest.
+        // DNS to dnsfence's own listen addresses (locally destined packets leave through lo),
+        // then no other DNS anywhere: on loopback not even to the listen ports (a local stub
+        // or forwarder would be a way around dnsfence), then the rest of loopback.
         for &l in &self.listens {
             for p in Proto::BOTH {
                 rules.push(rule(listen_matches(l, p, &[Match::OifLo]), Verdict::Accept));
             }
         }
-        let dns_ports: BTreeSet<u16> = DNS_PORTS
+        rules.extend(self.listen_accept(false));
+        let loopback_dns: BTreeSet<u16> = DNS_PORTS
             .iter()
             .copied()
             .chain(self.listens.iter().map(|l| l.port))
+            .filter(|p| !DNS_PORTS.contains(p))
             .collect();
-        for &port in &dns_ports {
-            for p in Proto::BOTH {
-                rules.push(rule(
-                    vec![Match::OifLo, Match::Dport(p, port)],
-                    Verdict::Drop,
-                ));
-            }
-        }
+        rules.extend(Self::dns_drop(&[Match::OifLo], &loopback_dns));
+        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.push(rule(vec![Match::OifLo], Verdict::Accept));
+        rules.extend(self.inbound());
         rules.push(Self::established());
-        // Locally destined packets leave through lo and were handled above.
-        rules.extend(self.listen_accept(false));
         rules.extend(self.allow_sets());
         rules.extend(self.allow_cidrs());
-        rules.extend(self.neighbour_discovery());
+        rules.extend(Self::neighbour_discovery());
         rules.extend(self.tail());
         Chain {
             hook: ChainHook::Output,
@@ -263,12 +337,11 @@ impl Parts {
 
     /// The gateway itself, when agents are routed through it.
     fn input_chain(&self) -> Chain {
-        let mut rules = vec![
-            rule(vec![Match::IifLo], Verdict::Accept),
-            Self::established(),
-        ];
+        let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
         rules.extend(self.listen_accept(true));
-        rules.extend(self.neighbour_discovery());
+        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        rules.push(Self::established());
+        rules.extend(Self::neighbour_discovery());
         rules.extend(self.tail());
         Chain {
             hook: ChainHook::Input,
@@ -279,11 +352,11 @@ impl Parts {
     /// Agents in namespaces or containers routed through this host.
     fn forward_chain(&self) -> Chain {
         let mut rules = self.upstream_drop();
-        rules.push(rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop));
+        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        rules.extend(Self::neighbour_discovery_drop());
         rules.push(Self::established());
         rules.extend(self.allow_sets());
         rules.extend(self.allow_cidrs());
-        rules.extend(self.neighbour_discovery());
         rules.extend(self.tail());
         Chain {
             hook: ChainHook::Forward,
@@ -299,10 +372,16 @@ impl Layout {
         validate(fw)?;
         let parts = Parts::of(policy);
         let mut chains = Vec::new();
+        let forward = fw.hooks.contains(&Hook::Forward);
+        // Packets from other hosts reach dnsfence (or are routed by this host): check every
+        // source before anything else.
+        if forward || parts.listens.iter().any(|l| !l.ip.is_loopback()) {
+            chains.push(parts.prerouting_chain());
+        }
         if fw.hooks.contains(&Hook::Output) {
             chains.push(parts.output_chain());
         }
-        if fw.hooks.contains(&Hook::Forward) {
+        if forward {
             chains.push(parts.input_chain());
             chains.push(parts.forward_chain());
         }
@@ -355,44 +434,100 @@ mod tests {
     }
 
     #[test]
-    fn output_order_puts_upstream_drop_before_established() {
+    fn output_order_puts_upstream_and_dns_drops_before_established() {
         let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
         let rules = chain(&l, ChainHook::Output);
-        let pos = |s: &str| rules.iter().position(|r| r == s).unwrap();
+        let pos = |s: &str| {
+            rules
+                .iter()
+                .position(|r| r == s)
+                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
+        };
         let mark = pos("meta mark 0x0000002a ip daddr 192.0.2.53 udp dport 53 accept");
         let drop = pos("ip daddr 192.0.2.53 drop");
         let drop6 = pos("ip6 daddr 2001:db8::53 drop");
         let lo_dns = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
-        let lo_other = pos("oif \"lo\" udp dport 853 drop");
-        let lo = pos("oif \"lo\" accept");
-        let ct = pos("ct state established,related accept");
         let listen = pos("ip daddr 10.9.0.1 tcp dport 53 accept");
+        let dns = pos("udp dport 53 drop");
+        let dot = pos("tcp dport 853 drop");
+        let doq = pos("udp dport 853 drop");
+        let lo = pos("oif \"lo\" accept");
+        let own_replies = pos("ct direction reply udp sport 53 accept");
+        let inbound = pos("ct direction reply meta skuid != 0 drop");
+        let ct = pos("ct state established,related accept");
         let set = pos("ip daddr @allow4 accept");
         let cidr = pos("ip daddr 10.0.0.0/8 accept");
         let mapped = pos("ip daddr 192.0.2.0/24 accept");
-        let nd = pos("icmpv6 type nd-neighbor-solicit accept");
+        let nd = pos("icmpv6 type nd-neighbor-solicit ip6 hoplimit 255 accept");
+        let rs = pos("icmpv6 type nd-router-solicit ip6 hoplimit 255 ip6 daddr ff02::2 accept");
         let log = pos("limit rate 10/second log prefix \"dnsfence drop \"");
-        assert!(mark < drop && drop < drop6 && drop6 < lo_dns && lo_dns < lo_other);
-        assert!(lo_other < lo && lo < ct && ct < listen && listen < set && set < cidr);
-        assert!(cidr < mapped && mapped < nd && nd < log);
+        assert!(mark < drop && drop < drop6 && drop6 < lo_dns && lo_dns < listen);
+        assert!(listen < dns && dns < lo && dot < lo && doq < lo);
+        assert!(lo < own_replies && own_replies < inbound && inbound < ct);
+        assert!(ct < set && set < cidr && cidr < mapped && mapped < nd && nd < rs && rs < log);
         assert_eq!(rules.last().map(String::as_str), Some("drop"));
-        assert!(!l.chains.iter().any(|c| c.hook != ChainHook::Output));
+        // A non-loopback listen address: the source check comes first.
+        let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["prerouting", "output"]);
     }
 
     #[test]
-    fn forward_adds_input_and_rpf() {
+    fn loopback_only_output_has_no_prerouting() {
+        let mut p = policy(vec![Hook::Output], false);
+        p.listen = vec!["127.0.0.1:53".parse().unwrap()];
+        let l = Layout::from_policy(&p).unwrap();
+        let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["output"]);
+    }
+
+    #[test]
+    fn forward_checks_sources_first_and_never_forwards_dns_or_nd() {
         let l = Layout::from_policy(&policy(vec![Hook::Forward], true)).unwrap();
         let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
-        assert_eq!(names, ["input", "forward"]);
+        assert_eq!(names, ["prerouting", "input", "forward"]);
+        let pre = chain(&l, ChainHook::Prerouting);
+        assert_eq!(
+            pre,
+            ["iif \"lo\" accept", "fib saddr . iif oif missing drop"]
+        );
+        assert_eq!(l.chains[0].policy(), Verdict::Accept);
+        assert_eq!(l.chains[0].priority(), -300);
         let fwd = chain(&l, ChainHook::Forward);
+        let ct = fwd
+            .iter()
+            .position(|r| r == "ct state established,related accept")
+            .unwrap();
         assert_eq!(fwd[0], "ip daddr 192.0.2.53 drop");
-        assert_eq!(fwd[2], "fib saddr . iif oif missing drop");
-        assert_eq!(fwd[3], "ct state established,related accept");
-        assert_eq!(fwd[4], "ip saddr . ip daddr @allow4 accept");
-        assert_eq!(fwd[5], "ip6 saddr . ip6 daddr @allow6 accept");
+        for r in [
+            "udp dport 53 drop",
+            "tcp dport 53 drop",
+            "udp dport 853 drop",
+            "tcp dport 853 drop",
+            "icmpv6 type nd-neighbor-solicit drop",
+            "icmpv6 type nd-router-solicit drop",
+            "icmpv6 type nd-redirect drop",
+        ] {
+            let at = fwd.iter().position(|x| x == r).unwrap();
+            assert!(at < ct, "{r} after ct");
+        }
+        assert_eq!(fwd[ct + 1], "ip saddr . ip daddr @allow4 accept");
+        assert_eq!(fwd[ct + 2], "ip6 saddr . ip6 daddr @allow6 accept");
+        assert!(
+            !fwd.iter()
+                .any(|r| r.contains("accept") && r.contains("icmpv6"))
+        );
         let inp = chain(&l, ChainHook::Input);
         assert_eq!(inp[0], "iif \"lo\" accept");
-        assert!(inp.contains(&"ip daddr 10.9.0.1 udp dport 53 accept".to_string()));
+        let listen = inp
+            .iter()
+            .position(|r| r == "ip daddr 10.9.0.1 udp dport 53 accept")
+            .unwrap();
+        let dns = inp.iter().position(|r| r == "udp dport 53 drop").unwrap();
+        let ct = inp
+            .iter()
+            .position(|r| r == "ct state established,related accept")
+            .unwrap();
+        assert!(listen < dns && dns < ct);
         assert!(!inp.iter().any(|r| r.contains("127.0.0.1")));
     }
 

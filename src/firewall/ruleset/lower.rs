@@ -11,8 +11,9 @@ impl Rule {
     /// The rule as netlink expressions, in order.
     pub(crate) fn exprs(&self) -> Vec<Expr> {
         let mut out = Vec::new();
+        let mut family = None;
         for m in &self.matches {
-            m.lower(&mut out);
+            m.lower(&mut out, &mut family);
         }
         if let Some(v) = self.verdict {
             out.push(Expr::Verdict(v));
@@ -35,6 +36,7 @@ pub(crate) enum MetaKey {
     Oif,
     NfProto,
     L4Proto,
+    SkUid,
 }
 
 /// `payload` bases (`enum nft_payload_bases`).
@@ -74,6 +76,8 @@ pub(crate) enum Expr {
     Lookup { set: &'static str },
     /// `[ ct load state => reg 1 ]`
     CtState,
+    /// `[ ct load direction => reg 1 ]`
+    CtDirection,
     /// `[ fib saddr . iif oif present => reg 1 ]`
     FibSaddrIifOifPresent,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
@@ -118,11 +122,22 @@ fn mask_octets(net: &IpNet) -> Vec<u8> {
     }
 }
 
+/// The `meta nfproto` check an address load depends on, unless the rule already made it.
+fn depend(out: &mut Vec<Expr>, known: &mut Option<Family>, f: Family) {
+    if *known != Some(f) {
+        out.push(meta(MetaKey::NfProto));
+        out.push(cmp_eq([f.nfproto()]));
+        *known = Some(f);
+    }
+}
+
 /// `ct state` bits: established (2) and related (4).
 const CT_ESTABLISHED_RELATED: u32 = 2 | 4;
 
 impl Match {
-    pub(super) fn lower(&self, out: &mut Vec<Expr>) {
+    /// `known` is the IP family an earlier match of the rule already checked: like nft, a
+    /// later address match then loads the address without checking `meta nfproto` again.
+    pub(super) fn lower(&self, out: &mut Vec<Expr>, known: &mut Option<Family>) {
         match self {
             Match::Mark(m) => {
                 out.push(meta(MetaKey::Mark));
@@ -142,7 +157,7 @@ impl Match {
             }
             Match::Daddr(net) => {
                 let f = Family::of(net.addr());
-                Match::NfProto(f).lower(out);
+                depend(out, known, f);
                 let prefix = u32::from(net.prefix_len());
                 if prefix > 0 && prefix % 8 == 0 {
                     // nft loads just the prefix bytes when the prefix is byte-aligned.
@@ -159,16 +174,35 @@ impl Match {
                     out.push(cmp_eq(octets(net.network())));
                 }
             }
-            Match::Dport(p, port) => {
+            Match::Dport(p, port) | Match::Sport(p, port) => {
                 out.push(meta(MetaKey::L4Proto));
                 out.push(cmp_eq([p.number()]));
                 out.push(Expr::Payload {
                     base: PayloadBase::Transport,
-                    offset: 2,
+                    offset: if matches!(self, Match::Sport(..)) {
+                        0
+                    } else {
+                        2
+                    },
                     len: 2,
                     dreg: REG1,
                 });
                 out.push(cmp_eq(port.to_be_bytes()));
+            }
+            Match::HopLimit255 => {
+                out.push(network(7, 1, REG1));
+                out.push(cmp_eq([255u8]));
+            }
+            Match::CtDirectionReply => {
+                out.push(Expr::CtDirection);
+                out.push(cmp_eq([1u8]));
+            }
+            Match::SkUidNotRoot => {
+                out.push(meta(MetaKey::SkUid));
+                out.push(Expr::Cmp {
+                    neq: true,
+                    data: 0u32.to_ne_bytes().to_vec(),
+                });
             }
             Match::CtEstablishedRelated => {
                 out.push(Expr::CtState);
@@ -182,7 +216,7 @@ impl Match {
                 });
             }
             Match::AllowSet { family, per_client } => {
-                Match::NfProto(*family).lower(out);
+                depend(out, known, *family);
                 let len = family.addr_len();
                 if *per_client {
                     out.push(network(family.saddr_offset(), len, REG1));
@@ -203,7 +237,7 @@ impl Match {
                 out.push(cmp_eq([0u8; 4]));
             }
             Match::Icmpv6(t) => {
-                Match::NfProto(Family::V6).lower(out);
+                depend(out, known, Family::V6);
                 out.push(meta(MetaKey::L4Proto));
                 out.push(cmp_eq([58u8]));
                 out.push(Expr::Payload {

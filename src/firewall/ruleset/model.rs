@@ -125,35 +125,47 @@ impl Proto {
     pub(crate) const BOTH: [Proto; 2] = [Proto::Udp, Proto::Tcp];
 }
 
-/// ICMPv6 neighbour discovery messages that are accepted.
+/// ICMPv6 neighbour discovery messages (RFC 4861).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NdType {
     RouterSolicit,
+    RouterAdvert,
     NeighborSolicit,
     NeighborAdvert,
+    Redirect,
 }
 
 impl NdType {
     pub(crate) fn number(self) -> u8 {
         match self {
             NdType::RouterSolicit => 133,
+            NdType::RouterAdvert => 134,
             NdType::NeighborSolicit => 135,
             NdType::NeighborAdvert => 136,
+            NdType::Redirect => 137,
         }
     }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             NdType::RouterSolicit => "nd-router-solicit",
+            NdType::RouterAdvert => "nd-router-advert",
             NdType::NeighborSolicit => "nd-neighbor-solicit",
             NdType::NeighborAdvert => "nd-neighbor-advert",
+            NdType::Redirect => "nd-redirect",
         }
     }
 
-    pub(crate) const ACCEPTED: [NdType; 3] = [
+    /// Accepted on the link (to or from this host), with hop limit 255.
+    pub(crate) const NEIGHBOUR: [NdType; 2] = [NdType::NeighborSolicit, NdType::NeighborAdvert];
+
+    /// Never forwarded.
+    pub(crate) const ALL: [NdType; 5] = [
+        NdType::RouterSolicit,
+        NdType::RouterAdvert,
         NdType::NeighborSolicit,
         NdType::NeighborAdvert,
-        NdType::RouterSolicit,
+        NdType::Redirect,
     ];
 }
 
@@ -170,6 +182,8 @@ pub(crate) enum Match {
     NfProto(Family),
     /// `ip daddr …` / `ip6 daddr …`, an address or a prefix.
     Daddr(IpNet),
+    /// `udp sport …` / `tcp sport …`
+    Sport(Proto, u16),
     /// `udp dport …` / `tcp dport …`
     Dport(Proto, u16),
     /// `ct state established,related`
@@ -180,6 +194,13 @@ pub(crate) enum Match {
     FibSaddrIifOifMissing,
     /// `icmpv6 type …`
     Icmpv6(NdType),
+    /// `ip6 hoplimit 255`: sent on this link (a router would have decremented it). Only after
+    /// an IPv6 match (`icmpv6 type`), as nft then leaves out the family check.
+    HopLimit255,
+    /// `ct direction reply`: a packet answering a connection the other side opened.
+    CtDirectionReply,
+    /// `meta skuid != 0`: sent by a socket of a user other than root.
+    SkUidNotRoot,
     /// `limit rate N/second`
     Limit,
     /// `log prefix "…"`
@@ -223,11 +244,13 @@ pub(crate) enum ChainHook {
     Input,
     Forward,
     Output,
+    Prerouting,
 }
 
 impl ChainHook {
     pub(crate) fn name(self) -> &'static str {
         match self {
+            ChainHook::Prerouting => "prerouting",
             ChainHook::Input => "input",
             ChainHook::Forward => "forward",
             ChainHook::Output => "output",
@@ -235,7 +258,7 @@ impl ChainHook {
     }
 }
 
-/// A base chain: `type filter hook <hook> priority filter; policy drop;`.
+/// A base chain: `type filter hook <hook> priority <priority>; policy <policy>;`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Chain {
     pub(crate) hook: ChainHook,
@@ -247,12 +270,33 @@ impl Chain {
     pub(crate) fn name(&self) -> &'static str {
         self.hook.name()
     }
-}
 
-/// The chain priority: `filter` (0).
-pub(crate) const CHAIN_PRIORITY: i32 = 0;
-/// The chain policy: drop.
-pub(crate) const CHAIN_POLICY: Verdict = Verdict::Drop;
+    /// `raw` (-300) for `prerouting`, before conntrack sees a forged packet; `filter` (0) for
+    /// the others.
+    pub(crate) fn priority(&self) -> i32 {
+        match self.hook {
+            ChainHook::Prerouting => -300,
+            _ => 0,
+        }
+    }
+
+    /// nft's name of [`Chain::priority`].
+    pub(crate) fn priority_name(&self) -> &'static str {
+        match self.hook {
+            ChainHook::Prerouting => "raw",
+            _ => "filter",
+        }
+    }
+
+    /// `prerouting` only filters sources and lets the rest through to the other chains; the
+    /// others drop what no rule accepted.
+    pub(crate) fn policy(&self) -> Verdict {
+        match self.hook {
+            ChainHook::Prerouting => Verdict::Accept,
+            _ => Verdict::Drop,
+        }
+    }
+}
 
 /// One allow set (`flags timeout`, never a default timeout: every element carries its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

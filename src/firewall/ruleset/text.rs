@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use super::model::{CHAIN_POLICY, Family, LOG_PREFIX, LOG_RATE_PER_SECOND, Layout, Match, Rule};
+use super::model::{Family, LOG_PREFIX, LOG_RATE_PER_SECOND, Layout, Match, Rule};
 
 impl Layout {
     /// The layout as nft text, formatted exactly like `nft list table inet <table>` prints it
@@ -40,9 +40,10 @@ impl Layout {
             let _ = writeln!(s, "\tchain {} {{", chain.name());
             let _ = writeln!(
                 s,
-                "\t\ttype filter hook {} priority filter; policy {};",
+                "\t\ttype filter hook {} priority {}; policy {};",
                 chain.hook.name(),
-                CHAIN_POLICY.name()
+                chain.priority_name(),
+                chain.policy().name()
             );
             for r in &chain.rules {
                 let _ = writeln!(s, "\t\t{}", r.text());
@@ -74,6 +75,7 @@ impl Match {
                 format!("{} daddr {}", f.header(), addr_text(net))
             }
             Match::Dport(p, port) => format!("{} dport {port}", p.name()),
+            Match::Sport(p, port) => format!("{} sport {port}", p.name()),
             Match::CtEstablishedRelated => "ct state established,related".to_string(),
             Match::AllowSet { family, per_client } => {
                 let h = family.header();
@@ -85,6 +87,9 @@ impl Match {
             }
             Match::FibSaddrIifOifMissing => "fib saddr . iif oif missing".to_string(),
             Match::Icmpv6(t) => format!("icmpv6 type {}", t.name()),
+            Match::HopLimit255 => "ip6 hoplimit 255".to_string(),
+            Match::CtDirectionReply => "ct direction reply".to_string(),
+            Match::SkUidNotRoot => "meta skuid != 0".to_string(),
             Match::Limit => format!("limit rate {LOG_RATE_PER_SECOND}/second"),
             Match::Log => format!("log prefix \"{LOG_PREFIX}\""),
         }

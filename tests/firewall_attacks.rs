@@ -1,0 +1,408 @@
+//! The firewall against an agent that attacks it, in real network namespaces (see
+//! `common/netns.rs` for the lab). Each test is written as the attack: root in an agent's
+//! namespace, forging sources, sending raw packets, using an admitted host as a relay, with the
+//! gateway's own `rp_filter` off so that only dnsfence's ruleset stands in the way. Every "must
+//! not reach" has a "can reach" control through the same socket or tool.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::io::Read as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::netns::*;
+use common::upstream::Behaviour;
+use common::{addresses, query, require_root};
+use hickory_proto::rr::RecordType;
+
+/// dnsfence's firewall mark (0x0d5f), written in decimal in the policies.
+const MARK: u32 = 0x0d5f;
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// A shape-2 policy for the lab (output and forward hooks) allowing `allow`.
+fn policy(lab: &Lab, allow: &[&str]) -> String {
+    let allow: String = allow.iter().map(|r| format!("  - \"{r}\"\n")).collect();
+    format!(
+        "listen: [\"10.77.0.1:53\"]
+upstreams: [\"{upstream}\"]
+upstream_timeout: 2s
+allow:
+{allow}qtypes: [A, AAAA]
+log: \"-\"
+firewall:
+  enabled: true
+  table: {table}
+  hooks: [output, forward]
+  log_denied: true
+  on_exit: remove
+  set_size: 4096
+  mark: {MARK}
+",
+        upstream = addr::UPSTREAM,
+        table = lab.table(),
+    )
+}
+
+/// The gateway's kernel reverse-path filter off: only the ruleset may stop forged sources.
+fn rp_filter_off(lab: &Lab) {
+    for dev in ["all", "default", "to-a1", "to-a2", "to-inet"] {
+        lab.gw
+            .sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+    }
+}
+
+/// A DNS response to (`id`, `qname` A) with one A record, built by hand as a forger would.
+fn forged_answer(id: u16, qname: &str, addr: [u8; 4]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+    for label in qname.trim_end_matches('.').split('.') {
+        m.push(label.len() as u8);
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0x0e, 0x10, 0, 4]);
+    m.extend_from_slice(&addr);
+    m
+}
+
+/// Waits up to `wait` for one datagram on `socket`; its length, or `None`.
+fn recv_one(socket: &UdpSocket, wait: Duration) -> Option<usize> {
+    socket.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 2048];
+    match socket.recv(&mut buf) {
+        Ok(n) => Some(n),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+        Err(e) => panic!("recv: {e}"),
+    }
+}
+
+#[test]
+fn forged_upstream_replies_from_an_agent_never_reach_the_resolver() {
+    if !require_root("forged_upstream_replies_from_an_agent_never_reach_the_resolver") {
+        return;
+    }
+    let lab = Lab::new("forgedreply");
+    lab.upstream.a("victim.allowed.test", "198.51.100.10", 300);
+    lab.start_fence(&policy(&lab, &["victim.allowed.test"]));
+    rp_filter_off(&lab);
+    // agent1 (root in its namespace) takes the upstream's address as its own source.
+    lab.agent1
+        .ip(&["addr", "add", "198.51.100.53/32", "dev", "to-gw"]);
+
+    // 1. The real resolver, attacked as well as possible: the upstream answers late, and
+    // agent1 is told (by the test) the exact port and ID of every query dnsfence sends, and
+    // races a perfect forged answer (203.0.113.66) to each.
+    lab.upstream.set_behaviour(Behaviour::Slow(600));
+    let victim = lab.a2();
+    let client = {
+        let server = victim.dns4;
+        let message = query("victim.allowed.test", RecordType::A);
+        lab.agent2
+            .spawn(move || dns_udp(server, &message, Duration::from_secs(4)))
+    };
+    let forger = lab
+        .agent1
+        .run(|| UdpSocket::bind("198.51.100.53:53").expect("bind the upstream's address"));
+    let deadline = Instant::now() + Duration::from_millis(700);
+    let mut forged = 0;
+    while Instant::now() < deadline {
+        for seen in lab.upstream.seen_for("victim.allowed.test") {
+            let bytes = forged_answer(seen.id, "victim.allowed.test", [203, 0, 113, 66]);
+            forger
+                .send_to(&bytes, seen.peer)
+                .expect("send forged answer");
+            forged += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        forged > 0,
+        "the upstream saw no query to forge an answer for"
+    );
+    let reply = client.join().unwrap().expect("the client got an answer");
+    assert_eq!(
+        addresses(&reply),
+        ["198.51.100.10"],
+        "the client got a forged address ({forged} forged answers sent)"
+    );
+    let elems = lab.set_elements("allow4");
+    assert!(has_elem(&elems, &["198.51.100.10"]), "{elems:?}");
+    assert!(
+        !has_elem(&elems, &["203.0.113.66"]),
+        "the forged address was admitted: {elems:?}"
+    );
+    lab.upstream.set_behaviour(Behaviour::Normal);
+
+    // 2. The same forgery against a socket of the gateway that talks to the upstream (marked
+    // like dnsfence's, so its query is let out): real replies reach it, forged ones do not.
+    let gw_socket = lab.gw.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_mark(MARK).unwrap();
+        s.bind(&sa("192.0.2.1", 0).into()).unwrap();
+        s.connect(&sa("198.51.100.53", 53).into()).unwrap();
+        UdpSocket::from(s)
+    });
+    let port = gw_socket.local_addr().unwrap().port();
+    let probe = query("victim.allowed.test", RecordType::A)
+        .to_vec()
+        .unwrap();
+    gw_socket.send(&probe).unwrap();
+    assert!(
+        recv_one(&gw_socket, Duration::from_secs(2)).is_some(),
+        "control: the upstream's real reply did not reach the gateway socket"
+    );
+    let spray = |count: usize| {
+        for _ in 0..count {
+            forger
+                .send_to(b"forged upstream reply", sa("192.0.2.1", port))
+                .unwrap();
+        }
+    };
+    spray(5);
+    assert_eq!(
+        recv_one(&gw_socket, Duration::from_millis(700)),
+        None,
+        "a forged upstream reply from an agent reached a socket on the gateway\n{}",
+        lab.ruleset()
+    );
+    // Control: without dnsfence's table (on_exit: remove), the very same forgery arrives.
+    lab.stop_fence();
+    spray(5);
+    assert!(
+        recv_one(&gw_socket, Duration::from_secs(2)).is_some(),
+        "control: without the ruleset the forged reply should have arrived (rp_filter is off)"
+    );
+}
+
+/// Sends `message` from `from` (an address agent1 does not own, added to its link) to
+/// `server`, while the real owner in `owner_ns` listens on the same address and port.
+fn spoofed_query_gets_no_answer(lab: &Lab, owner: &Netns, from: &str, server: SocketAddr) {
+    let qname = format!(
+        "spoof{}.allowed.test",
+        if from.contains(':') { 6 } else { 4 }
+    );
+    let bind = SocketAddr::new(from.parse().unwrap(), 0);
+    let victim = owner.run(move || UdpSocket::bind(bind).expect("victim socket"));
+    let port = victim.local_addr().unwrap().port();
+    let forged_from = SocketAddr::new(from.parse().unwrap(), port);
+    let message = query(&qname, RecordType::A);
+    let bytes = message.to_vec().unwrap();
+    lab.agent1.run(move || {
+        let s = UdpSocket::bind(forged_from).expect("bind the forged source");
+        for _ in 0..5 {
+            s.send_to(&bytes, server).expect("send the forged query");
+        }
+    });
+    assert_eq!(
+        recv_one(&victim, Duration::from_millis(800)),
+        None,
+        "dnsfence answered a query with a forged source {forged_from}\n{}",
+        lab.ruleset()
+    );
+    assert!(
+        lab.upstream.seen_for(&qname).is_empty(),
+        "a query with a forged source {forged_from} was forwarded upstream"
+    );
+    // Control: the real owner, same socket, same server, is answered.
+    let reply = owner
+        .run(move || dns_udp_from(&victim, server, &message, Duration::from_secs(3)))
+        .expect("control: the owner of the address gets an answer");
+    assert_eq!(addresses(&reply), ["198.51.100.20"]);
+}
+
+#[test]
+fn queries_with_another_agents_source_are_never_answered_v4_and_v6() {
+    if !require_root("queries_with_another_agents_source_are_never_answered_v4_and_v6") {
+        return;
+    }
+    let lab = Lab::new("spoofq");
+    lab.upstream.a("spoof4.allowed.test", "198.51.100.20", 300);
+    lab.upstream.a("spoof6.allowed.test", "198.51.100.20", 300);
+    lab.start_fence(&policy(
+        &lab,
+        &["spoof4.allowed.test", "spoof6.allowed.test"],
+    ));
+    rp_filter_off(&lab);
+    // agent1 claims agent2's addresses on its own link.
+    lab.agent1
+        .ip(&["addr", "add", "10.78.0.2/32", "dev", "to-gw"]);
+    lab.agent1
+        .ip(&["-6", "addr", "add", "fd78::2/128", "dev", "to-gw", "nodad"]);
+    spoofed_query_gets_no_answer(&lab, &lab.agent2, "10.78.0.2", sa("10.77.0.1", 53));
+    spoofed_query_gets_no_answer(&lab, &lab.agent2, "fd78::2", sa("fd77::1", 53));
+}
+
+#[test]
+fn an_admitted_host_running_a_resolver_is_no_dns_relay() {
+    if !require_root("an_admitted_host_running_a_resolver_is_no_dns_relay") {
+        return;
+    }
+    let lab = Lab::new("dnsrelay");
+    // The allowed name points at the address where another DNS server runs (and, as on
+    // every address of the lab's internet, echo services on TCP 80, 443 and 853).
+    lab.upstream.a("relay.allowed.test", "198.51.100.99", 300);
+    lab.upstream
+        .aaaa("relay.allowed.test", "2001:db8:100::99", 300);
+    lab.other_dns4.a("tunnel.example", "203.0.113.7", 60);
+    lab.other_dns6.a("tunnel.example", "203.0.113.7", 60);
+    lab.start_fence(&policy(&lab, &["relay.allowed.test"]));
+    let a1 = lab.a1();
+    assert_eq!(
+        addresses(&a1.resolve("relay.allowed.test", RecordType::A)),
+        ["198.51.100.99"]
+    );
+    assert_eq!(
+        addresses(&a1.resolve("relay.allowed.test", RecordType::AAAA)),
+        ["2001:db8:100::99"]
+    );
+    assert!(has_elem(&lab.set_elements("allow4"), &["198.51.100.99"]));
+    assert!(has_elem(&lab.set_elements("allow6"), &["2001:db8:100::99"]));
+
+    // Control: the other resolver answers whoever reaches it (from inside the internet).
+    let msg = query("tunnel.example", RecordType::A);
+    for server in [addr::OTHER_DNS4, addr::OTHER_DNS6] {
+        let server = addr::sa(server);
+        let m = msg.clone();
+        let reply = lab
+            .inet
+            .run(move || dns_udp(server, &m, Duration::from_secs(2)));
+        assert!(
+            reply.is_ok(),
+            "control: {server} does not answer: {reply:?}"
+        );
+    }
+    lab.other_dns4.clear_seen();
+    lab.other_dns6.clear_seen();
+
+    for (host, name) in [
+        (lab.a1(), "agent1 (forward)"),
+        (lab.gw_host(), "gateway (output)"),
+    ] {
+        for ip in ["198.51.100.99", "2001:db8:100::99"] {
+            // The admitted host is reachable on the web ports...
+            let web = host.probe_all(&[sa(ip, 80), sa(ip, 443)], CONNECT_OK);
+            assert!(
+                web.iter().all(|r| *r == Reach::Connected),
+                "{name}: {ip} 80/443 should be reachable: {web:?}"
+            );
+            // ...but not as DNS (53), DNS over TLS (TCP 853) or DNS over QUIC (UDP 853).
+            let tcp = host.probe_all(&[sa(ip, 53), sa(ip, 853)], BLOCKED_AFTER);
+            assert!(
+                tcp.iter().all(Reach::is_blocked),
+                "{name}: {ip} TCP 53/853 reached: {tcp:?}\n{}",
+                lab.ruleset()
+            );
+            let udp = host.udp_all(&[sa(ip, 853)], BLOCKED_AFTER);
+            assert!(
+                udp.iter().all(UdpReach::is_blocked),
+                "{name}: {ip} UDP 853 reached: {udp:?}"
+            );
+            let server = sa(ip, 53);
+            let m = msg.clone();
+            let reply = host.run(move || dns_udp(server, &m, Duration::from_millis(700)));
+            assert!(
+                reply.is_err(),
+                "{name}: the resolver at {server} answered through the firewall: {reply:?}"
+            );
+        }
+    }
+    assert!(
+        lab.other_dns4.seen().is_empty() && lab.other_dns6.seen().is_empty(),
+        "the other resolver saw queries from behind the firewall"
+    );
+}
+
+/// ICMPv6 `kind` (code 0) with 20 bytes of body, then `marker`: enough for a neighbour
+/// solicitation's reserved field and target, and a payload a relay would carry.
+fn icmpv6(kind: u8, marker: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend_from_slice(&[0u8; 20]);
+    m.extend_from_slice(marker);
+    m
+}
+
+/// Collects the ICMPv6 messages carrying `marker` that arrive in the calling thread's
+/// namespace within `wait`, as their types.
+fn icmpv6_received(socket: &socket2::Socket, marker: &[u8], wait: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + wait;
+    let mut kinds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        socket.set_read_timeout(Some(left)).unwrap();
+        let Ok(n) = (&*socket).read(&mut buf) else {
+            break;
+        };
+        let bytes = &buf[..n];
+        if bytes.windows(marker.len()).any(|w| w == marker) {
+            kinds.push(bytes[0]);
+        }
+    }
+    kinds
+}
+
+#[test]
+fn raw_neighbour_discovery_with_a_payload_is_never_forwarded() {
+    if !require_root("raw_neighbour_discovery_with_a_payload_is_never_forwarded") {
+        return;
+    }
+    let lab = Lab::new("ndrelay");
+    lab.upstream
+        .aaaa("nd.allowed.test", "2001:db8:100::20", 300);
+    lab.start_fence(&policy(&lab, &["nd.allowed.test"]));
+    assert_eq!(
+        addresses(&lab.a1().resolve("nd.allowed.test", RecordType::AAAA)),
+        ["2001:db8:100::20"]
+    );
+    // The internet listens for every ICMPv6 message (a raw socket sees them before the
+    // kernel's own neighbour discovery throws away those with the wrong hop limit).
+    let listener = lab.inet.run(|| {
+        socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::ICMPV6),
+        )
+        .unwrap()
+    });
+    let marker = b"dnsfence-nd-relay-marker".to_vec();
+    let watcher = {
+        let marker = marker.clone();
+        lab.inet
+            .spawn(move || icmpv6_received(&listener, &marker, Duration::from_secs(2)))
+    };
+    // agent1, root in its namespace: neighbour solicitation (135), advertisement (136) and
+    // router solicitation (133) with hop limit 255 and a payload, to the admitted global
+    // address; then an echo request (128) through the same socket as the control.
+    lab.agent1.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::ICMPV6),
+        )
+        .unwrap();
+        s.set_unicast_hops_v6(255).unwrap();
+        let to: socket2::SockAddr = sa("2001:db8:100::20", 0).into();
+        for kind in [135u8, 136, 133, 128] {
+            for _ in 0..3 {
+                s.send_to(&icmpv6(kind, &marker), &to).unwrap();
+            }
+        }
+    });
+    let kinds = watcher.join().unwrap();
+    assert!(
+        kinds.contains(&128),
+        "control: the echo request to the admitted address did not arrive: {kinds:?}"
+    );
+    assert!(
+        kinds.iter().all(|k| *k == 128),
+        "neighbour discovery messages were forwarded to a global address: {kinds:?}\n{}",
+        lab.ruleset()
+    );
+}
