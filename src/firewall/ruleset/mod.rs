@@ -20,6 +20,25 @@
 //!
 //! # Why the rules are in this order
 //!
+//! The `prerouting` chain (priority `raw`, policy accept; present with `forward`, or when
+//! dnsfence listens on a non-loopback address) sees every packet that enters the host before
+//! conntrack, routing or any socket does:
+//!
+//! 1. Loopback is accepted (no other host can put a packet on it).
+//! 2. `fib saddr . iif oif missing drop`: a source the host would not route back out of the
+//!    interface the packet came in on is forged. This is strict: the kernel looks up the best
+//!    route to the source and requires one of its next hops to use that interface, so a
+//!    default route through the agents' interface does not let them claim an address with a
+//!    more specific route elsewhere (the upstream's, another agent's), and a source that is one
+//!    of the host's own addresses finds a local route and is dropped too. It covers the input
+//!    path as well as the forwarded one: a forged "reply" from the upstream's address and port
+//!    would otherwise match the resolver's conntrack entry, pass `ct state established` in
+//!    `input` and reach the resolver's socket; a forged query would be answered to, and
+//!    counted against, another client. IPv6 has no `rp_filter` in the kernel at all, and the
+//!    IPv4 one may be off: this rule does not depend on either. What it cannot tell apart is a
+//!    source whose best route really is the agents' own link (an upstream that sits on the
+//!    agents' network): put the upstream on another interface.
+//!
 //! The `output` chain (agents on this host):
 //!
 //! 1. dnsfence's own upstream queries carry the socket mark `firewall.mark` and go to an upstream
@@ -29,23 +48,35 @@
 //!    process that binds the source port the resolver has just used rides the resolver's
 //!    conntrack entry to the upstream otherwise. For a loopback upstream only its port is
 //!    dropped, so that the rest of loopback keeps working.
-//! 3. Loopback: DNS (53, 853, the listen ports) to anything but dnsfence's own listen addresses
-//!    is dropped (a local stub or forwarder would be a way around dnsfence), the rest of
-//!    loopback is accepted.
-//! 4. `ct state established,related` accept (replies, and ICMP errors such as "packet too big").
-//! 5. DNS to dnsfence's non-loopback listen addresses.
-//! 6. Destinations in the allow sets (per client: the pair client . destination).
-//! 7. The static `allow_cidrs`.
-//! 8. ICMPv6 neighbour discovery (solicit/advert, router solicit); router advertisements are not
-//!    accepted, so an agent cannot announce itself as a router.
-//! 9. Rate-limited log, then drop (the chain policy is drop as well).
+//! 3. DNS to dnsfence's own listen addresses is accepted; then DNS (UDP and TCP 53), DNS over
+//!    TLS (TCP 853) and DNS over QUIC (UDP 853) to anything else is dropped, on loopback also
+//!    the listen ports (a local stub or forwarder would be a way around dnsfence). This comes
+//!    *before* the allow sets: an admitted host that also runs a resolver (or a CDN edge that
+//!    does) would otherwise be a DNS tunnel to anywhere.
+//! 4. The rest of loopback is accepted.
+//! 5. Replies on connections that other hosts opened (`ct direction reply`) are accepted from
+//!    dnsfence's listen ports and `firewall.inbound`, and dropped when the socket belongs to a
+//!    user other than root: an agent that listens on a port gets nothing back out, while sshd
+//!    and other services started by root keep working. Before `ct state established`, which
+//!    would accept them.
+//! 6. `ct state established,related` accept (replies, and ICMP errors such as "packet too big").
+//! 7. Destinations in the allow sets (per client: the pair client . destination).
+//! 8. The static `allow_cidrs`.
+//! 9. ICMPv6 neighbour solicitations and advertisements with hop limit 255, router
+//!    solicitations with hop limit 255 to all-routers (`ff02::2`): neighbour discovery on the
+//!    link, where RFC 4861 says it lives. Router advertisements are not accepted, so an agent
+//!    cannot announce itself as a router.
+//! 10. Rate-limited log, then drop (the chain policy is drop as well).
 //!
 //! The `forward` chain (agents in namespaces or containers routed through this host) drops
-//! packets to the upstreams first, then packets whose source would not be routed back through
-//! the interface they came in on (`fib saddr . iif oif missing`: no spoofing another client's
-//! address, which matters with per-client sets), then accepts established traffic, the allow sets
-//! and CIDRs, neighbour discovery, logs and drops. With `forward` an `input` chain protects the
-//! gateway itself: loopback, established traffic, DNS to dnsfence, neighbour discovery, nothing
+//! packets to the upstreams first, then DNS, DoT and DoQ to anywhere (nothing routed through
+//! the host is ever DNS to dnsfence), then every neighbour discovery message (ND packets can
+//! carry over a kilobyte of options and Linux forwards those whose addresses are not
+//! link-local: a channel to any global address), all before `ct state established`; then it
+//! accepts established traffic, the allow sets and CIDRs, logs and drops. Nothing from outside
+//! reaches an agent unless the agent opened it: only established traffic and admitted
+//! destinations pass. With `forward` an `input` chain protects the gateway itself: loopback,
+//! DNS to dnsfence, no other DNS, established traffic, neighbour discovery on the link, nothing
 //! else.
 //!
 //! Every address match checks `meta nfproto` first: an `inet` table sees IPv4 and IPv6 packets,
