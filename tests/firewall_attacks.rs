@@ -406,3 +406,94 @@ fn raw_neighbour_discovery_with_a_payload_is_never_forwarded() {
         lab.ruleset()
     );
 }
+
+/// Runs a one-shot TCP server on the gateway: as `uid` (via `setpriv`), listening on
+/// `0.0.0.0:port`, writing "hello" to each connection. Killed when the lab goes.
+fn listener_as(lab: &Lab, uid: u32, port: u16) -> std::process::Child {
+    for (tool, package) in [("perl", "perl-base"), ("setpriv", "util-linux")] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} is missing: apt-get install {package}");
+    }
+    let script = format!(
+        "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '0.0.0.0:{port}', \
+         Listen => 8, ReuseAddr => 1) or die $!; print \"ready\\n\"; $| = 1; \
+         while (my $c = $s->accept) {{ print $c \"hello\\n\"; close $c; }}"
+    );
+    let uid = uid.to_string();
+    let mut child = lab
+        .gw
+        .command("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "perl",
+            "-e",
+            &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the listener");
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .expect("the listener did not start");
+    child
+}
+
+/// Connects from the internet to the gateway's port and reads the greeting.
+fn greeting_from_outside(lab: &Lab, port: u16) -> Result<String, String> {
+    lab.inet.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&sa("192.0.2.1", port), BLOCKED_AFTER)
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+        Ok(buf)
+    })
+}
+
+#[test]
+fn in_shape_1_an_agent_listening_for_outside_hosts_gets_nothing_back_out() {
+    if !require_root("in_shape_1_an_agent_listening_for_outside_hosts_gets_nothing_back_out") {
+        return;
+    }
+    let lab = Lab::new("inbound");
+    let yaml = policy(&lab, &["api.allowed.test"])
+        .replace("hooks: [output, forward]", "hooks: [output]")
+        .replace("  mark:", "  inbound: [\"9102/tcp\"]\n  mark:");
+    lab.start_fence(&yaml);
+    // An agent (uid 65534) listens on the host's public address, as does a root service.
+    let mut agent = listener_as(&lab, 65534, 9100);
+    let mut agent_listed = listener_as(&lab, 65534, 9102);
+    let mut root = listener_as(&lab, 0, 9101);
+    let from_root = greeting_from_outside(&lab, 9101);
+    let from_listed = greeting_from_outside(&lab, 9102);
+    let from_agent = greeting_from_outside(&lab, 9100);
+    for child in [&mut agent, &mut agent_listed, &mut root] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(
+        from_root.as_deref(),
+        Ok("hello\n"),
+        "a root service (sshd) must keep working"
+    );
+    assert_eq!(
+        from_listed.as_deref(),
+        Ok("hello\n"),
+        "a port in firewall.inbound must be reachable"
+    );
+    assert!(
+        from_agent.is_err(),
+        "an outside host got a reply from an agent's listening socket: {from_agent:?}\n{}",
+        lab.ruleset()
+    );
+}

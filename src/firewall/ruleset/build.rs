@@ -13,7 +13,7 @@ use super::keys::normalize_ip;
 use super::model::{
     Chain, ChainHook, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef, Verdict,
 };
-use crate::policy::{FirewallPolicy, Hook, Policy};
+use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 
 /// Table names: the policy's one rule, so `check`, `serve` and `ruleset` agree (a plain nft
 /// identifier: anything else could break, or inject into, the rendered script).
@@ -129,7 +129,17 @@ impl Parts {
             listens,
             upstreams,
             cidrs,
-            inbound: Vec::new(),
+            inbound: fw
+                .inbound
+                .iter()
+                .map(|i| {
+                    let proto = match i.transport {
+                        Transport::Tcp => Proto::Tcp,
+                        Transport::Udp => Proto::Udp,
+                    };
+                    (proto, i.port)
+                })
+                .collect(),
         }
     }
 
