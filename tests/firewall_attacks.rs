@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::*;
 use common::upstream::Behaviour;
-use common::{addresses, query, require_root};
+use common::{addresses, query, require_root, require_tool};
 use hickory_proto::rr::RecordType;
 
 /// dnsfence's firewall mark (0x0d5f), written in decimal in the policies.
@@ -410,13 +410,8 @@ fn raw_neighbour_discovery_with_a_payload_is_never_forwarded() {
 /// Runs a one-shot TCP server on the gateway: as `uid` (via `setpriv`), listening on
 /// `0.0.0.0:port`, writing "hello" to each connection. Killed when the lab goes.
 fn listener_as(lab: &Lab, uid: u32, port: u16) -> std::process::Child {
-    for (tool, package) in [("perl", "perl-base"), ("setpriv", "util-linux")] {
-        let found = std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(found, "{tool} is missing: apt-get install {package}");
-    }
+    require_tool("setpriv");
+    require_tool("perl");
     let script = format!(
         "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '0.0.0.0:{port}', \
          Listen => 8, ReuseAddr => 1) or die $!; print \"ready\\n\"; $| = 1; \

@@ -59,6 +59,10 @@ pub const TOOLS: &[Tool] = &[
         name: "bash",
         package: "bash",
     },
+    Tool {
+        name: "perl",
+        package: "perl-base",
+    },
 ];
 
 /// Where the program `name` is on `path` (a `PATH`-style list), the way `execvp` (and so
