@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dnsfence::firewall::{AdmitError, Firewall, render_nft};
+use dnsfence::firewall::{AdmitError, Firewall, TimeoutRefresh, render_nft};
 use dnsfence::policy::{
     DenyWith, FirewallPolicy, Group, Hook, LogTarget, OnExit, Policy, RuleSet, TtlPolicy,
 };
@@ -1023,4 +1023,103 @@ fn missing_privilege_is_reported() {
         "child failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The running kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Admits 198.51.100.9 for 60 s, then for 600 s, then for 30 s, and returns its (timeout,
+/// seconds left) as the kernel reports them.
+fn extend_and_read(
+    ns: &Netns,
+    table: &str,
+    refresh: TimeoutRefresh,
+    set_size: u32,
+) -> (Option<u64>, Option<u64>) {
+    let mut p = policy(table, vec![Hook::Output], false);
+    p.firewall.set_size = set_size;
+    p.firewall.max_addresses_per_answer = 1;
+    p.firewall.max_elements_per_client = 1;
+    let fw = ns
+        .enter(|| Firewall::install_with(&p, refresh))
+        .expect("install");
+    let a = fw.admitter();
+    let rt = runtime();
+    let addr = "198.51.100.9";
+    rt.block_on(async {
+        let c = ip("127.0.0.1");
+        a.admit(c, &[(ip(addr), Duration::from_secs(60))])
+            .await
+            .expect("first");
+        a.admit(c, &[(ip(addr), Duration::from_secs(600))])
+            .await
+            .expect("longer");
+        a.admit(c, &[(ip(addr), Duration::from_secs(30))])
+            .await
+            .expect("shorter");
+    });
+    let v4 = ns.elements(table, "allow4");
+    fw.shutdown().expect("shutdown");
+    let e = v4
+        .iter()
+        .find(|e| e.0 == addr)
+        .unwrap_or_else(|| panic!("{addr} missing: {v4:?}"));
+    (e.1, e.2)
+}
+
+#[test]
+fn the_probe_finds_how_this_kernel_refreshes_timeouts() {
+    let Some(ns) = Netns::new("probe") else {
+        return;
+    };
+    let p = policy("dnsf_probe", vec![Hook::Output], false);
+    let fw = ns.enter(|| Firewall::install(&p)).expect("install");
+    let want = if kernel_version() >= (6, 12) {
+        TimeoutRefresh::ReAdd
+    } else {
+        TimeoutRefresh::DeleteReAdd
+    };
+    assert_eq!(fw.timeout_refresh(), want, "kernel {:?}", kernel_version());
+    fw.shutdown().expect("shutdown");
+    // The scratch table is gone.
+    let tables = ns.nft(&["list", "tables"]);
+    assert!(!tables.contains("dnsfence_probe"), "{tables}");
+    // And the detected path extends a lifetime.
+    let (timeout, left) = extend_and_read(&ns, "dnsf_probe2", TimeoutRefresh::Detect, 1024);
+    assert_eq!(timeout, Some(600));
+    assert!(left.is_some_and(|l| (590..=600).contains(&l)), "{left:?}");
+}
+
+#[test]
+fn lifetimes_extend_by_delete_and_readd_where_readd_keeps_the_old_timeout() {
+    let Some(ns) = Netns::new("delreadd") else {
+        return;
+    };
+    // The path of kernels before 6.12, forced on this one: the element ends with the longer
+    // timeout (read back from the kernel), and a shorter answer afterwards does not cut it.
+    let (timeout, left) = extend_and_read(&ns, "dnsf_old", TimeoutRefresh::DeleteReAdd, 1024);
+    assert_eq!(
+        timeout,
+        Some(600),
+        "delete + re-add did not set the new timeout"
+    );
+    assert!(left.is_some_and(|l| (590..=600).contains(&l)), "{left:?}");
+    // Also in a full set: the delete frees the place the re-add takes, in one transaction.
+    let (timeout, _) = extend_and_read(&ns, "dnsf_oldfull", TimeoutRefresh::DeleteReAdd, 1);
+    assert_eq!(timeout, Some(600), "extending in a full set failed");
+    // The plain re-add path, same steps: on this kernel it refreshes too; before 6.12 it
+    // would keep 60 s, which is what the probe detects.
+    let (timeout, _) = extend_and_read(&ns, "dnsf_new", TimeoutRefresh::ReAdd, 1024);
+    if kernel_version() >= (6, 12) {
+        assert_eq!(timeout, Some(600));
+    } else {
+        assert_eq!(timeout, Some(60));
+    }
 }

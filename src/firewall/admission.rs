@@ -10,7 +10,11 @@
 //!
 //! # Lifetimes
 //!
-//! Since Linux 6.12 re-adding an element overwrites its timeout, shorter or longer. Two answers
+//! Since Linux 6.12 re-adding an element overwrites its timeout, shorter or longer; through
+//! 6.11 it keeps the old one. `probe` finds out at start which this kernel does; where re-adding
+//! keeps the old timeout, an element that needs a longer lifetime is added (a no-op if it is
+//! there), deleted and added again with the new timeout, all in the same transaction, so that
+//! no packet ever sees it missing. Two answers
 //! for the same address (a long TTL, then a short one, or two clients in a shared set) must not
 //! cut each other's allowance, so the thread remembers the longest expiry granted per
 //! (client, address) and re-adds with `max(requested, remaining)`. Lifetimes are clamped to
@@ -208,6 +212,9 @@ pub(crate) struct Config {
     pub(crate) table: String,
     pub(crate) per_client: bool,
     pub(crate) set_size: u32,
+    /// The kernel keeps an element's old timeout when it is added again (before 6.12):
+    /// extend by delete and re-add in the same transaction.
+    pub(crate) delete_readd: bool,
 }
 
 struct Admission {
@@ -338,23 +345,24 @@ impl Admission {
                 *e = (*e).max(life);
             }
         }
-        let mut granted: Vec<(Key, Duration, Vec<u8>)> = Vec::with_capacity(wanted.len());
+        // (key, lifetime, element key, whether it extends an element already in the set)
+        let mut granted: Vec<(Key, Duration, Vec<u8>, bool)> = Vec::with_capacity(wanted.len());
         for (key, life) in wanted {
-            let life = life
-                .max(self.lifetimes.remaining(&key, now))
-                .min(MAX_LIFETIME);
+            let remaining = self.lifetimes.remaining(&key, now);
+            let extends = !remaining.is_zero() && life > remaining;
+            let life = life.max(remaining).min(MAX_LIFETIME);
             let client = key.0.unwrap_or(key.1);
             // The family was checked by admit(); a mismatch cannot reach this point.
             if let Some(k) = element_key(self.cfg.per_client, client, key.1) {
-                granted.push((key, life, k));
+                granted.push((key, life, k, extends));
             }
         }
         let mut batch = self.sock.begin(&self.cfg.table);
         for family in [Family::V4, Family::V6] {
             let elems: Vec<Elem<'_>> = granted
                 .iter()
-                .filter(|(key, _, _)| Family::of(key.1) == family)
-                .map(|(_, life, k)| Elem {
+                .filter(|(key, ..)| Family::of(key.1) == family)
+                .map(|(_, life, k, _)| Elem {
                     key: k,
                     timeout_ms: millis(*life),
                 })
@@ -362,10 +370,29 @@ impl Admission {
             if !elems.is_empty() {
                 batch.add_elements(family.set_name(), &elems);
             }
+            if self.cfg.delete_readd {
+                // Before 6.12 the add above kept the old expiry of an element that is there.
+                // The add made sure it is there (so the delete cannot fail with ENOENT should
+                // it have just expired); delete and add again set the new timeout. One
+                // transaction: no packet sees the element missing.
+                let longer: Vec<Elem<'_>> = granted
+                    .iter()
+                    .filter(|(key, _, _, extends)| *extends && Family::of(key.1) == family)
+                    .map(|(_, life, k, _)| Elem {
+                        key: k,
+                        timeout_ms: millis(*life),
+                    })
+                    .collect();
+                if !longer.is_empty() {
+                    let keys: Vec<Vec<u8>> = longer.iter().map(|e| e.key.to_vec()).collect();
+                    batch.del_elements(family.set_name(), &keys);
+                    batch.add_elements(family.set_name(), &longer);
+                }
+            }
         }
         self.sock.commit(batch)?;
         let mut acked = Vec::with_capacity(granted.len());
-        for (key, life, _) in granted {
+        for (key, life, ..) in granted {
             if let Some(expiry) = now.checked_add(life) {
                 self.lifetimes.record(key, expiry, now);
                 acked.push((key, expiry));
@@ -424,6 +451,7 @@ mod tests {
                     table: layout.table.clone(),
                     per_client: false,
                     set_size: 2,
+                    delete_readd: false,
                 },
                 lifetimes: Lifetimes::new(2),
                 rx,

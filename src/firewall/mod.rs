@@ -41,7 +41,10 @@
 mod admission;
 mod compare;
 mod netlink;
+mod probe;
 mod ruleset;
+
+pub use probe::TimeoutRefresh;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -113,6 +116,7 @@ pub enum AdmitError {
 /// The installed firewall. Keep it alive while dnsfence serves; end with [`Firewall::shutdown`].
 pub struct Firewall {
     table: String,
+    refresh: TimeoutRefresh,
     on_exit: OnExit,
     per_client: bool,
     control: NfSocket,
@@ -192,6 +196,15 @@ impl Firewall {
     /// atomically (delete + create in one batch). Blocking; called once at start-up, on a thread
     /// in the network namespace to firewall (the netlink sockets are opened here).
     pub fn install(policy: &Policy) -> Result<Firewall, FirewallError> {
+        Firewall::install_with(policy, TimeoutRefresh::Detect)
+    }
+
+    /// [`Firewall::install`], choosing how lifetimes are extended instead of asking the kernel
+    /// (tests force the path older kernels take).
+    pub fn install_with(
+        policy: &Policy,
+        refresh: TimeoutRefresh,
+    ) -> Result<Firewall, FirewallError> {
         let fw = &policy.firewall;
         if !fw.enabled {
             return Err(FirewallError::Policy(
@@ -236,6 +249,29 @@ impl Firewall {
             },
         }
 
+        let refresh = match refresh {
+            TimeoutRefresh::Detect => match probe::readd_refreshes_timeout(&mut control) {
+                Ok(true) => TimeoutRefresh::ReAdd,
+                Ok(false) => {
+                    tracing::info!(
+                        target: "dnsfence::firewall",
+                        "this kernel keeps an element's old timeout when it is added again \
+                         (before Linux 6.12): lifetimes are extended by delete and re-add"
+                    );
+                    TimeoutRefresh::DeleteReAdd
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        target: "dnsfence::firewall",
+                        error = %e,
+                        "could not probe how this kernel refreshes timeouts: extending \
+                         lifetimes by delete and re-add, which works on every kernel"
+                    );
+                    TimeoutRefresh::DeleteReAdd
+                }
+            },
+            chosen => chosen,
+        };
         let admit_sock = NfSocket::open().map_err(err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stop = Arc::new(AtomicBool::new(false));
@@ -243,6 +279,7 @@ impl Firewall {
             table: table.clone(),
             per_client: fw.per_client,
             set_size: fw.set_size,
+            delete_readd: refresh == TimeoutRefresh::DeleteReAdd,
         };
         let confirmed = Arc::new(admission::Confirmed::new(fw.set_size as usize));
         let thread = admission::spawn(
@@ -256,6 +293,7 @@ impl Firewall {
         .map_err(FirewallError::Thread)?;
         Ok(Firewall {
             table,
+            refresh,
             on_exit: fw.on_exit,
             per_client: fw.per_client,
             control,
@@ -264,6 +302,12 @@ impl Firewall {
             thread: Some(thread),
             confirmed,
         })
+    }
+
+    /// How this firewall extends lifetimes: [`TimeoutRefresh::ReAdd`] or
+    /// [`TimeoutRefresh::DeleteReAdd`] (what the kernel was found to need, or what was chosen).
+    pub fn timeout_refresh(&self) -> TimeoutRefresh {
+        self.refresh
     }
 
     /// A cheap clonable handle for the hot path.
