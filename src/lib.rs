@@ -12,7 +12,10 @@
 //! 6. [`firewall`] admits every address of that answer to the kernel's nftables sets, and the
 //!    kernel acknowledges it, before the reply is sent (fail closed: SERVFAIL otherwise).
 //! 7. [`querylog`] writes one JSON line per query.
+//!
+//! On top of these, [`adopt`] turns query logs into policy (audit mode, `suggest`, `replay`).
 
+pub mod adopt;
 pub mod firewall;
 pub mod pipeline;
 pub mod policy;

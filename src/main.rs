@@ -9,11 +9,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hickory_proto::rr::{Name, RecordType};
 
+use dnsfence::adopt::audit;
 use dnsfence::firewall::{self, Firewall};
 use dnsfence::pipeline::Pipeline;
 use dnsfence::pipeline::decision::{Decision, decide};
 use dnsfence::pipeline::upstream::Upstreams;
-use dnsfence::policy::{LogTarget, Policy};
+use dnsfence::policy::{LogTarget, Mode, Policy};
 use dnsfence::querylog::QueryLog;
 use dnsfence::server;
 
@@ -37,6 +38,7 @@ enum Command {
   dnsfence serve --policy policy/default.yaml
   dnsfence serve --policy /etc/dnsfence/agent.yaml --listen 127.0.0.1:53 --listen [::1]:53
   dnsfence serve --policy policy/default.yaml --log /var/log/dnsfence/queries.jsonl
+  dnsfence serve --policy policy/default.yaml --mode audit --audit-for 24h
 
 The query log has one JSON object per line; see the deny decisions with:
   dnsfence serve --policy policy/default.yaml | jq 'select(.decision==\"deny\")'
@@ -52,6 +54,15 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
         /// Query log: a file path to append to, or - for stdout. Overrides the policy's `log`.
         #[arg(long, value_name = "PATH|-")]
         log: Option<String>,
+        /// enforce, or audit: forward and admit what the policy denies (for `policy`, `qtype`
+        /// or `exfiltration-budget`), logged as `"decision":"deny","audit":true`. Audit needs
+        /// an end: the policy's `audit.until` or --audit-for. Overrides the policy's `mode`.
+        #[arg(long, value_enum)]
+        mode: Option<CliMode>,
+        /// Audit for this long from now (e.g. 30m, 24h, 7d), then enforce without a restart.
+        /// Implies --mode audit.
+        #[arg(long, value_name = "DURATION", value_parser = parse_cli_duration)]
+        audit_for: Option<std::time::Duration>,
     },
     /// Validate a policy file: exit 0 when valid, 1 with every error (file:line:column) when not.
     #[command(after_help = "Examples:
@@ -93,6 +104,17 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CliMode {
+    Enforce,
+    Audit,
+}
+
+fn parse_cli_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|error| format!("{error}; write a duration such as 30m, 24h or 7d"))
+}
+
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
@@ -101,7 +123,9 @@ fn main() -> ExitCode {
             policy,
             listen,
             log,
-        } => exit_with(serve(&policy, listen, log)),
+            mode,
+            audit_for,
+        } => exit_with(serve(&policy, listen, log, mode, audit_for)),
         Command::Check { policy } => check(&policy),
         Command::Explain {
             policy,
@@ -212,8 +236,40 @@ fn explain(path: &Path, client: IpAddr, name: &str, qtype: &str) -> ExitCode {
     }
 }
 
-fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<(), String> {
+/// The mode `serve` runs in: the policy's, unless the command line says otherwise.
+fn serve_mode(
+    policy: Mode,
+    cli: Option<CliMode>,
+    audit_for: Option<std::time::Duration>,
+) -> Result<Mode, String> {
+    match (cli, audit_for) {
+        (Some(CliMode::Enforce), Some(_)) => {
+            Err("--audit-for needs audit mode; drop --mode enforce".into())
+        }
+        (Some(CliMode::Enforce), None) => Ok(Mode::Enforce),
+        (_, Some(length)) => std::time::SystemTime::now()
+            .checked_add(length)
+            .map(|until| Mode::Audit { until })
+            .ok_or_else(|| "--audit-for is too long".to_owned()),
+        (Some(CliMode::Audit), None) => match policy {
+            Mode::Audit { .. } => Ok(policy),
+            Mode::Enforce => Err("audit mode must end: add --audit-for 24h (or the policy's \
+                                  audit: {until: <RFC 3339 time>})"
+                .into()),
+        },
+        (None, None) => Ok(policy),
+    }
+}
+
+fn serve(
+    path: &Path,
+    listen: Vec<SocketAddr>,
+    log: Option<String>,
+    mode: Option<CliMode>,
+    audit_for: Option<std::time::Duration>,
+) -> Result<(), String> {
     let mut policy = load_policy(path)?;
+    policy.mode = serve_mode(policy.mode, mode, audit_for)?;
     if !listen.is_empty() {
         policy.listen = listen;
     }
@@ -257,6 +313,7 @@ fn serve(path: &Path, listen: Vec<SocketAddr>, log: Option<String>) -> Result<()
         let admitter = firewall.as_ref().map(Firewall::admitter);
         let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
         tracing::info!(policy = %path.display(), "dnsfence starting");
+        tokio::spawn(audit::audit_clock(policy.mode, log.clone()));
         server::serve(
             pipeline,
             log,

@@ -1,4 +1,5 @@
-//! The query log: one JSON object per query, one per line, flushed as it happens.
+//! The query log: one JSON object per query, one per line, flushed as it happens; events
+//! (`"event":"mode"`, ...) are lines of their own with an `event` key.
 //!
 //! It is what an operator tails to see what an agent tried (`jq 'select(.decision=="deny")'`).
 //! Records go through a bounded channel to a dedicated writer thread, so a slow disk never
@@ -73,7 +74,32 @@ pub struct QueryRecord {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// A denial that audit mode let through: forwarded and admitted anyway.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
     pub latency_us: u64,
+}
+
+/// A line of the query log that is not a query: something dnsfence did or saw by itself
+/// (`"event":"mode"` when audit mode ends). Rare, so its fields are a free-form map.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub event: &'static str,
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+// Queries are nearly every line: boxing them would cost an allocation per query to save bytes
+// on the rare event.
+#[allow(clippy::large_enum_variant)]
+enum LogLine {
+    Query(QueryRecord),
+    Event(EventRecord),
 }
 
 fn rcode_mnemonic<S: serde::Serializer>(rcode: &ResponseCode, s: S) -> Result<S::Ok, S::Error> {
@@ -95,7 +121,7 @@ fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Er
 /// The sending side, cheap to clone.
 #[derive(Clone)]
 pub struct QueryLog {
-    sender: SyncSender<QueryRecord>,
+    sender: SyncSender<LogLine>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -131,7 +157,16 @@ impl QueryLog {
 
     /// Queues one record; never blocks.
     pub fn record(&self, record: QueryRecord) {
-        match self.sender.try_send(record) {
+        self.queue(LogLine::Query(record));
+    }
+
+    /// Queues one event; never blocks.
+    pub fn event(&self, event: EventRecord) {
+        self.queue(LogLine::Event(event));
+    }
+
+    fn queue(&self, line: LogLine) {
+        match self.sender.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 let before = self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +205,7 @@ fn open_append(path: &Path) -> io::Result<std::fs::File> {
         .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))
 }
 
-fn write_records(receiver: Receiver<QueryRecord>, mut out: BufWriter<Box<dyn Write + Send>>) {
+fn write_records(receiver: Receiver<LogLine>, mut out: BufWriter<Box<dyn Write + Send>>) {
     let mut failing = false;
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
@@ -187,7 +222,7 @@ fn write_records(receiver: Receiver<QueryRecord>, mut out: BufWriter<Box<dyn Wri
     }
 }
 
-fn write_line(out: &mut impl Write, record: &QueryRecord, failing: &mut bool) {
+fn write_line(out: &mut impl Write, record: &LogLine, failing: &mut bool) {
     let result = serde_json::to_writer(&mut *out, record)
         .map_err(io::Error::from)
         .and_then(|()| out.write_all(b"\n"));

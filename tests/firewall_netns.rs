@@ -201,6 +201,8 @@ fn policy(table: &str, hooks: Vec<Hook>, per_client: bool) -> Policy {
         https_hints: dnsfence::policy::HintMode::Admit,
         limits: dnsfence::policy::Limits::default(),
         exfiltration: dnsfence::policy::ExfiltrationLimits::default(),
+        mode: dnsfence::policy::Mode::Enforce,
+        metrics: None,
         warnings: vec![],
         deny_with: DenyWith::NxDomain,
         qtypes: vec![],

@@ -577,6 +577,8 @@ pub(crate) mod testns {
             https_hints: crate::policy::HintMode::Admit,
             limits: crate::policy::Limits::default(),
             exfiltration: crate::policy::ExfiltrationLimits::default(),
+            mode: crate::policy::Mode::Enforce,
+            metrics: None,
             warnings: vec![],
             deny_with: DenyWith::NxDomain,
             qtypes: vec![],

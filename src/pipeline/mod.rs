@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{Name, RData, Record};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
@@ -134,23 +134,36 @@ impl Pipeline {
             return refuse(record, DenyReason::RateLimit);
         }
 
+        // In audit mode a denial for `policy` or `qtype` goes on as if allowed (with no rule),
+        // and the record keeps the reason it would have been denied for.
         let (group_name, rule) =
             match decide(&self.policy, client_ip, &question.name, question.qtype) {
-                Decision::Allow { group, rule } => (group, rule),
+                Decision::Allow { group, rule } => (group, Some(rule)),
+                Decision::Deny(reason) if self.audits(reason, question) => {
+                    record.audit = true;
+                    record.reason = Some(reason.as_str());
+                    (self.policy.group_for(client_ip).name.as_str(), None)
+                }
                 Decision::Deny(reason) => return self.deny(record, reason),
             };
         record.group = Some(group_name.to_owned());
-        record.rule = Some(rule.pattern.clone());
-        if is_wildcard(rule) {
+        record.rule = rule.map(|rule| rule.pattern.clone());
+        if let Some(rule) = rule
+            && is_wildcard(rule)
+        {
             let charged =
                 self.budget
                     .charge(budget_key, &rule.pattern, &question.name, Instant::now());
             if let Err(exceeded) = charged {
                 record.error = Some(exceeded.to_string());
-                return self.deny(record, DenyReason::ExfiltrationBudget);
+                if !self.audits(DenyReason::ExfiltrationBudget, question) {
+                    return self.deny(record, DenyReason::ExfiltrationBudget);
+                }
+                record.audit = true;
+                record.reason = Some(DenyReason::ExfiltrationBudget.as_str());
             }
         }
-        record.decision = "allow";
+        record.decision = if record.audit { "deny" } else { "allow" };
         let Ok(_in_flight) = self.in_flight.try_acquire() else {
             record.error = Some("too many queries in flight".to_owned());
             return refuse(record, DenyReason::RateLimit);
@@ -171,8 +184,8 @@ impl Pipeline {
 
         let group = self.policy.group_for(client_ip);
         let allow_answers: Vec<IpNet> = rule
-            .allow_answers
-            .iter()
+            .into_iter()
+            .flat_map(|rule| rule.allow_answers.iter())
             .chain(group.allow_answers.iter())
             .copied()
             .collect();
@@ -195,7 +208,12 @@ impl Pipeline {
         record.refused = filtered.refused_addresses.clone();
         if let Some(name) = &filtered.chain_violation {
             record.error = Some(format!("CNAME chain leaves the allowlist at {name}"));
-            return self.deny(record, DenyReason::Policy);
+            if !self.audits(DenyReason::Policy, question) {
+                return self.deny(record, DenyReason::Policy);
+            }
+            record.audit = true;
+            record.decision = "deny";
+            record.reason.get_or_insert(DenyReason::Policy.as_str());
         }
         if filtered.stripped_to_nothing() {
             return self.deny(record, DenyReason::Rebinding);
@@ -231,6 +249,19 @@ impl Pipeline {
         (reply, record)
     }
 
+    /// Whether audit mode lets a query denied for `reason` through, now. Special-use names,
+    /// rebinding, malformed input and rate limits are never audited (they protect dnsfence and
+    /// the internal network, not the policy's intent), nor are meta query types no policy
+    /// could allow.
+    fn audits(&self, reason: DenyReason, question: &Question) -> bool {
+        let auditable = match reason {
+            DenyReason::Policy | DenyReason::ExfiltrationBudget => true,
+            DenyReason::Qtype => !is_meta_qtype(question.qtype),
+            _ => false,
+        };
+        auditable && self.policy.mode.audits_at(SystemTime::now())
+    }
+
     fn deny(&self, mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
         let rcode = match self.policy.deny_with {
             DenyWith::NxDomain => ResponseCode::NXDomain,
@@ -238,6 +269,7 @@ impl Pipeline {
         };
         record.decision = "deny";
         record.reason = Some(reason.as_str());
+        record.audit = false;
         record.rcode = rcode;
         (Reply::empty(rcode), record)
     }
@@ -250,6 +282,14 @@ fn refuse(mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
     record.reason = Some(reason.as_str());
     record.rcode = ResponseCode::Refused;
     (Reply::empty(ResponseCode::Refused), record)
+}
+
+/// Types whose answers cannot be filtered (the policy refuses them in `qtypes`).
+fn is_meta_qtype(qtype: RecordType) -> bool {
+    matches!(
+        qtype,
+        RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT | RecordType::TSIG
+    )
 }
 
 fn servfail(mut record: QueryRecord) -> (Reply, QueryRecord) {
@@ -279,6 +319,7 @@ fn new_record(
         upstream: None,
         error: None,
         truncated: false,
+        audit: false,
         latency_us: 0,
     }
 }

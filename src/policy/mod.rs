@@ -33,7 +33,7 @@ pub(crate) use schema::check_table_name;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::RecordType;
 use ipnet::{IpNet, Ipv6Net};
@@ -79,6 +79,10 @@ pub struct Policy {
     pub limits: Limits,
     /// Limits on names that matched a wildcard rule (`*.` or `**.`).
     pub exfiltration: ExfiltrationLimits,
+    /// Whether denials are enforced, or (until a set time) only logged.
+    pub mode: Mode,
+    /// The Prometheus and health endpoint; `None` (the default) when off.
+    pub metrics: Option<MetricsPolicy>,
     /// Lint findings that did not stop the load; each prints as `FILE:LINE:COLUMN: message`.
     pub warnings: Vec<Diagnostic>,
 }
@@ -176,6 +180,32 @@ pub enum UpstreamOrder {
     Fastest,
     /// The first upstream in the policy's order that is up.
     Strict,
+}
+
+/// Enforce the policy, or audit it: forward (and admit) what it would deny for `policy`,
+/// `qtype` or `exfiltration-budget`, log it as an audited denial, and enforce from `until` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit {
+        until: SystemTime,
+    },
+}
+
+impl Mode {
+    /// Whether denials are only audited at `now`.
+    pub fn audits_at(self, now: SystemTime) -> bool {
+        matches!(self, Mode::Audit { until } if now < until)
+    }
+}
+
+/// Where the metrics and health endpoint listens (always a loopback address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsPolicy {
+    pub listen: SocketAddr,
+    /// Label query counters with the client address (unbounded: only when asked for).
+    pub client_labels: bool,
 }
 
 /// How CNAME chains in answers are judged.

@@ -20,6 +20,7 @@ mod firewall;
 mod groups;
 mod limits;
 mod log;
+mod observe;
 mod queries;
 mod ttl;
 
@@ -53,6 +54,8 @@ const TOP_KEYS: &[&str] = &[
     "limits",
     "exfiltration",
     "firewall",
+    "mode",
+    "audit",
 ];
 
 /// Builds the policy; `None` if any error was reported.
@@ -79,6 +82,8 @@ pub(crate) fn build(root: &Node, source: &Path, r: &mut Report) -> Option<Policy
     let limits = limits::read(r, f.get("limits"));
     let exfiltration = exfiltration::read(r, f.get("exfiltration"));
     let firewall = firewall::read(r, f.get("firewall"));
+    let mode = observe::mode(r, f.get("mode"), f.get("audit"), f.pos);
+    let metrics = observe::metrics(r, f.get("metrics"), &endpoints.listen);
 
     let default_group = groups::group(
         r,
@@ -121,6 +126,8 @@ pub(crate) fn build(root: &Node, source: &Path, r: &mut Report) -> Option<Policy
         https_hints,
         limits,
         exfiltration,
+        mode,
+        metrics,
         warnings: Vec::new(),
     })
 }

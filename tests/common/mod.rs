@@ -44,6 +44,11 @@ pub fn free_port() -> u16 {
 impl Dnsfence {
     /// Starts dnsfence with `policy_yaml` (its `listen` is overridden) and waits until it answers.
     pub fn start(policy_yaml: &str) -> Dnsfence {
+        Dnsfence::start_with_args(policy_yaml, &[])
+    }
+
+    /// Like [`Dnsfence::start`], with more arguments for `serve`.
+    pub fn start_with_args(policy_yaml: &str, args: &[&str]) -> Dnsfence {
         let mut dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("policy.yaml");
         std::fs::write(&policy, policy_yaml).unwrap();
@@ -57,6 +62,7 @@ impl Dnsfence {
                 .arg(&policy)
                 .args(["--listen", &addr.to_string(), "--log"])
                 .arg(&log_path)
+                .args(args)
                 .stdin(Stdio::null())
                 .spawn()
                 .expect("start dnsfence");

@@ -1,0 +1,14 @@
+//! Adopting dnsfence: writing a policy from what an agent really does, and reviewing changes.
+//!
+//! The path a team takes from "we do not know what the agent needs" to an enforced policy:
+//!
+//! ```text
+//! serve --mode audit ─► query log ─► suggest ─► edit policy ─► replay ─► serve (enforce)
+//!  (denials forwarded,   (JSON lines)  (YAML of     (review)      (what would change
+//!   logged audit:true)                 additions)                  against past traffic)
+//! ```
+//!
+//! Everything here sits on top: it reads query logs and calls down into the policy and the
+//! pipeline's decision stage, the same code `serve` and `explain` run.
+
+pub mod audit;

@@ -1,0 +1,200 @@
+//! Adopting a policy from what the agent does: audit mode, `suggest` and `replay`, with the
+//! real binary, a scripted upstream on loopback and the query logs the binary wrote.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// The log lines for `qname`, waiting until there are at least `at_least` of them.
+fn lines_for(fence: &Dnsfence, qname: &str, at_least: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<_> = read_log(&fence.log_path)
+            .into_iter()
+            .filter(|l| l["qname"] == fqdn(qname))
+            .collect();
+        if lines.len() >= at_least || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn audit_mode_forwards_denied_names_until_its_end_then_answers_them_locally_without_a_restart() {
+    let upstream = Upstream::start();
+    upstream.a("denied.example.org", "198.51.100.20", 300);
+    upstream.txt("api.allowed.test", "hello", 300);
+    let until = SystemTime::now() + Duration::from_secs(10);
+    let extra = format!("mode: audit\naudit:\n  until: \"{}\"\n", rfc3339(until));
+    let fence = Dnsfence::start(&policy(upstream.addr, &["api.allowed.test"], &extra));
+
+    // Before `until`: the denied name and the denied type are forwarded and answered.
+    let reply = fence.udp("denied.example.org", RecordType::A);
+    assert!(
+        SystemTime::now() < until,
+        "the machine is too slow for this test"
+    );
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addresses(&reply), ["198.51.100.20"]);
+    let reply = fence.tcp("api.allowed.test", RecordType::TXT);
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(upstream.seen_for("denied.example.org").len(), 1);
+    assert_eq!(upstream.seen_for("api.allowed.test").len(), 1);
+
+    let audited = &lines_for(&fence, "denied.example.org", 1)[0];
+    assert_eq!(audited["decision"], "deny", "{audited}");
+    assert_eq!(audited["audit"], true, "{audited}");
+    assert_eq!(audited["reason"], "policy", "{audited}");
+    assert_eq!(audited["rcode"], "NOERROR", "{audited}");
+    assert_eq!(audited["group"], "default", "{audited}");
+    assert!(audited.get("rule").is_none(), "{audited}");
+    let txt = &lines_for(&fence, "api.allowed.test", 1)[0];
+    assert_eq!(
+        (&txt["decision"], &txt["audit"], &txt["reason"]),
+        (
+            &serde_json::json!("deny"),
+            &serde_json::json!(true),
+            &serde_json::json!("qtype")
+        ),
+        "{txt}"
+    );
+
+    // Special-use names stay denied in audit mode, and are logged without `audit`.
+    let reply = fence.udp("printer.local", RecordType::A);
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    let special = &lines_for(&fence, "printer.local", 1)[0];
+    assert_eq!(special["reason"], "special-use", "{special}");
+    assert!(special.get("audit").is_none(), "{special}");
+
+    // After `until`, the same process enforces.
+    while SystemTime::now() <= until + Duration::from_millis(100) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for reply in fence.both("denied.example.org", RecordType::A) {
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        assert!(reply.answers.is_empty());
+    }
+    assert_eq!(
+        upstream.seen_for("denied.example.org").len(),
+        1,
+        "the upstream saw the name after audit mode ended"
+    );
+    let lines = lines_for(&fence, "denied.example.org", 3);
+    for enforced in &lines[1..] {
+        assert_eq!(enforced["decision"], "deny", "{enforced}");
+        assert_eq!(enforced["reason"], "policy", "{enforced}");
+        assert!(enforced.get("audit").is_none(), "{enforced}");
+    }
+    // The switch is in the query log, written by the server itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let switch = loop {
+        let found = read_log(&fence.log_path)
+            .into_iter()
+            .find(|l| l["event"] == "mode");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no mode event in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(switch["mode"], "enforce", "{switch}");
+    assert_eq!(switch["was"], "audit", "{switch}");
+}
+
+#[test]
+fn rebinding_stays_enforced_in_audit_mode() {
+    let upstream = Upstream::start();
+    upstream.a("internal.example.org", "10.0.0.5", 300);
+    upstream.a("router.allowed.test", "192.168.1.1", 300);
+    let fence = Dnsfence::start_with_args(
+        &policy(upstream.addr, &["router.allowed.test"], ""),
+        &["--audit-for", "1h"],
+    );
+    for name in ["internal.example.org", "router.allowed.test"] {
+        for reply in fence.both(name, RecordType::A) {
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
+            assert!(reply.answers.is_empty(), "{name}");
+        }
+        for line in lines_for(&fence, name, 2) {
+            assert_eq!(line["reason"], "rebinding", "{line}");
+            assert!(line.get("audit").is_none(), "{line}");
+        }
+    }
+    // The control: a public answer for a denied name does go through in the same run.
+    upstream.a("public.example.org", "198.51.100.30", 300);
+    let reply = fence.udp("public.example.org", RecordType::A);
+    assert_eq!(addresses(&reply), ["198.51.100.30"]);
+}
+
+#[test]
+fn over_long_wildcard_names_are_audited_not_dropped_in_audit_mode() {
+    let upstream = Upstream::start();
+    let long = format!("{}.cdn.allowed.test", "a".repeat(50));
+    upstream.a(&long, "198.51.100.40", 300);
+    let fence = Dnsfence::start_with_args(
+        &policy(upstream.addr, &["*.cdn.allowed.test"], ""),
+        &["--mode", "audit", "--audit-for", "1h"],
+    );
+    let reply = fence.udp(&long, RecordType::A);
+    assert_eq!(addresses(&reply), ["198.51.100.40"]);
+    let line = &lines_for(&fence, &long, 1)[0];
+    assert_eq!(line["reason"], "exfiltration-budget", "{line}");
+    assert_eq!(line["audit"], true, "{line}");
+    assert_eq!(line["rule"], "*.cdn.allowed.test", "{line}");
+}
+
+#[test]
+fn audit_mode_without_an_end_is_refused_by_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let base = policy("127.0.0.1:5300".parse().unwrap(), &["api.allowed.test"], "");
+    std::fs::write(&path, format!("{base}mode: audit\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("policy.yaml:8:7"), "{stderr}");
+    assert!(stderr.contains("audit: {until:"), "{stderr}");
+
+    std::fs::write(&path, &base).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--mode", "audit", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--audit-for"), "{stderr}");
+
+    // An end in the past loads (with a warning) and means enforce.
+    std::fs::write(
+        &path,
+        format!("{base}mode: audit\naudit: {{until: \"2020-01-01T00:00:00Z\"}}\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("has passed"), "{stderr}");
+}
