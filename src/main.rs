@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hickory_proto::rr::{Name, RecordType};
 
-use dnsfence::adopt::audit;
+use dnsfence::adopt::{audit, logfile, replay, suggest};
 use dnsfence::firewall::{self, Firewall};
 use dnsfence::pipeline::Pipeline;
 use dnsfence::pipeline::decision::{Decision, decide};
@@ -92,6 +92,40 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
         #[arg(default_value = "A")]
         qtype: String,
     },
+    /// Print the allow rules a query log asks for, as a YAML fragment to review and merge into
+    /// the policy: per client group, each rule with its evidence, names that look like data or
+    /// exceed the exfiltration limits listed as not suggested.
+    #[command(after_help = "Examples:
+  dnsfence suggest --log /var/log/dnsfence/queries.jsonl
+  dnsfence suggest --log queries.jsonl --log queries.jsonl.1 --policy agent.yaml --since 7d
+
+Exact names by default; `*.parent` only for 3 or more names one label below a parent that is
+not a public suffix nor a multi-tenant one; never `**.`. Then review the change with replay.")]
+    Suggest {
+        /// Query log to read (JSON lines, from audit or enforce mode); repeat for several.
+        #[arg(long, value_name = "FILE", required = true)]
+        log: Vec<PathBuf>,
+        /// The policy in force: names it allows are left out, groups and limits come from it.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Only queries this recent (e.g. 12h, 7d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_cli_duration)]
+        since: Option<std::time::Duration>,
+    },
+    /// Run the queries of a log through a policy, with the decision code `serve` and `explain`
+    /// use, and print every name whose decision would change. Exit 0 when nothing allowed
+    /// would be denied, 1 when something would, 2 for an error.
+    #[command(after_help = "Examples:
+  dnsfence replay --log /var/log/dnsfence/queries.jsonl --policy new.yaml
+  dnsfence replay --log queries.jsonl --policy new.yaml && sudo systemctl reload dnsfence")]
+    Replay {
+        /// Query log to read; repeat for several.
+        #[arg(long, value_name = "FILE", required = true)]
+        log: Vec<PathBuf>,
+        /// The policy to judge the past queries by.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+    },
     /// Print, as an nft script, the ruleset `serve` installs for this policy (review it, diff it,
     /// or load it yourself with `nft -f`).
     #[command(after_help = "Examples:
@@ -133,6 +167,10 @@ fn main() -> ExitCode {
             name,
             qtype,
         } => explain(&policy, client, &name, &qtype),
+        Command::Suggest { log, policy, since } => {
+            exit_with(suggest(&log, policy.as_deref(), since))
+        }
+        Command::Replay { log, policy } => replay(&log, &policy),
         Command::Ruleset { policy } => match load_policy(&policy) {
             Ok(policy) => {
                 print!("{}", firewall::render_nft(&policy));
@@ -197,6 +235,59 @@ fn check(path: &Path) -> ExitCode {
             eprintln!("{error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn suggest(
+    logs: &[PathBuf],
+    policy: Option<&Path>,
+    since: Option<std::time::Duration>,
+) -> Result<(), String> {
+    let policy = policy.map(load_policy).transpose()?;
+    let since = since.and_then(|d| std::time::SystemTime::now().checked_sub(d));
+    let read = logfile::read_logs(logs, since)?;
+    let suggestion = suggest::suggest(&read.queries, policy.as_ref());
+    let shown: Vec<String> = logs.iter().map(|l| l.display().to_string()).collect();
+    let mut header = format!(
+        "dnsfence suggest: additions from {} queries in {}",
+        read.queries.len(),
+        shown.join(", ")
+    );
+    if let Some(policy) = &policy {
+        header.push_str(&format!(
+            "\nnames {} already allows are left out",
+            policy.source.display()
+        ));
+    }
+    header.push_str(
+        "\nmerge each list into the same list of your policy, review every name (each one can \
+         receive data from the agent),\nthen check the result with `dnsfence replay --policy NEW`",
+    );
+    print!("{}", suggestion.to_yaml(&header));
+    if read.skipped > 0 {
+        eprintln!(
+            "suggest: {} lines were not query records and were skipped",
+            read.skipped
+        );
+    }
+    Ok(())
+}
+
+fn replay(logs: &[PathBuf], path: &Path) -> ExitCode {
+    let policy = match load_policy(path) {
+        Ok(policy) => policy,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let read = match logfile::read_logs(logs, None) {
+        Ok(read) => read,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let replayed = replay::replay(&read.queries, &policy);
+    print!("{}", replayed.report(&policy));
+    if replayed.newly_denied() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -198,3 +198,186 @@ fn audit_mode_without_an_end_is_refused_by_check_and_serve() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("has passed"), "{stderr}");
 }
+
+/// A UDP query sent from `source` (any 127/8 address works on loopback).
+fn udp_from(source: &str, fence: &Dnsfence, qname: &str) -> hickory_proto::op::Message {
+    let socket = std::net::UdpSocket::bind((source, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let message = query(qname, RecordType::A);
+    socket
+        .send_to(&message.to_vec().unwrap(), fence.addr)
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (len, _) = socket.recv_from(&mut buf).unwrap();
+    hickory_proto::op::Message::from_vec(&buf[..len]).unwrap()
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn yaml(text: &str) -> serde_json::Value {
+    serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// Appends the suggested lists to the policy's (the merge an operator does by hand).
+fn merge(policy: &mut serde_json::Value, suggestion: &serde_json::Value) {
+    if let Some(rules) = suggestion["allow"].as_array() {
+        policy["allow"]
+            .as_array_mut()
+            .unwrap()
+            .extend(rules.clone());
+    }
+    for group in suggestion["clients"].as_array().into_iter().flatten() {
+        let target = policy["clients"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|g| g["name"] == group["name"])
+            .expect("suggested group exists in the policy");
+        target["allow"]
+            .as_array_mut()
+            .unwrap()
+            .extend(group["allow"].as_array().unwrap().clone());
+    }
+}
+
+#[test]
+fn suggest_turns_an_audit_log_into_rules_that_check_and_replay_accept_and_leaves_data_out() {
+    let upstream = Upstream::start();
+    let data_name = "k7q2x9m4w8z1p5n3v6b0.example.org";
+    let long_name = format!("{}.example.net", "x".repeat(45));
+    let default_names = [
+        "api.allowed.test",
+        "pypi.example.org",
+        "a.cdn.example.org",
+        "b.cdn.example.org",
+        "c.cdn.example.org",
+        data_name,
+        &long_name,
+    ];
+    let research_names = [
+        "models.allowed.test",
+        "hf.example.com",
+        "a.github.io",
+        "b.github.io",
+        "c.github.io",
+    ];
+    for (i, name) in default_names.iter().chain(&research_names).enumerate() {
+        upstream.a(name, &format!("198.51.100.{}", 100 + i), 300);
+    }
+    let policy_yaml = format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{}\"]\nupstream_timeout: 1s\n\
+         allow: [api.allowed.test]\nclients:\n  - name: research\n    from: [\"127.0.0.2/32\"]\n    \
+         allow: [models.allowed.test]\nfirewall: {{enabled: false}}\n",
+        upstream.addr
+    );
+    let mut fence = Dnsfence::start_with_args(&policy_yaml, &["--audit-for", "1h"]);
+    for name in default_names {
+        assert_eq!(
+            addresses(&udp_from("127.0.0.1", &fence, name)).len(),
+            1,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        addresses(&fence.udp("pypi.example.org", RecordType::A)).len(),
+        1
+    );
+    for name in research_names {
+        assert_eq!(
+            addresses(&udp_from("127.0.0.2", &fence, name)).len(),
+            1,
+            "{name}"
+        );
+    }
+    let queries = default_names.len() + 1 + research_names.len();
+    assert_eq!(fence.log(queries).len(), queries);
+    fence.stop();
+    let dir = fence.dir.path().to_owned();
+    let policy_path = dir.join("policy.yaml");
+    let log = fence.log_path.to_str().unwrap().to_owned();
+
+    let (code, suggestion, stderr) = run(&[
+        "suggest",
+        "--log",
+        &log,
+        "--policy",
+        policy_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    eprintln!("{suggestion}");
+    let rules: String = suggestion
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        rules,
+        "allow:\n  - \"*.cdn.example.org\"\n  - pypi.example.org\nclients:\n  - name: research\n    \
+         allow:\n      - a.github.io\n      - b.github.io\n      - c.github.io\n      - hf.example.com\n"
+    );
+    // The evidence and the names left out, with their reasons.
+    assert!(
+        suggestion.contains("# 2 queries from 127.0.0.1; A; "),
+        "{suggestion}"
+    );
+    assert!(
+        suggestion.contains(&format!("#   {data_name} (group default): looks like data")),
+        "{suggestion}"
+    );
+    assert!(
+        suggestion.contains(&format!(
+            "#   {long_name} (group default): over exfiltration.max_label_length (40)"
+        )),
+        "{suggestion}"
+    );
+
+    let mut merged = yaml(&policy_yaml);
+    merge(&mut merged, &yaml(&suggestion));
+    let merged_text = serde_json::to_string_pretty(&merged).unwrap();
+    assert!(!merged_text.contains(data_name) && !merged_text.contains(&long_name));
+    let merged_path = dir.join("merged.json");
+    std::fs::write(&merged_path, &merged_text).unwrap();
+    let merged_arg = merged_path.to_str().unwrap();
+    let (code, _, stderr) = run(&["check", "--policy", merged_arg]);
+    assert_eq!(code, Some(0), "{stderr}\n{merged_text}");
+
+    let (code, report, stderr) = run(&["replay", "--log", &log, "--policy", merged_arg]);
+    assert_eq!(code, Some(0), "{report}{stderr}");
+    assert!(report.contains("(0 allowed -> denied)"), "{report}");
+    assert!(
+        report.contains("deny (policy) -> allow") && report.contains("a.cdn.example.org."),
+        "{report}"
+    );
+    for left_out in [data_name, long_name.as_str()] {
+        assert!(!report.contains(left_out), "{left_out} changed:\n{report}");
+    }
+
+    // The control: a policy that drops an allowed name makes replay fail and say which.
+    let mut narrowed = yaml(&policy_yaml);
+    narrowed["allow"] = serde_json::json!(["other.allowed.test"]);
+    let narrowed_path = dir.join("narrowed.json");
+    std::fs::write(&narrowed_path, narrowed.to_string()).unwrap();
+    let (code, report, _) = run(&[
+        "replay",
+        "--log",
+        &log,
+        "--policy",
+        narrowed_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("allow -> deny") && l.contains("api.allowed.test.")),
+        "{report}"
+    );
+}

@@ -12,3 +12,6 @@
 //! pipeline's decision stage, the same code `serve` and `explain` run.
 
 pub mod audit;
+pub mod logfile;
+pub mod replay;
+pub mod suggest;
