@@ -185,7 +185,7 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DNSFENCE_LOG").unwrap_or_else(|_| {
         // hickory logs a line or two per request at info: keep those out of operations logs.
         tracing_subscriber::EnvFilter::new(
-            "info,hickory_server=warn,hickory_resolver=warn,hickory_net=warn,hickory_proto=warn",
+            "info,hickory_server=warn,hickory_net=warn,hickory_proto=warn",
         )
     });
     tracing_subscriber::fmt()
@@ -396,8 +396,8 @@ fn serve(
     let result = runtime.block_on(async {
         let upstreams = Upstreams::new(
             &policy.upstreams,
+            &policy.upstream_options,
             policy.upstream_timeout,
-            policy.upstream_options.order,
             mark,
         )
         .map_err(|error| format!("upstreams: {error}"))?;

@@ -388,3 +388,93 @@ fn upstream_order_strict_keeps_the_policy_order_and_fastest_moves_to_the_faster(
         }
     }
 }
+
+/// An upstream whose answer for `www.allowed.test` is a CNAME to `edge.cdn.test` with 120
+/// addresses: too big for UDP, so it is truncated and must be asked again over TCP.
+fn big_chain_upstream() -> Upstream {
+    let upstream = Upstream::start();
+    upstream.cname("www.allowed.test", "edge.cdn.test", 300);
+    for i in 0..120 {
+        upstream.a("edge.cdn.test", &format!("198.51.100.{}", i + 1), 300);
+    }
+    upstream
+}
+
+/// A truncated answer is asked again over TCP exactly once, for the question itself and never
+/// for the CNAME target (hickory-resolver's client followed targets itself), and `cname:
+/// strict` holds over TCP: the chain leaves the allowlist, so the client is denied.
+#[test]
+fn a_truncated_answer_costs_one_tcp_query_and_none_for_cname_targets() {
+    for (mode, extra) in [("follow", ""), ("strict", "cname: strict\n")] {
+        let upstream = big_chain_upstream();
+        let fence = fence_with(&upstream, &["www.allowed.test"], extra);
+        let reply = fence.tcp("www.allowed.test", RecordType::A);
+        let seen = upstream.seen();
+        let over_tcp: Vec<&SeenQuery> = seen.iter().filter(|q| q.tcp).collect();
+        eprintln!(
+            "cname {mode}: {} with {} addresses; upstream saw {:?}",
+            reply.metadata.response_code,
+            addresses(&reply).len(),
+            seen.iter()
+                .map(|q| (q.name.as_str(), q.tcp))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(over_tcp.len(), 1, "{mode}: {seen:?}");
+        assert_eq!(over_tcp[0].name, "www.allowed.test.");
+        assert!(
+            seen.iter().all(|q| q.name == "www.allowed.test."),
+            "{mode}: a CNAME target was asked: {seen:?}"
+        );
+        if mode == "follow" {
+            // Control: the chain does come back complete over TCP.
+            assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(addresses(&reply).len(), 120);
+        } else {
+            assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+            assert!(reply.answers.is_empty());
+        }
+    }
+}
+
+/// A `tcp://` upstream is asked over TCP only, on one kept-alive connection that carries many
+/// questions at once (the upstream answers them one after another, 100 ms each).
+#[test]
+fn a_tcp_upstream_gets_pipelined_questions_on_one_connection() {
+    let upstream = Upstream::start();
+    for i in 0..10 {
+        upstream.a(&format!("p{i}.allowed.test"), "198.51.100.10", 300);
+    }
+    upstream.set_tcp_behaviour(Behaviour::Slow(100));
+    let yaml = format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"tcp://{}\"]\nupstream_timeout: 3s\n\
+         allow: [\"*.allowed.test\"]\nfirewall: {{enabled: false}}\nlimits: {{client_qps: 0}}\n",
+        upstream.addr
+    );
+    let fence = Dnsfence::start(&yaml);
+    let addr = fence.addr;
+    let started = Instant::now();
+    let answered: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                s.spawn(move || {
+                    let q = query(&format!("p{i}.allowed.test"), RecordType::A);
+                    let reply = query_udp(addr, &q).unwrap();
+                    usize::from(addresses(&reply) == ["198.51.100.10"])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let took = started.elapsed();
+    let seen = upstream.seen();
+    let connections: HashSet<SocketAddr> = seen.iter().map(|q| q.peer).collect();
+    eprintln!(
+        "10 questions: {answered} answered in {took:?} over {} connection(s); {} queries",
+        connections.len(),
+        seen.len()
+    );
+    assert_eq!(answered, 10);
+    assert!(seen.iter().all(|q| q.tcp), "UDP used: {seen:?}");
+    assert_eq!(seen.len(), 10, "one query per question: {seen:?}");
+    assert!(connections.len() <= 2, "{connections:?}");
+}

@@ -170,6 +170,31 @@ impl Policy {
 pub struct UpstreamOptions {
     /// `upstream_order`.
     pub order: UpstreamOrder,
+    /// Upstreams written `tcp://` or `tls://` in `upstreams`, by address; the others are asked
+    /// over UDP (and over TCP when they truncate).
+    pub transports: Vec<(SocketAddr, UpstreamTransport)>,
+}
+
+impl UpstreamOptions {
+    /// How the upstream at `addr` is reached.
+    pub fn transport(&self, addr: SocketAddr) -> UpstreamTransport {
+        self.transports
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, t)| t.clone())
+            .unwrap_or(UpstreamTransport::Udp)
+    }
+}
+
+/// How an upstream is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTransport {
+    /// UDP, and TCP for truncated answers (`"9.9.9.9:53"`).
+    Udp,
+    /// TCP only (`"tcp://10.0.0.53:53"`).
+    Tcp,
+    /// DNS over TLS, the certificate checked against `name` (`"tls://9.9.9.9:853#dns.quad9.net"`).
+    Tls { name: String },
 }
 
 /// Which upstream a question goes to first.

@@ -1183,3 +1183,31 @@ fn table_names_follow_the_one_rule_the_ruleset_uses() {
     let p = firewall_policy(&format!("  table: {}\n", "a".repeat(32))).unwrap();
     assert_eq!(p.firewall.table.len(), 32);
 }
+
+#[test]
+fn upstreams_may_be_tcp_only_and_bad_schemes_are_errors() {
+    let p = parse(
+        "listen: [\"127.0.0.1:53\"]\nupstreams: [\"10.0.0.53:53\", \"tcp://10.0.0.54:53\"]\n",
+    )
+    .unwrap();
+    assert_eq!(p.upstreams.len(), 2);
+    assert_eq!(
+        p.upstream_options
+            .transport("10.0.0.53:53".parse().unwrap()),
+        UpstreamTransport::Udp
+    );
+    assert_eq!(
+        p.upstream_options
+            .transport("10.0.0.54:53".parse().unwrap()),
+        UpstreamTransport::Tcp
+    );
+    let errs = errors(
+        "listen: [\"127.0.0.1:53\"]\nupstreams: [\"quic://10.0.0.53:853\", \"tcp://10.0.0.53\"]\n",
+    );
+    assert!(
+        errs[0]
+            .starts_with("policy.yaml:2:13: upstreams: \"quic://10.0.0.53:853\": unknown scheme"),
+        "{errs:?}"
+    );
+    assert!(errs[1].contains("\"10.0.0.53\" has no port"), "{errs:?}");
+}

@@ -43,18 +43,17 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
-use hickory_resolver::net::NetError;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 pub use answer::{UpstreamAnswer, UpstreamFailure};
 use cache::AnswerCache;
 use health::Health;
-use tcp::TcpClient;
+use tcp::{StreamClient, TcpDialer};
 use udp::UdpOutcome;
 use wire::OutgoingQuery;
 
-use crate::policy::UpstreamOrder as Order;
+use crate::policy::{UpstreamOptions, UpstreamOrder as Order, UpstreamTransport};
 
 /// Fewer source ports than this and the port adds too little to the ID (RFC 5452 asks for as
 /// large a range as practicable).
@@ -71,7 +70,10 @@ struct Flight {
 /// One trusted resolver.
 struct Server {
     addr: SocketAddr,
-    tcp: TcpClient,
+    /// Whether questions go over UDP first (else over the stream only).
+    udp: bool,
+    /// TCP (truncated answers, or every question for `tcp://`), or TLS.
+    stream: StreamClient,
     health: Arc<Health>,
 }
 
@@ -107,15 +109,23 @@ impl Upstreams {
     /// be called inside the tokio runtime.
     pub fn new(
         upstreams: &[SocketAddr],
+        options: &UpstreamOptions,
         total_timeout: Duration,
-        order: Order,
         mark: u32,
-    ) -> Result<Upstreams, NetError> {
+    ) -> Result<Upstreams, String> {
         let mut servers = Vec::with_capacity(upstreams.len());
         for &addr in upstreams {
+            let transport = options.transport(addr);
+            let dialer: Box<dyn tcp::Dialer> = match &transport {
+                UpstreamTransport::Udp | UpstreamTransport::Tcp => Box::new(TcpDialer),
+                UpstreamTransport::Tls { name } => {
+                    return Err(format!("{addr}: TLS to {name} is not supported yet"));
+                }
+            };
             servers.push(Server {
                 addr,
-                tcp: TcpClient::new(addr, total_timeout, mark)?,
+                udp: transport == UpstreamTransport::Udp,
+                stream: StreamClient::new(addr, mark, dialer),
                 health: Arc::default(),
             });
         }
@@ -132,7 +142,7 @@ impl Upstreams {
         }
         Ok(Upstreams {
             servers,
-            order,
+            order: options.order,
             mark,
             cache: AnswerCache::default(),
             flights: Mutex::default(),
@@ -213,9 +223,7 @@ impl Upstreams {
                         server: index,
                         started: now,
                         rto,
-                        future: Some(Box::pin(
-                            self.attempt(server, name, qtype, &question, rto, deadline),
-                        )),
+                        future: Some(Box::pin(self.attempt(server, &question, rto, deadline))),
                     });
                     bring_next_at = now + rto;
                     continue;
@@ -278,19 +286,24 @@ impl Upstreams {
     async fn attempt(
         &self,
         server: &Server,
-        name: &Name,
-        qtype: RecordType,
         question: &OutgoingQuery,
         rto: Duration,
         deadline: Instant,
     ) -> Result<UpstreamAnswer, AttemptError> {
         let started = Instant::now();
-        let message = match udp::ask(server.addr, self.mark, question, rto, deadline).await {
-            UdpOutcome::Reply(message) => message,
-            UdpOutcome::TimedOut(reason) | UdpOutcome::Failed(reason) => {
-                server.health.failed(Instant::now());
-                return Err(AttemptError { reason });
+        let fail = |reason: String| {
+            server.health.failed(Instant::now());
+            AttemptError { reason }
+        };
+        let mut message = if server.udp {
+            match udp::ask(server.addr, self.mark, question, rto, deadline).await {
+                UdpOutcome::Reply(message) => message,
+                UdpOutcome::TimedOut(reason) | UdpOutcome::Failed(reason) => {
+                    return Err(fail(reason));
+                }
             }
+        } else {
+            server.stream.ask(question, deadline).await.map_err(fail)?
         };
         let rcode = message.metadata.response_code;
         if upstream_wide_failure(rcode) {
@@ -298,14 +311,13 @@ impl Upstreams {
         } else {
             server.health.answered(started.elapsed());
         }
-        if message.metadata.truncation && rcode == ResponseCode::NoError {
-            return match tokio::time::timeout_at(deadline, server.tcp.query(name, qtype)).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(reason)) => Err(AttemptError { reason }),
-                Err(_elapsed) => Err(AttemptError {
-                    reason: format!("{} did not answer over TCP in time", server.addr),
-                }),
-            };
+        if server.udp && message.metadata.truncation && rcode == ResponseCode::NoError {
+            // The same question, once, over TCP: never a question dnsfence did not decide on.
+            message = server
+                .stream
+                .ask(question, deadline)
+                .await
+                .map_err(|reason| AttemptError { reason })?;
         }
         definitive(server.addr, message).map_err(|reason| AttemptError { reason })
     }

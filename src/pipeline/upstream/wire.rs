@@ -128,7 +128,6 @@ impl OutgoingQuery {
         }
     }
 
-    #[cfg(test)]
     pub fn id(&self) -> u16 {
         match self.bytes.get(..2) {
             Some(&[hi, lo]) => u16::from_be_bytes([hi, lo]),

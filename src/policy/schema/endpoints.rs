@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::super::diagnostic::{Pos, Report};
-use super::super::net::Role;
+use super::super::net::{self, Role};
 use super::super::raw::{Node, Value};
 use super::super::read::{self, Fields};
-use super::super::{UpstreamOptions, UpstreamOrder};
+use super::super::{UpstreamOptions, UpstreamOrder, UpstreamTransport};
 
 /// The checked endpoints of a policy.
 pub(super) struct Endpoints {
@@ -23,7 +23,7 @@ pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
     let listen_node = f.required(r, "listen", "listen: [\"127.0.0.1:53\"]");
     let listen = socket_list(r, listen_node, "listen", Role::Listen);
     let upstreams_node = f.required(r, "upstreams", "upstreams: [\"9.9.9.9:53\"]");
-    let upstreams = socket_list(r, upstreams_node, "upstreams", Role::Upstream);
+    let (upstreams, transports) = upstream_list(r, upstreams_node);
     check_no_loop(r, &listen, &upstreams);
     let upstream_timeout =
         read::nonzero_duration(r, f.get("upstream_timeout"), "upstream_timeout", 2);
@@ -45,7 +45,7 @@ pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
         listen: listen.into_iter().map(|(_, a)| a).collect(),
         upstreams: upstreams.into_iter().map(|(_, a)| a).collect(),
         upstream_timeout,
-        upstream_options: UpstreamOptions { order },
+        upstream_options: UpstreamOptions { order, transports },
     }
 }
 
@@ -60,6 +60,96 @@ fn socket_list(
         return Vec::new();
     };
     let addrs = read::sockets(r, node, what, role);
+    check_list(r, node, what, role, &addrs);
+    addrs
+}
+
+/// `upstreams`: addresses, each optionally `tcp://` (TCP only) or `tls://ADDR#NAME` (DNS over
+/// TLS, the certificate checked against NAME).
+#[allow(clippy::type_complexity)]
+fn upstream_list(
+    r: &mut Report,
+    node: Option<&Node>,
+) -> (Vec<(Pos, SocketAddr)>, Vec<(SocketAddr, UpstreamTransport)>) {
+    let what = "upstreams";
+    let Some(node) = node else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut addrs = Vec::new();
+    let mut transports = Vec::new();
+    for item in read::list(r, node, what).unwrap_or_default() {
+        let Some(text) = read::text(r, item, what) else {
+            continue;
+        };
+        match parse_upstream(text) {
+            Ok((addr, transport)) => {
+                addrs.push((item.pos, addr));
+                if transport != UpstreamTransport::Udp {
+                    transports.push((addr, transport));
+                }
+            }
+            Err(e) => r.error(item.pos, format!("{what}: {e}")),
+        }
+    }
+    check_list(r, node, what, Role::Upstream, &addrs);
+    (addrs, transports)
+}
+
+/// Until the TLS client lands, `tls://` is refused here, so `check` and `serve` agree.
+const TLS_UNSUPPORTED: bool = true;
+
+fn parse_upstream(text: &str) -> Result<(SocketAddr, UpstreamTransport), String> {
+    if let Some(rest) = text.strip_prefix("tcp://") {
+        let addr = net::parse_socket(rest, Role::Upstream)?;
+        return Ok((addr, UpstreamTransport::Tcp));
+    }
+    if let Some(rest) = text.strip_prefix("tls://") {
+        if TLS_UNSUPPORTED {
+            return Err(format!(
+                "{text:?}: DNS over TLS upstreams are not supported yet; write \"tcp://\" \
+                 or a plain address"
+            ));
+        }
+        let Some((addr, name)) = rest.split_once('#') else {
+            return Err(format!(
+                "{text:?} names no certificate; write the name the upstream's certificate \
+                 carries after #, such as \"tls://9.9.9.9:853#dns.quad9.net\""
+            ));
+        };
+        let addr = net::parse_socket(addr, Role::Upstream)?;
+        let plain = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let name = name.trim_end_matches('.');
+        if name.len() > 253 || !name.split('.').all(plain) {
+            return Err(format!(
+                "{text:?}: {name:?} is not a host name; write the name on the upstream's \
+                 certificate, such as \"tls://9.9.9.9:853#dns.quad9.net\""
+            ));
+        }
+        return Ok((
+            addr,
+            UpstreamTransport::Tls {
+                name: name.to_ascii_lowercase(),
+            },
+        ));
+    }
+    if let Some((scheme, _)) = text.split_once("://") {
+        return Err(format!(
+            "{text:?}: unknown scheme {scheme:?}; write an address (UDP, TCP for long \
+             answers), \"tcp://ADDRESS:PORT\" or \"tls://ADDRESS:853#NAME\""
+        ));
+    }
+    Ok((
+        net::parse_socket(text, Role::Upstream)?,
+        UpstreamTransport::Udp,
+    ))
+}
+
+/// The checks every address list gets: not empty, no address twice.
+fn check_list(r: &mut Report, node: &Node, what: &str, role: Role, addrs: &[(Pos, SocketAddr)]) {
     if matches!(&node.value, Value::Seq(items) if items.is_empty()) || node.value == Value::Null {
         let example = match role {
             Role::Listen => "[\"127.0.0.1:53\"]",
@@ -71,7 +161,7 @@ fn socket_list(
         );
     }
     let mut seen: HashMap<SocketAddr, Pos> = HashMap::new();
-    for &(pos, addr) in &addrs {
+    for &(pos, addr) in addrs {
         if let Some(first) = seen.insert(addr, pos) {
             r.error(
                 pos,
@@ -82,7 +172,6 @@ fn socket_list(
             );
         }
     }
-    addrs
 }
 
 /// An upstream that is one of our own listening sockets would loop queries forever.
