@@ -1,13 +1,26 @@
-//! The answer cache: upstream answers by question, for as long as their TTLs say, bounded.
+//! The answer cache: upstream answers by question, for as long as their TTLs say, bounded,
+//! and evicted by use so that a flood of unique names cannot push the popular answers out.
 //!
 //! Keys are the question as forwarded (lower-case name, type), so an agent gains nothing by
 //! varying case. Positive answers live for their smallest TTL, negative ones for their SOA's
 //! negative TTL (RFC 2308), both at most [`MAX_TTL`]; records come back with their TTLs reduced
-//! by the time spent in the cache. At most [`MAX_ENTRIES`] answers are kept; the oldest go
-//! first, so a flood of unique names churns the cache but cannot grow it.
+//! by the time spent in the cache.
+//!
+//! Eviction is a segmented LRU (SLRU): a new answer enters a small *probation* segment; an
+//! answer asked for again while there moves to the *protected* segment, which holds most of the
+//! room. When the cache is full, the least recently used answer of probation goes first; when
+//! protected is full, its least recently used answer steps back to probation (and gets another
+//! chance to be asked for). A flood of names asked once each only ever churns probation: the
+//! answers clients keep asking for sit in protected, out of its reach. An expired answer is
+//! dropped when it is looked up. The cache is split into shards by key hash, each with its own
+//! lock (held for a lookup, never across an await), so threads rarely wait on each other.
+//!
+//! (`moka`, which hickory uses, does this with TinyLFU; it would bring a dependency tree and
+//! background housekeeping for what is a hundred lines here.)
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -20,44 +33,225 @@ pub const MAX_ENTRIES: usize = 16_384;
 /// Longest time an answer is kept, whatever its TTL.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 
+/// Shards of the cache.
+const SHARDS: usize = 8;
+
+/// Share of each shard held by the protected segment, in percent.
+const PROTECTED_PERCENT: usize = 80;
+
 type Key = (Name, RecordType);
 
-struct Entry {
+const NIL: usize = usize::MAX;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Segment {
+    Probation,
+    Protected,
+}
+
+struct Node {
+    key: Key,
     answer: UpstreamAnswer,
     stored: Instant,
     expires: Instant,
+    segment: Segment,
+    prev: usize,
+    next: usize,
 }
 
-#[derive(Default)]
-struct Inner {
-    entries: HashMap<Key, Entry>,
-    /// Insertion order, for eviction; may hold keys replaced or removed since.
-    order: VecDeque<Key>,
+/// A list of nodes by index, most recently used at the head.
+#[derive(Clone, Copy)]
+struct List {
+    head: usize,
+    tail: usize,
+    len: usize,
 }
 
-/// A bounded, TTL-honouring cache of upstream answers.
-#[derive(Default)]
-pub struct AnswerCache {
-    inner: Mutex<Inner>,
+impl List {
+    const EMPTY: List = List {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
 }
 
-impl AnswerCache {
-    /// The cached answer, with TTLs reduced by its age, if still valid.
-    pub fn get(&self, name: &Name, qtype: RecordType, now: Instant) -> Option<UpstreamAnswer> {
-        let mut inner = self.inner.lock().ok()?;
-        let key = (name.clone(), qtype);
-        let entry = inner.entries.get(&key)?;
-        if now >= entry.expires {
-            inner.entries.remove(&key);
+/// One shard: a slab of nodes, an index by key, and the two segments' lists.
+struct Shard {
+    nodes: Vec<Option<Node>>,
+    free: Vec<usize>,
+    index: HashMap<Key, usize>,
+    probation: List,
+    protected: List,
+    capacity: usize,
+    protected_capacity: usize,
+}
+
+impl Shard {
+    fn new(capacity: usize) -> Shard {
+        Shard {
+            nodes: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            probation: List::EMPTY,
+            protected: List::EMPTY,
+            capacity,
+            protected_capacity: capacity * PROTECTED_PERCENT / 100,
+        }
+    }
+
+    fn node(&mut self, at: usize) -> Option<&mut Node> {
+        self.nodes.get_mut(at).and_then(Option::as_mut)
+    }
+
+    fn list(&mut self, segment: Segment) -> &mut List {
+        match segment {
+            Segment::Probation => &mut self.probation,
+            Segment::Protected => &mut self.protected,
+        }
+    }
+
+    fn unlink(&mut self, at: usize) {
+        let Some((segment, prev, next)) = self.node(at).map(|n| (n.segment, n.prev, n.next)) else {
+            return;
+        };
+        match self.node(prev) {
+            Some(p) => p.next = next,
+            None => self.list(segment).head = next,
+        }
+        match self.node(next) {
+            Some(n) => n.prev = prev,
+            None => self.list(segment).tail = prev,
+        }
+        let list = self.list(segment);
+        list.len = list.len.saturating_sub(1);
+    }
+
+    fn push_front(&mut self, at: usize, segment: Segment) {
+        let head = self.list(segment).head;
+        if let Some(node) = self.node(at) {
+            node.segment = segment;
+            node.prev = NIL;
+            node.next = head;
+        }
+        if let Some(old) = self.node(head) {
+            old.prev = at;
+        }
+        let list = self.list(segment);
+        list.head = at;
+        if list.tail == NIL {
+            list.tail = at;
+        }
+        list.len += 1;
+    }
+
+    fn remove(&mut self, at: usize) {
+        self.unlink(at);
+        if let Some(node) = self.nodes.get_mut(at).and_then(Option::take) {
+            self.index.remove(&node.key);
+            self.free.push(at);
+        }
+    }
+
+    fn get(&mut self, key: &Key, now: Instant) -> Option<UpstreamAnswer> {
+        let at = *self.index.get(key)?;
+        let node = self.node(at)?;
+        if now >= node.expires {
+            self.remove(at);
             return None;
         }
-        let age = u32::try_from(now.duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
-        let mut answer = entry.answer.clone();
-        drop(inner);
+        let age = u32::try_from(now.duration_since(node.stored).as_secs()).unwrap_or(u32::MAX);
+        let mut answer = node.answer.clone();
+        // Asked again: into (or to the front of) protected.
+        self.unlink(at);
+        self.push_front(at, Segment::Protected);
+        while self.protected.len > self.protected_capacity {
+            let tail = self.protected.tail;
+            self.unlink(tail);
+            self.push_front(tail, Segment::Probation);
+        }
         for record in answer.answers.iter_mut().chain(answer.soa.as_mut()) {
             record.ttl = record.ttl.saturating_sub(age);
         }
         Some(answer)
+    }
+
+    fn put(&mut self, key: Key, answer: &UpstreamAnswer, now: Instant, ttl: Duration) {
+        if let Some(&at) = self.index.get(&key) {
+            self.remove(at);
+        }
+        while self.index.len() >= self.capacity {
+            let victim = if self.probation.tail != NIL {
+                self.probation.tail
+            } else {
+                self.protected.tail
+            };
+            if victim == NIL {
+                break;
+            }
+            self.remove(victim);
+        }
+        let node = Node {
+            key: key.clone(),
+            answer: answer.clone(),
+            stored: now,
+            expires: now + ttl,
+            segment: Segment::Probation,
+            prev: NIL,
+            next: NIL,
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                if let Some(slot) = self.nodes.get_mut(at) {
+                    *slot = Some(node);
+                }
+                at
+            }
+            None => {
+                self.nodes.push(Some(node));
+                self.nodes.len() - 1
+            }
+        };
+        self.index.insert(key, at);
+        self.push_front(at, Segment::Probation);
+    }
+}
+
+/// A bounded, TTL-honouring, scan-resistant cache of upstream answers.
+pub struct AnswerCache {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+}
+
+impl Default for AnswerCache {
+    fn default() -> AnswerCache {
+        AnswerCache::with_capacity(MAX_ENTRIES)
+    }
+}
+
+impl AnswerCache {
+    pub fn with_capacity(entries: usize) -> AnswerCache {
+        let per_shard = (entries / SHARDS).max(1);
+        AnswerCache {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> Option<std::sync::MutexGuard<'_, Shard>> {
+        // `Name` hashes case-insensitively, like it compares.
+        let hash = self.hasher.hash_one(key);
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (hash as usize) % self.shards.len().max(1);
+        let shard = self.shards.get(index)?;
+        Some(shard.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The cached answer, with TTLs reduced by its age, if still valid.
+    pub fn get(&self, name: &Name, qtype: RecordType, now: Instant) -> Option<UpstreamAnswer> {
+        let key = (name.clone(), qtype);
+        self.shard(&key)?.get(&key, now)
     }
 
     /// Keeps `answer` for the question, unless its TTL is 0.
@@ -66,39 +260,17 @@ impl AnswerCache {
         if ttl.is_zero() {
             return;
         }
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
         let key = (name.clone(), qtype);
-        while inner.entries.len() >= MAX_ENTRIES && !inner.entries.contains_key(&key) {
-            let Some(oldest) = inner.order.pop_front() else {
-                break;
-            };
-            inner.entries.remove(&oldest);
+        if let Some(mut shard) = self.shard(&key) {
+            shard.put(key, answer, now, ttl);
         }
-        // Replaced keys leave stale places in `order`; rebuild it before it outgrows the map.
-        if inner.order.len() >= 2 * MAX_ENTRIES {
-            let live: VecDeque<Key> = inner
-                .order
-                .iter()
-                .filter(|k| inner.entries.contains_key(*k))
-                .cloned()
-                .collect();
-            inner.order = live;
-        }
-        inner.order.push_back(key.clone());
-        inner.entries.insert(
-            key,
-            Entry {
-                answer: answer.clone(),
-                stored: now,
-                expires: now + ttl,
-            },
-        );
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().map_or(0, |inner| inner.entries.len())
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).index.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -168,15 +340,70 @@ mod tests {
     fn the_cache_never_holds_more_than_its_bound() {
         let cache = AnswerCache::default();
         let t0 = Instant::now();
-        for i in 0..(MAX_ENTRIES + 500) {
+        for i in 0..(2 * MAX_ENTRIES) {
             let name = Name::from_ascii(format!("n{i}.test.")).unwrap();
             cache.put(&name, RecordType::A, &answer(300), t0);
         }
-        assert_eq!(cache.len(), MAX_ENTRIES);
-        // The oldest went first.
+        assert!(cache.len() <= MAX_ENTRIES, "{}", cache.len());
+        assert!(cache.len() >= MAX_ENTRIES * 9 / 10, "{}", cache.len());
+        // Never asked again: the oldest went first.
         let first = Name::from_ascii("n0.test.").unwrap();
         assert!(cache.get(&first, RecordType::A, t0).is_none());
-        let last = Name::from_ascii(format!("n{}.test.", MAX_ENTRIES + 499)).unwrap();
+        let last = Name::from_ascii(format!("n{}.test.", 2 * MAX_ENTRIES - 1)).unwrap();
         assert!(cache.get(&last, RecordType::A, t0).is_some());
+    }
+
+    /// 1,000 answers clients keep asking for survive a flood of 100,000 names asked once each;
+    /// the control, 1,000 answers never asked again, do not.
+    #[test]
+    fn a_flood_of_unique_names_cannot_evict_the_popular_answers() {
+        let cache = AnswerCache::default();
+        let t0 = Instant::now();
+        let names = |prefix: &str| -> Vec<Name> {
+            (0..1000)
+                .map(|i| Name::from_ascii(format!("{prefix}{i}.test.")).unwrap())
+                .collect()
+        };
+        let (popular, once) = (names("popular"), names("once"));
+        for name in popular.iter().chain(&once) {
+            cache.put(name, RecordType::A, &answer(300), t0);
+        }
+        for name in &popular {
+            assert!(cache.get(name, RecordType::A, t0).is_some());
+        }
+        for i in 0..100_000 {
+            let name = Name::from_ascii(format!("flood{i}.test.")).unwrap();
+            cache.put(&name, RecordType::A, &answer(300), t0);
+        }
+        let kept = |names: &[Name]| {
+            names
+                .iter()
+                .filter(|n| cache.get(n, RecordType::A, t0).is_some())
+                .count()
+        };
+        assert_eq!(kept(&popular), 1000, "popular answers evicted by the flood");
+        assert_eq!(
+            kept(&once),
+            0,
+            "control: the flood does evict what is not asked again"
+        );
+        assert!(cache.len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_protected_answer_no_longer_asked_for_steps_back_and_can_go() {
+        let cache = AnswerCache::with_capacity(8 * 10);
+        let t0 = Instant::now();
+        let names: Vec<Name> = (0..2000)
+            .map(|i| Name::from_ascii(format!("p{i}.test.")).unwrap())
+            .collect();
+        // Ask many names twice: protected overflows and demotes its oldest into probation.
+        for name in &names {
+            cache.put(name, RecordType::A, &answer(300), t0);
+            cache.get(name, RecordType::A, t0);
+        }
+        assert!(cache.len() <= 80);
+        assert!(cache.get(&names[0], RecordType::A, t0).is_none());
+        assert!(cache.get(&names[1999], RecordType::A, t0).is_some());
     }
 }
