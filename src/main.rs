@@ -1,4 +1,4 @@
-//! The `dnsfence` command line: `serve`, `check`, `explain` and `ruleset`.
+//! The `dnsfence` command line: `serve`, `check`, `explain`, `ruleset` and `firewall`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -136,6 +136,47 @@ not a public suffix nor a multi-tenant one; never `**.`. Then review the change 
         #[arg(long, value_name = "FILE")]
         policy: PathBuf,
     },
+    /// Inspect or remove the nftables table dnsfence installed (in this network namespace).
+    Firewall {
+        #[command(subcommand)]
+        action: FirewallAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum FirewallAction {
+    /// Show the table: its default-drop hooks, its sets with their element counts and sizes
+    /// (read over netlink: fast even on sets `nft list` takes minutes to print), and whether a
+    /// `dnsfence serve` is running. Exit 0 when the table is installed, 1 when not, 2 on error.
+    #[command(after_help = "Examples:
+  dnsfence firewall status
+  dnsfence firewall status --policy /etc/dnsfence/agent.yaml
+  sudo ip netns exec gw dnsfence firewall status --table dnsfence")]
+    Status {
+        #[command(flatten)]
+        table: TableArg,
+    },
+    /// Delete the table: every default-drop chain and every admitted address go with it, and
+    /// the host's egress is open again. Exit 0 when removed, 1 when there was none, 2 on error.
+    #[command(after_help = "Examples:
+  dnsfence firewall remove
+  dnsfence firewall remove --policy /etc/dnsfence/agent.yaml
+  dnsfence firewall remove --table dnsfence_test")]
+    Remove {
+        #[command(flatten)]
+        table: TableArg,
+    },
+}
+
+/// Which table: the policy's `firewall.table`, a name, or the default `dnsfence`.
+#[derive(clap::Args)]
+struct TableArg {
+    /// Policy file whose `firewall.table` to use.
+    #[arg(long, value_name = "FILE", conflicts_with = "table")]
+    policy: Option<PathBuf>,
+    /// Table name (`table inet NAME`); the default is `dnsfence`.
+    #[arg(long, value_name = "NAME")]
+    table: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,6 +219,88 @@ fn main() -> ExitCode {
             }
             Err(message) => exit_with(Err(message)),
         },
+        Command::Firewall { action } => firewall_command(action),
+    }
+}
+
+fn table_name(arg: &TableArg) -> Result<String, String> {
+    let name = match (&arg.policy, &arg.table) {
+        (Some(policy), _) => load_policy(policy)?.firewall.table,
+        (None, Some(table)) => table.clone(),
+        (None, None) => dnsfence::policy::FirewallPolicy::default().table,
+    };
+    firewall::check_table_name(&name)?;
+    Ok(name)
+}
+
+fn firewall_command(action: FirewallAction) -> ExitCode {
+    let (arg, remove) = match &action {
+        FirewallAction::Status { table } => (table, false),
+        FirewallAction::Remove { table } => (table, true),
+    };
+    let table = match table_name(arg) {
+        Ok(table) => table,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let running = firewall::running_servers();
+    let running_text = if running.is_empty() {
+        "no dnsfence serve is running in this network namespace".to_string()
+    } else {
+        let pids: Vec<String> = running.iter().map(u32::to_string).collect();
+        format!("dnsfence serve is running (pid {})", pids.join(", "))
+    };
+    if remove {
+        return match firewall::remove_table(&table) {
+            Ok(true) => {
+                println!("removed table inet {table}: egress is no longer filtered by dnsfence");
+                if !running.is_empty() {
+                    eprintln!(
+                        "warning: {running_text}: it can no longer admit addresses and answers \
+                         SERVFAIL until it is restarted"
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("table inet {table} is not installed: nothing to remove");
+                ExitCode::FAILURE
+            }
+            Err(error) => exit_with(Err(error.to_string())),
+        };
+    }
+    match firewall::table_status(&table) {
+        Ok(Some(status)) => {
+            println!("table inet {table}: installed");
+            let drops = status.drop_hooks();
+            if drops.is_empty() {
+                println!("  default drop: no hook");
+            } else {
+                println!("  default drop: {}", drops.join(", "));
+            }
+            for chain in status.chains.iter().filter(|c| !c.drops) {
+                println!(
+                    "  also: chain {} on {} (policy accept)",
+                    chain.name, chain.hook
+                );
+            }
+            for set in &status.sets {
+                let size = set
+                    .size
+                    .map_or_else(|| "no size".to_string(), |s| s.to_string());
+                println!(
+                    "  set {}: {} elements (size {size})",
+                    set.name, set.elements
+                );
+            }
+            println!("  {running_text}");
+            println!("  remove it with: dnsfence firewall remove --table {table}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("table inet {table}: not installed ({running_text})");
+            ExitCode::FAILURE
+        }
+        Err(error) => exit_with(Err(error.to_string())),
     }
 }
 
@@ -373,7 +496,16 @@ fn serve(
 
     // The firewall goes up before the first query can be answered.
     let firewall = if policy.firewall.enabled {
-        Some(Firewall::install(&policy).map_err(|error| format!("firewall: {error}"))?)
+        let firewall = Firewall::install(&policy).map_err(|error| format!("firewall: {error}"))?;
+        // One line a person sees even with logging turned down: this host's egress changed.
+        eprintln!(
+            "dnsfence: firewall: table inet {table} installed, default drop on {hooks}: only \
+             addresses dnsfence answers are reachable (see `dnsfence firewall status`; remove \
+             with `dnsfence firewall remove --table {table}`)",
+            table = firewall.table(),
+            hooks = firewall.drop_hooks().join(", "),
+        );
+        Some(firewall)
     } else {
         tracing::warn!(
             "firewall.enabled is false: dnsfence filters DNS only and admits nothing to nftables; \
@@ -418,9 +550,22 @@ fn serve(
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     writer.finish();
     if let Some(firewall) = firewall {
+        let kept = firewall.keeps_table().then(|| {
+            (
+                firewall.table().to_string(),
+                firewall.drop_hooks().join(", "),
+            )
+        });
         firewall
             .shutdown()
             .map_err(|error| format!("firewall: {error}"))?;
+        if let Some((table, hooks)) = kept {
+            eprintln!(
+                "dnsfence: firewall: table inet {table} stays (on_exit: keep): default drop on \
+                 {hooks} remains, only addresses already admitted are reachable until dnsfence \
+                 runs again; remove it with: dnsfence firewall remove --table {table}"
+            );
+        }
     }
     tracing::info!("dnsfence stopped");
     result

@@ -1351,3 +1351,97 @@ fn spoofed_sources_from_an_agent_are_dropped() {
         "agent2 to its own address",
     );
 }
+
+/// Runs `dnsfence firewall <args>` in the gateway; (exit code, stdout).
+fn fence_firewall(lab: &Lab, args: &[&str]) -> (i32, String) {
+    let mut argv = vec![common::BIN, "firewall"];
+    argv.extend_from_slice(args);
+    let out = lab.gw.exec(Duration::from_secs(10), &argv);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn first_run_says_what_it_closed_and_how_to_remove_it() {
+    if !require_root("first_run_says_what_it_closed_and_how_to_remove_it") {
+        return;
+    }
+    let lab = Lab::new("firstrun");
+    lab.upstream.a("api.allowed.test", "198.51.100.10", 300);
+    let table = lab.table();
+    let mut spec = Spec::new(&lab, &["api.allowed.test"]);
+    spec.on_exit = "keep";
+    lab.start_fence(&spec.yaml());
+    let remove = format!("dnsfence firewall remove --table {table}");
+    let started = lab.fence_stderr();
+    let line = started
+        .lines()
+        .find(|l| l.contains("installed, default drop on"))
+        .unwrap_or_else(|| panic!("no start line in:\n{started}"));
+    assert!(
+        line.contains(&format!("table inet {table}")) && line.contains("output, input, forward"),
+        "{line}"
+    );
+    assert!(line.contains(&remove), "{line}");
+
+    assert_answer(
+        &lab.a1().resolve("api.allowed.test", RecordType::A),
+        &["198.51.100.10"],
+        "agent1",
+    );
+    let (code, status) = fence_firewall(&lab, &["status", "--table", &table]);
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains(&format!("table inet {table}: installed")),
+        "{status}"
+    );
+    assert!(
+        status.contains("default drop: output, input, forward"),
+        "{status}"
+    );
+    assert!(
+        status.contains("set allow4: 1 elements (size 65536)"),
+        "{status}"
+    );
+    assert!(status.contains("set allow6: 0 elements"), "{status}");
+    assert!(
+        status.contains("dnsfence serve is running (pid"),
+        "{status}"
+    );
+    // The same table found through the policy file.
+    let policy = lab.policy_path();
+    let (code, by_policy) = fence_firewall(&lab, &["status", "--policy", policy.to_str().unwrap()]);
+    assert_eq!((code, by_policy.lines().next()), (0, status.lines().next()));
+
+    // Stopped with on_exit: keep, it says the table stays, and how to remove it.
+    lab.stop_fence();
+    let stopped = lab.fence_stderr();
+    let line = stopped
+        .lines()
+        .find(|l| l.contains("stays (on_exit: keep)"))
+        .unwrap_or_else(|| panic!("no stop line in:\n{stopped}"));
+    assert!(line.contains(&remove), "{line}");
+    let (code, status) = fence_firewall(&lab, &["status", "--table", &table]);
+    assert_eq!(code, 0, "{status}");
+    assert!(status.contains("no dnsfence serve is running"), "{status}");
+    // The table still closes egress: the gateway cannot reach an address nobody answered...
+    assert!(
+        lab.gw_host()
+            .probe(sa("203.0.113.5", 80), BLOCKED_AFTER)
+            .is_blocked()
+    );
+    // ...until the printed command removes it.
+    let (code, out) = fence_firewall(&lab, &["remove", "--table", &table]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        lab.gw_host().probe(sa("203.0.113.5", 80), CONNECT_OK),
+        Reach::Connected
+    );
+    let (code, out) = fence_firewall(&lab, &["status", "--table", &table]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not installed"), "{out}");
+    let (code, _) = fence_firewall(&lab, &["remove", "--table", &table]);
+    assert_eq!(code, 1, "removing twice");
+}

@@ -43,8 +43,12 @@ mod compare;
 mod netlink;
 mod probe;
 mod ruleset;
+mod status;
 
 pub use probe::TimeoutRefresh;
+pub use status::{
+    ChainStatus, SetStatus, TableStatus, remove_table, running_servers, table_status,
+};
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -117,6 +121,7 @@ pub enum AdmitError {
 pub struct Firewall {
     table: String,
     refresh: TimeoutRefresh,
+    drop_hooks: Vec<&'static str>,
     on_exit: OnExit,
     per_client: bool,
     control: NfSocket,
@@ -132,6 +137,12 @@ pub struct Admitter {
     tx: mpsc::Sender<Msg>,
     per_client: bool,
     confirmed: Arc<admission::Confirmed>,
+}
+
+/// Checks a table name given on the command line by the policy's one rule for
+/// `firewall.table`.
+pub fn check_table_name(name: &str) -> Result<(), String> {
+    crate::policy::check_table_name(name)
 }
 
 /// The equivalent nft script of what [`Firewall::install`] creates, in the format of
@@ -291,9 +302,16 @@ impl Firewall {
             Arc::clone(&confirmed),
         )
         .map_err(FirewallError::Thread)?;
+        let drop_hooks = layout
+            .chains
+            .iter()
+            .filter(|c| c.policy() == ruleset::Verdict::Drop)
+            .map(|c| c.hook.name())
+            .collect();
         Ok(Firewall {
             table,
             refresh,
+            drop_hooks,
             on_exit: fw.on_exit,
             per_client: fw.per_client,
             control,
@@ -308,6 +326,21 @@ impl Firewall {
     /// [`TimeoutRefresh::DeleteReAdd`] (what the kernel was found to need, or what was chosen).
     pub fn timeout_refresh(&self) -> TimeoutRefresh {
         self.refresh
+    }
+
+    /// The name of the table (`table inet <name>`).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The hooks whose chains drop what no rule accepts, in the order they were installed.
+    pub fn drop_hooks(&self) -> &[&'static str] {
+        &self.drop_hooks
+    }
+
+    /// Whether [`Firewall::shutdown`] leaves the table in place (`on_exit: keep`).
+    pub fn keeps_table(&self) -> bool {
+        self.on_exit == OnExit::Keep
     }
 
     /// A cheap clonable handle for the hot path.

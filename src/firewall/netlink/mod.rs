@@ -70,3 +70,17 @@ pub(crate) fn hook_number(hook: crate::firewall::ruleset::ChainHook) -> u32 {
         ChainHook::Prerouting => InetHookNumber::PreRouting,
     })
 }
+
+/// The name nft gives a netfilter hook number of the inet family.
+pub(crate) fn hook_name(number: u32) -> String {
+    use netlink_packet_netfilter::nftables::InetHookNumber;
+    match InetHookNumber::from(number) {
+        InetHookNumber::PreRouting => "prerouting".to_string(),
+        InetHookNumber::LocalIn => "input".to_string(),
+        InetHookNumber::Forward => "forward".to_string(),
+        InetHookNumber::LocalOut => "output".to_string(),
+        InetHookNumber::PostRouting => "postrouting".to_string(),
+        InetHookNumber::Ingress => "ingress".to_string(),
+        _ => format!("hook {number}"),
+    }
+}

@@ -90,6 +90,5 @@ mod text;
 
 pub(crate) use keys::{element_key, normalize_ip, parse_element_key};
 pub(crate) use lower::{Expr, MetaKey};
-#[cfg(test)]
 pub(crate) use model::Verdict;
 pub(crate) use model::{Chain, ChainHook, Family, Layout, SetDef};
