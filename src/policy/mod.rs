@@ -25,11 +25,16 @@ mod read;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 pub use diagnostic::{Diagnostic, PolicyError};
 pub use lint::MULTI_TENANT_SUFFIXES;
 pub use matcher::{RuleSet, RuleSetError};
-pub(crate) use schema::check_table_name;
+pub use schema::check_table_name;
+pub use validate::{
+    MAX_ADDRESSES_PER_ANSWER, MAX_LIFETIME, Problem, firewall_problems, limits_problems,
+    ttl_problems, upstream_timeout_problems,
+};
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -410,18 +415,30 @@ pub struct FirewallPolicy {
     /// default, so nothing from outside reaches a non-root listener.
     pub inbound: Vec<InboundPort>,
     /// The most addresses of each family that one answer may have admitted (and returned);
-    /// the rest are removed from the reply, so one zone cannot fill a set.
+    /// the rest are removed from the reply, so one zone cannot fill a set (1..=4096). Use
+    /// [`FirewallPolicy::addresses_per_answer`], which also respects a smaller set.
     pub max_addresses_per_answer: u32,
     /// With `per_client`, the most elements of each allow set that belong to one client, so
-    /// one client cannot fill a set for the others (`max_addresses_per_answer..=set_size`).
-    pub max_elements_per_client: u32,
+    /// one client cannot fill a set for the others; `None`: the default share. Use
+    /// [`FirewallPolicy::elements_per_client`].
+    pub max_elements_per_client: Option<u32>,
 }
 
 impl FirewallPolicy {
-    /// The per-client share when the policy names none: a sixteenth of the set (4,096 of the
-    /// default 65,536), never less than one whole answer, never more than the set.
-    pub fn default_elements_per_client(set_size: u32, max_addresses_per_answer: u32) -> u32 {
-        (set_size / 16).max(max_addresses_per_answer).min(set_size)
+    /// The answer quota in effect: `max_addresses_per_answer`, never more than the set holds.
+    pub fn addresses_per_answer(&self) -> u32 {
+        self.max_addresses_per_answer.min(self.set_size)
+    }
+
+    /// One client's share of each allow set: `max_elements_per_client`, or by default a
+    /// sixteenth of the set (4,096 of the default 65,536), never less than one whole answer,
+    /// never more than the set.
+    pub fn elements_per_client(&self) -> u32 {
+        self.max_elements_per_client.unwrap_or_else(|| {
+            (self.set_size / 16)
+                .max(self.addresses_per_answer())
+                .min(self.set_size)
+        })
     }
 }
 
@@ -454,7 +471,7 @@ impl Default for FirewallPolicy {
             mark: 0x0d5f,
             inbound: Vec::new(),
             max_addresses_per_answer: 32,
-            max_elements_per_client: 4096,
+            max_elements_per_client: None,
         }
     }
 }

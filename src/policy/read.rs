@@ -252,22 +252,27 @@ pub(crate) fn duration(r: &mut Report, node: &Node, what: &str) -> Option<Durati
         .ok()
 }
 
-/// A duration that must not be 0; absent or wrong gives `default_secs`.
-pub(crate) fn nonzero_duration(
+/// A duration within `range` (both ends included); absent or wrong (reported) gives `default`.
+pub(crate) fn duration_in(
     r: &mut Report,
     node: Option<&Node>,
     what: &str,
-    default_secs: u64,
+    (min, max): (Duration, Duration),
+    default: Duration,
 ) -> Duration {
-    let default = Duration::from_secs(default_secs);
     let Some(node) = node else {
         return default;
     };
     match duration(r, node, what) {
-        Some(d) if d.is_zero() => {
+        Some(d) if d < min || d > max => {
             r.error(
                 node.pos,
-                format!("{what} is 0, which makes no sense; write a duration such as \"{default_secs}s\""),
+                format!(
+                    "{what} is {}, out of range; write a duration from {} to {}",
+                    super::validate::show(d),
+                    super::validate::show(min),
+                    super::validate::show(max)
+                ),
             );
             default
         }

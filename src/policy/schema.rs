@@ -31,8 +31,19 @@ use super::diagnostic::{Pos, Report};
 use super::lint;
 use super::raw::{Node, Value};
 use super::read;
+use super::validate;
 
-pub(crate) use firewall::check_table_name;
+pub use firewall::check_table_name;
+
+/// Reports the problems `validate` found in a section at the keys they name (the section's
+/// own position when the key is absent).
+fn report(r: &mut Report, f: &read::Fields<'_>, problems: Vec<validate::Problem>) {
+    for p in problems {
+        let leaf = p.key.rsplit('.').next().unwrap_or(p.key);
+        let pos = f.get(leaf).map_or(f.pos, |n| n.pos);
+        r.error(pos, p.message);
+    }
+}
 pub(crate) use groups::DraftGroup;
 
 const TOP_KEYS: &[&str] = &[

@@ -655,15 +655,17 @@ fn zero_durations_and_min_above_max_are_refused() {
     ));
     assert_eq!(errs.len(), 5, "{errs:#?}");
     assert!(
-        errs[0].starts_with("policy.yaml:4:19: upstream_timeout is 0, which makes no sense"),
+        errs[0].starts_with("policy.yaml:4:19: upstream_timeout is 0s, out of range; write a duration from 10ms to 1m"),
         "{errs:#?}"
     );
     assert!(
-        errs[1].starts_with("policy.yaml:6:8: ttl.min (7200s) is greater than ttl.max (3600s)"),
+        errs[1].starts_with("policy.yaml:6:8: ttl.min (2h) is greater than ttl.max (1h)"),
         "{errs:#?}"
     );
     assert!(
-        errs[2].starts_with("policy.yaml:7:8: ttl.max is 0, which makes no sense"),
+        errs[2].starts_with(
+            "policy.yaml:7:8: ttl.max is 0s, out of range; write a duration from 1s to 168h"
+        ),
         "{errs:#?}"
     );
     assert!(
@@ -671,7 +673,7 @@ fn zero_durations_and_min_above_max_are_refused() {
         "{errs:#?}"
     );
     assert!(
-        errs[4].starts_with("policy.yaml:9:28: limits.tcp_idle_timeout is 0"),
+        errs[4].starts_with("policy.yaml:9:28: limits.tcp_idle_timeout is 0s, out of range; write a duration from 100ms to 1h"),
         "{errs:#?}"
     );
 }
@@ -681,7 +683,7 @@ fn min_above_max_is_refused_when_both_are_valid() {
     let e = one_error("ttl: {min: 10m, max: 5m}\n");
     assert!(
         e.starts_with(
-            "policy.yaml:4:12: ttl.min (600s) is greater than ttl.max (300s); make min at most max"
+            "policy.yaml:4:12: ttl.min (10m) is greater than ttl.max (5m); make min at most max"
         ),
         "{e}"
     );
@@ -1015,7 +1017,8 @@ fn quota_and_inbound_keys_have_their_documented_defaults() {
     assert!(p.nat64_prefixes.is_empty());
     assert!(p.firewall.inbound.is_empty());
     assert_eq!(p.firewall.max_addresses_per_answer, 32);
-    assert_eq!(p.firewall.max_elements_per_client, 4096);
+    assert_eq!(p.firewall.max_elements_per_client, None);
+    assert_eq!(p.firewall.elements_per_client(), 4096);
     assert_eq!(p.limits.max_inflight_per_client, 64);
     // The default share of in-flight queries never exceeds the whole.
     assert_eq!(
@@ -1026,10 +1029,10 @@ fn quota_and_inbound_keys_have_their_documented_defaults() {
     );
     // The default per-client set share follows set_size, never below one whole answer.
     let p = firewall_policy("  set_size: 160\n  per_client: true\n").unwrap();
-    assert_eq!(p.firewall.max_elements_per_client, 32);
+    assert_eq!(p.firewall.elements_per_client(), 32);
     let p = firewall_policy("  set_size: 8\n").unwrap();
-    assert_eq!(p.firewall.max_addresses_per_answer, 8);
-    assert_eq!(p.firewall.max_elements_per_client, 8);
+    assert_eq!(p.firewall.addresses_per_answer(), 8);
+    assert_eq!(p.firewall.elements_per_client(), 8);
 }
 
 #[test]
@@ -1060,7 +1063,7 @@ fn quota_and_inbound_keys_are_read() {
         ]
     );
     assert_eq!(p.firewall.max_addresses_per_answer, 4);
-    assert_eq!(p.firewall.max_elements_per_client, 100);
+    assert_eq!(p.firewall.max_elements_per_client, Some(100));
     let p = load("limits: {max_inflight: 100, max_inflight_per_client: 7}\n");
     assert_eq!(p.limits.max_inflight_per_client, 7);
     let p = load("nat64_prefixes: [\"2001:db8:64::/96\"]\n");
@@ -1105,10 +1108,6 @@ fn answer_and_client_quotas_are_bounded() {
             "policy.yaml:4:29: firewall.max_addresses_per_answer is 5000, out of range",
         ),
         (
-            "  set_size: 16\n  max_addresses_per_answer: 32\n",
-            "policy.yaml:5:29: firewall.max_addresses_per_answer (32) is above firewall.set_size (16)",
-        ),
-        (
             "  per_client: true\n  max_elements_per_client: 8\n",
             "policy.yaml:5:28: firewall.max_elements_per_client (8) is below firewall.max_addresses_per_answer (32)",
         ),
@@ -1124,12 +1123,25 @@ fn answer_and_client_quotas_are_bounded() {
     let e = one_error("limits: {max_inflight: 10, max_inflight_per_client: 11}\n");
     assert!(
         e.starts_with(
-            "policy.yaml:4:53: limits.max_inflight_per_client (11) is above limits.max_inflight (10)"
+            "policy.yaml:4:53: limits.max_inflight_per_client (11) must be from 1 to limits.max_inflight (10)"
         ),
         "{e}"
     );
     let e = one_error("limits: {max_inflight_per_client: 0}\n");
     assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn an_answer_quota_above_the_set_size_is_warned_about() {
+    let p = firewall_policy("  set_size: 16\n  max_addresses_per_answer: 32\n").unwrap();
+    assert!(
+        warnings(&p).iter().any(|w| w.starts_with(
+            "policy.yaml:5:29: firewall.max_addresses_per_answer (32) is above firewall.set_size (16)"
+        )),
+        "{:#?}",
+        warnings(&p)
+    );
+    assert_eq!(p.firewall.addresses_per_answer(), 16);
 }
 
 #[test]
@@ -1210,4 +1222,35 @@ fn upstreams_may_be_tcp_only_and_bad_schemes_are_errors() {
         "{errs:?}"
     );
     assert!(errs[1].contains("\"10.0.0.53\" has no port"), "{errs:?}");
+}
+
+#[test]
+fn every_duration_has_bounds_and_absurd_lifetimes_are_not_silently_capped() {
+    for (extra, expected) in [
+        (
+            "ttl: {max: 200h}\n",
+            "policy.yaml:4:12: ttl.max is 200h, out of range; write a duration from 1s to 168h",
+        ),
+        (
+            "ttl: {max: 168h, grace: 1m}\n",
+            "policy.yaml:4:12: ttl.max + ttl.grace is 10081m, but an admitted address lives at most 168h",
+        ),
+        (
+            "ttl: {grace: 25h}\n",
+            "policy.yaml:4:14: ttl.grace is 25h, out of range; write a duration from 0s to 24h",
+        ),
+        (
+            "upstream_timeout: 2m\n",
+            "policy.yaml:4:19: upstream_timeout is 2m, out of range; write a duration from 10ms to 1m",
+        ),
+        (
+            "limits: {tcp_idle_timeout: 2h}\n",
+            "policy.yaml:4:28: limits.tcp_idle_timeout is 2h, out of range; write a duration from 100ms to 1h",
+        ),
+    ] {
+        let e = one_error(extra);
+        assert!(e.starts_with(expected), "{extra}: {e}");
+    }
+    let p = load("ttl: {min: 0, max: 167h, grace: 1h}\nupstream_timeout: 10ms\n");
+    assert_eq!(p.ttl.max + p.ttl.grace, MAX_LIFETIME);
 }

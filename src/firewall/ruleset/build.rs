@@ -15,10 +15,6 @@ use super::model::{
 };
 use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 
-/// Table names: the policy's one rule, so `check`, `serve` and `ruleset` agree (a plain nft
-/// identifier: anything else could break, or inject into, the rendered script).
-pub(crate) use crate::policy::check_table_name;
-
 /// `ff02::2`, all routers on the link: where router solicitations go.
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 
@@ -66,26 +62,13 @@ fn listen_matches(l: Listen, proto: Proto, prefix: &[Match]) -> Vec<Match> {
     m
 }
 
-/// Validates the firewall part of a policy (the parts the kernel would refuse or that would
-/// make the firewall meaningless).
+/// Validates the firewall part of a policy with the policy's own checks (the ones `dnsfence
+/// check` runs), so a policy built in code is held to the same rules as one read from a file.
 fn validate(fw: &FirewallPolicy) -> Result<(), String> {
-    check_table_name(&fw.table)?;
-    if fw.hooks.is_empty() {
-        return Err("firewall.hooks is empty: the firewall would enforce nothing".to_string());
+    match crate::policy::firewall_problems(fw).into_iter().next() {
+        Some(problem) => Err(problem.message),
+        None => Ok(()),
     }
-    if fw.set_size == 0 {
-        return Err(
-            "firewall.set_size must be at least 1 (the kernel reads 0 as unlimited)".to_string(),
-        );
-    }
-    if fw.mark == 0 {
-        return Err(
-            "firewall.mark must not be 0: every unmarked packet has mark 0, so agents \
-             could reach the upstreams"
-                .to_string(),
-        );
-    }
-    Ok(())
 }
 
 /// What the chains are built from.
@@ -553,9 +536,9 @@ mod tests {
         p.firewall.hooks.clear();
         assert!(Layout::from_policy(&p).is_err());
         for bad in ["", "1x", "a b", "x;flush ruleset", "a{", "é"] {
-            assert!(check_table_name(bad).is_err(), "{bad}");
+            assert!(crate::policy::check_table_name(bad).is_err(), "{bad}");
         }
-        assert!(check_table_name("dnsfence_2").is_ok());
+        assert!(crate::policy::check_table_name("dnsfence_2").is_ok());
     }
 
     #[test]

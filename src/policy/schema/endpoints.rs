@@ -9,6 +9,7 @@ use super::super::diagnostic::{Pos, Report};
 use super::super::net::{self, Role};
 use super::super::raw::{Node, Value};
 use super::super::read::{self, Fields};
+use super::super::validate;
 use super::super::{UpstreamOptions, UpstreamOrder, UpstreamTransport};
 
 /// The checked endpoints of a policy.
@@ -25,8 +26,14 @@ pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
     let upstreams_node = f.required(r, "upstreams", "upstreams: [\"9.9.9.9:53\"]");
     let (upstreams, transports) = upstream_list(r, upstreams_node);
     check_no_loop(r, &listen, &upstreams);
-    let upstream_timeout =
-        read::nonzero_duration(r, f.get("upstream_timeout"), "upstream_timeout", 2);
+    let upstream_timeout = read::duration_in(
+        r,
+        f.get("upstream_timeout"),
+        "upstream_timeout",
+        validate::UPSTREAM_TIMEOUT_RANGE,
+        Duration::from_secs(2),
+    );
+    super::report(r, f, validate::upstream_timeout_problems(upstream_timeout));
     let order = f
         .get("upstream_order")
         .and_then(|n| {

@@ -6,6 +6,7 @@ use super::super::diagnostic::{Pos, Report, quote};
 use super::super::lint;
 use super::super::raw::{Node, Value};
 use super::super::read;
+use super::super::validate;
 use super::super::{FirewallPolicy, Hook, InboundPort, OnExit, Transport};
 
 const FIREWALL_KEYS: &[&str] = &[
@@ -28,13 +29,9 @@ const FIREWALL_KEYS: &[&str] = &[
 /// readable and inside every kernel's limits.
 pub(crate) const MAX_TABLE_NAME: usize = 32;
 
-/// The most addresses of one family an answer may have admitted: a DNS message over TCP holds
-/// at most about 4,096 A records, so nothing larger can ever matter.
-pub(crate) const MAX_ADDRESSES_PER_ANSWER: u64 = 4096;
-
 /// The one rule for table names, used by `check`, `serve` and `ruleset` alike: a letter, then
 /// letters, digits or `_`, at most [`MAX_TABLE_NAME`] characters (what `nft` accepts unquoted).
-pub(crate) fn check_table_name(name: &str) -> Result<(), String> {
+pub fn check_table_name(name: &str) -> Result<(), String> {
     let starts_with_letter = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic());
     let ok = starts_with_letter
         && name.len() <= MAX_TABLE_NAME
@@ -124,55 +121,39 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
         fw.inbound = inbound(r, node);
     }
     let set_size = u64::from(fw.set_size);
-    let per_answer_node = f.get("max_addresses_per_answer");
-    if let Some(node) = per_answer_node
+    if let Some(node) = f.get("max_addresses_per_answer")
         && let Some(n) = read::integer(
             r,
             node,
             "firewall.max_addresses_per_answer",
             1,
-            MAX_ADDRESSES_PER_ANSWER,
+            u64::from(validate::MAX_ADDRESSES_PER_ANSWER),
         )
     {
+        fw.max_addresses_per_answer = u32::try_from(n).unwrap_or(u32::MAX);
         if n > set_size {
-            r.error(
+            r.warn(
                 node.pos,
                 format!(
                     "firewall.max_addresses_per_answer ({n}) is above firewall.set_size \
-                     ({set_size}), so one answer could fill a whole set; write at most {set_size}"
+                     ({set_size}), so one answer can fill the whole set; lower it or raise set_size"
                 ),
             );
-        } else {
-            fw.max_addresses_per_answer = u32::try_from(n).unwrap_or(u32::MAX);
         }
     }
-    fw.max_addresses_per_answer = fw.max_addresses_per_answer.min(fw.set_size);
-    fw.max_elements_per_client =
-        FirewallPolicy::default_elements_per_client(fw.set_size, fw.max_addresses_per_answer);
     if let Some(node) = f.get("max_elements_per_client")
         && let Some(n) = read::integer(r, node, "firewall.max_elements_per_client", 1, set_size)
     {
-        let per_answer = u64::from(fw.max_addresses_per_answer);
-        if n < per_answer {
-            r.error(
+        fw.max_elements_per_client = Some(u32::try_from(n).unwrap_or(u32::MAX));
+        if !fw.per_client {
+            r.warn(
                 node.pos,
-                format!(
-                    "firewall.max_elements_per_client ({n}) is below \
-                     firewall.max_addresses_per_answer ({per_answer}), so one answer could \
-                     not be admitted whole; write at least {per_answer}"
-                ),
+                "firewall.max_elements_per_client has no effect without per_client: true \
+                 (the allow sets are shared by every client); remove it or set per_client: true",
             );
-        } else {
-            fw.max_elements_per_client = u32::try_from(n).unwrap_or(u32::MAX);
-            if !fw.per_client {
-                r.warn(
-                    node.pos,
-                    "firewall.max_elements_per_client has no effect without per_client: true \
-                     (the allow sets are shared by every client); remove it or set per_client: true",
-                );
-            }
         }
     }
+    super::report(r, &f, validate::firewall_problems(&fw));
     fw
 }
 

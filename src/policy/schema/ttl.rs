@@ -4,6 +4,7 @@ use super::super::TtlPolicy;
 use super::super::diagnostic::Report;
 use super::super::raw::Node;
 use super::super::read;
+use super::super::validate;
 
 const TTL_KEYS: &[&str] = &["min", "max", "grace"];
 
@@ -15,23 +16,14 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> TtlPolicy {
     if let Some(d) = f.get("min").and_then(|n| read::duration(r, n, "ttl.min")) {
         ttl.min = d;
     }
-    ttl.max = read::nonzero_duration(r, f.get("max"), "ttl.max", ttl.max.as_secs());
-    if let Some(d) = f
-        .get("grace")
-        .and_then(|n| read::duration(r, n, "ttl.grace"))
-    {
-        ttl.grace = d;
-    }
-    if ttl.min > ttl.max {
-        let pos = f.get("min").map_or(f.pos, |n| n.pos);
-        r.error(
-            pos,
-            format!(
-                "ttl.min ({}s) is greater than ttl.max ({}s); make min at most max",
-                ttl.min.as_secs_f64(),
-                ttl.max.as_secs_f64()
-            ),
-        );
-    }
+    ttl.max = read::duration_in(r, f.get("max"), "ttl.max", validate::TTL_MAX_RANGE, ttl.max);
+    ttl.grace = read::duration_in(
+        r,
+        f.get("grace"),
+        "ttl.grace",
+        validate::TTL_GRACE_RANGE,
+        ttl.grace,
+    );
+    super::report(r, &f, validate::ttl_problems(&ttl));
     ttl
 }
