@@ -1048,7 +1048,7 @@ fn extend_and_read(
     let mut p = policy(table, vec![Hook::Output], false);
     p.firewall.set_size = set_size;
     p.firewall.max_addresses_per_answer = 1;
-    p.firewall.max_elements_per_client = 1;
+    p.firewall.max_elements_per_client = Some(1);
     let fw = ns
         .enter(|| Firewall::install_with(&p, refresh))
         .expect("install");
