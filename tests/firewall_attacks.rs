@@ -492,3 +492,62 @@ fn in_shape_1_an_agent_listening_for_outside_hosts_gets_nothing_back_out() {
         lab.ruleset()
     );
 }
+
+#[test]
+fn a_client_beyond_its_share_of_the_set_gets_servfail_and_the_others_do_not() {
+    if !require_root("a_client_beyond_its_share_of_the_set_gets_servfail_and_the_others_do_not") {
+        return;
+    }
+    let lab = Lab::new("share");
+    for i in 1..=4 {
+        lab.upstream.a(
+            &format!("n{i}.allowed.test"),
+            &format!("198.51.100.{}", 10 + i),
+            300,
+        );
+    }
+    let names: Vec<String> = (1..=4).map(|i| format!("n{i}.allowed.test")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let yaml = policy(&lab, &names).replace(
+        "  mark:",
+        "  per_client: true\n  max_addresses_per_answer: 1\n  max_elements_per_client: 2\n  mark:",
+    );
+    lab.start_fence(&yaml);
+    let (a1, a2) = (lab.a1(), lab.a2());
+    assert_eq!(
+        addresses(&a1.resolve("n1.allowed.test", RecordType::A)),
+        ["198.51.100.11"]
+    );
+    assert_eq!(
+        addresses(&a1.resolve("n2.allowed.test", RecordType::A)),
+        ["198.51.100.12"]
+    );
+    // agent1 has its share (2): a third address is refused, and not admitted.
+    let third = a1.resolve("n3.allowed.test", RecordType::A);
+    assert_eq!(
+        third.metadata.response_code,
+        hickory_proto::op::ResponseCode::ServFail,
+        "{third:?}"
+    );
+    assert!(!has_elem(
+        &lab.set_elements("allow4"),
+        &["10.77.0.2", "198.51.100.13"]
+    ));
+    // What it has is still answered; agent2 is not affected.
+    assert_eq!(
+        addresses(&a1.resolve("n1.allowed.test", RecordType::A)),
+        ["198.51.100.11"]
+    );
+    assert_eq!(
+        addresses(&a2.resolve("n3.allowed.test", RecordType::A)),
+        ["198.51.100.13"]
+    );
+    assert_eq!(
+        addresses(&a2.resolve("n4.allowed.test", RecordType::A)),
+        ["198.51.100.14"]
+    );
+    assert!(has_elem(
+        &lab.set_elements("allow4"),
+        &["10.78.0.2", "198.51.100.14"]
+    ));
+}

@@ -1125,3 +1125,59 @@ fn lifetimes_extend_by_delete_and_readd_where_readd_keeps_the_old_timeout() {
         assert_eq!(timeout, Some(60));
     }
 }
+
+#[test]
+fn one_client_cannot_fill_a_per_client_set_for_the_others() {
+    let Some(ns) = Netns::new("share") else {
+        return;
+    };
+    let mut p = policy("dnsf_share", vec![Hook::Forward], true);
+    p.firewall.set_size = 64;
+    p.firewall.max_addresses_per_answer = 4;
+    p.firewall.max_elements_per_client = Some(4);
+    let fw = ns.enter(|| Firewall::install(&p)).expect("install");
+    let a = fw.admitter();
+    let rt = runtime();
+    let life = Duration::from_secs(60);
+    let addrs = |from: u8, n: u8| -> Vec<(IpAddr, Duration)> {
+        (from..from + n)
+            .map(|i| (ip(&format!("198.51.100.{i}")), life))
+            .collect()
+    };
+    rt.block_on(async {
+        let hog = ip("10.20.0.2");
+        a.admit(hog, &addrs(1, 3)).await.expect("three");
+        a.admit(hog, &addrs(4, 1))
+            .await
+            .expect("the fourth: its share");
+        // Its share is full: a new address fails (SERVFAIL), whole answers included...
+        let err = a.admit(hog, &addrs(5, 1)).await.expect_err("a fifth");
+        assert_eq!(
+            err,
+            AdmitError::ClientShare {
+                client: hog,
+                share: 4
+            }
+        );
+        let err = a
+            .admit(hog, &addrs(4, 2))
+            .await
+            .expect_err("one new of two");
+        assert!(matches!(err, AdmitError::ClientShare { .. }), "{err}");
+        // ...while what it already has can be refreshed,
+        a.admit(hog, &addrs(1, 4))
+            .await
+            .expect("re-admitting its own");
+        // and another client is not affected, also in one group commit with the hog.
+        let other = ip("10.20.0.3");
+        let (mine, theirs) = (addrs(1, 4), addrs(9, 1));
+        let (x, y) = tokio::join!(a.admit(other, &mine), a.admit(hog, &theirs));
+        x.expect("another client gets its own share");
+        assert!(matches!(y, Err(AdmitError::ClientShare { .. })), "{y:?}");
+    });
+    let v4 = ns.elements("dnsf_share", "allow4");
+    let count = |client: &str| v4.iter().filter(|e| e.0.starts_with(client)).count();
+    assert_eq!(count("10.20.0.2 "), 4, "{v4:?}");
+    assert_eq!(count("10.20.0.3 "), 4, "{v4:?}");
+    fw.shutdown().expect("shutdown");
+}

@@ -22,6 +22,16 @@
 //! size per family: an entry that is still live has a live element in the kernel set, and that
 //! set cannot hold more. Expired entries are pruned when a map fills (at most once a second).
 //!
+//! # Shares
+//!
+//! With per-client sets, one client (or a zone that answers it thousands of addresses) could
+//! fill a set and leave every other client with SERVFAIL until the elements expire. The
+//! lifetime map also indexes its entries by client, so the thread knows each client's live
+//! elements; a request that would take its client beyond `firewall.max_elements_per_client`
+//! is refused ([`AdmitError::ClientShare`]: that client gets SERVFAIL) before the batch is
+//! built, counting the other requests of the same group commit. Re-admitting an element the
+//! client already has costs no share.
+//!
 //! # Answers already covered
 //!
 //! Most answers (every cache hit) ask for an element the kernel acknowledged moments ago with
@@ -147,6 +157,9 @@ fn millis(d: Duration) -> u64 {
 /// The longest expiry granted per key, per family, bounded.
 pub(crate) struct Lifetimes {
     maps: [HashMap<Key, Instant>; 2],
+    /// Per client (per-client sets only): its destinations and their expiries, the same
+    /// entries as `maps`, to count a client's live elements without scanning everyone's.
+    clients: HashMap<IpAddr, HashMap<IpAddr, Instant>>,
     cap: usize,
     next_prune: [Instant; 2],
 }
@@ -163,6 +176,7 @@ impl Lifetimes {
         let now = Instant::now();
         Lifetimes {
             maps: [HashMap::new(), HashMap::new()],
+            clients: HashMap::new(),
             cap: cap.max(1),
             next_prune: [now, now],
         }
@@ -185,6 +199,12 @@ impl Lifetimes {
         };
         if let Some(e) = map.get_mut(&key) {
             *e = (*e).max(expiry);
+            let e = *e;
+            if let Some(client) = key.0
+                && let Some(dests) = self.clients.get_mut(&client)
+            {
+                dests.insert(key.1, e);
+            }
             return;
         }
         if map.len() >= cap
@@ -192,13 +212,41 @@ impl Lifetimes {
             && now >= *next
         {
             map.retain(|_, exp| *exp > now);
+            self.clients.retain(|_, dests| {
+                dests.retain(|_, exp| *exp > now);
+                !dests.is_empty()
+            });
             *next = now + PRUNE_INTERVAL;
         }
         // Still full: every entry is live, so the kernel set is full too and this add could
         // only have succeeded if elements were removed behind dnsfence's back. Not recorded.
         if map.len() < cap {
             map.insert(key, expiry);
+            if let Some(client) = key.0 {
+                self.clients
+                    .entry(client)
+                    .or_default()
+                    .insert(key.1, expiry);
+            }
         }
+    }
+
+    /// Whether `client` may have `new` more elements and stay within `share` live ones
+    /// (its expired entries are dropped when it comes close).
+    pub(crate) fn client_has_room(
+        &mut self,
+        client: IpAddr,
+        new: usize,
+        share: usize,
+        now: Instant,
+    ) -> bool {
+        let Some(dests) = self.clients.get_mut(&client) else {
+            return new <= share;
+        };
+        if dests.len() + new > share {
+            dests.retain(|_, exp| *exp > now);
+        }
+        dests.len() + new <= share
     }
 
     #[cfg(test)]
@@ -215,6 +263,8 @@ pub(crate) struct Config {
     /// The kernel keeps an element's old timeout when it is added again (before 6.12):
     /// extend by delete and re-add in the same transaction.
     pub(crate) delete_readd: bool,
+    /// With per-client sets, the most live elements one client may have in a set.
+    pub(crate) client_share: u32,
 }
 
 struct Admission {
@@ -305,7 +355,55 @@ impl Admission {
         }
     }
 
+    /// Refuses the requests that would take a client beyond its share of the set (per-client
+    /// sets only), counting every request of the group; returns the others.
+    fn within_shares(&mut self, group: Vec<Request>) -> Vec<Request> {
+        if !self.cfg.per_client {
+            return group;
+        }
+        let now = Instant::now();
+        let share = self.cfg.client_share as usize;
+        let mut pending: HashMap<IpAddr, std::collections::HashSet<IpAddr>> = HashMap::new();
+        let mut kept = Vec::with_capacity(group.len());
+        for r in group {
+            let Some(client) = r.client else {
+                kept.push(r);
+                continue;
+            };
+            let queued = pending.entry(client).or_default();
+            let fresh: std::collections::HashSet<IpAddr> = r
+                .items
+                .iter()
+                .map(|&(addr, _)| addr)
+                .filter(|addr| {
+                    !queued.contains(addr)
+                        && self
+                            .lifetimes
+                            .remaining(&(Some(client), *addr), now)
+                            .is_zero()
+                })
+                .collect();
+            if self
+                .lifetimes
+                .client_has_room(client, queued.len() + fresh.len(), share, now)
+            {
+                queued.extend(fresh);
+                kept.push(r);
+            } else {
+                let _ = r.reply.send(Err(AdmitError::ClientShare {
+                    client,
+                    share: self.cfg.client_share,
+                }));
+            }
+        }
+        kept
+    }
+
     fn process(&mut self, group: Vec<Request>) {
+        let group = self.within_shares(group);
+        if group.is_empty() {
+            return;
+        }
         match self.commit(&group) {
             Ok(()) => {
                 for r in group {
@@ -452,6 +550,7 @@ mod tests {
                     per_client: false,
                     set_size: 2,
                     delete_readd: false,
+                    client_share: 2,
                 },
                 lifetimes: Lifetimes::new(2),
                 rx,

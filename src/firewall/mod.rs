@@ -100,6 +100,12 @@ pub enum AdmitError {
          and cannot be admitted as a pair"
     )]
     FamilyMismatch { client: IpAddr, addr: IpAddr },
+    /// With per-client sets: this client already has its share of the set.
+    #[error(
+        "client {client} has its share of the set ({share} live elements, \
+         firewall.max_elements_per_client): nothing more is admitted for it until some expire"
+    )]
+    ClientShare { client: IpAddr, share: u32 },
     /// More addresses than one admission takes.
     #[error("too many addresses in one admission ({count}, at most {max})")]
     TooManyAddresses { count: usize, max: usize },
@@ -291,6 +297,7 @@ impl Firewall {
             per_client: fw.per_client,
             set_size: fw.set_size,
             delete_readd: refresh == TimeoutRefresh::DeleteReAdd,
+            client_share: fw.elements_per_client().clamp(1, fw.set_size.max(1)),
         };
         let confirmed = Arc::new(admission::Confirmed::new(fw.set_size as usize));
         let thread = admission::spawn(
