@@ -478,3 +478,103 @@ fn a_tcp_upstream_gets_pipelined_questions_on_one_connection() {
     assert_eq!(seen.len(), 10, "one query per question: {seen:?}");
     assert!(connections.len() <= 2, "{connections:?}");
 }
+
+/// A test CA, and a server certificate for `name` it signed: (CA PEM, TLS server config).
+fn tls_server(name: &str) -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "dnsfence test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (ca.pem(), std::sync::Arc::new(config))
+}
+
+/// A `tls://` upstream: answers come over TLS from a server whose certificate carries the name
+/// after `#` and chains to a trusted CA, on one kept-alive connection. A certificate for another
+/// name, or one from a CA dnsfence does not trust, fails the handshake: SERVFAIL, no address in
+/// the reply or the log, and the server never even received the question.
+#[test]
+fn a_tls_upstream_answers_only_with_a_trusted_certificate_for_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    let (ca_pem, config) = tls_server("dns.test");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let cases = [
+        ("right name, trusted CA", "dns.test", true, true),
+        ("wrong name", "other.test", true, false),
+        ("untrusted CA", "dns.test", false, false),
+    ];
+    for (case, cert_name, trust_ca, answers) in cases {
+        let upstream = Upstream::start();
+        for i in 0..3 {
+            upstream.a(&format!("t{i}.allowed.test"), "198.51.100.10", 300);
+        }
+        let tls_addr = upstream.serve_tls(config.clone());
+        let ca_line = if trust_ca {
+            format!("upstream_tls_ca: \"{}\"\n", ca_path.display())
+        } else {
+            String::new()
+        };
+        let yaml = format!(
+            "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"tls://{tls_addr}#{cert_name}\"]\n\
+             upstream_timeout: 2s\nallow: [\"*.allowed.test\"]\nfirewall: {{enabled: false}}\n\
+             {ca_line}"
+        );
+        let fence = Dnsfence::start(&yaml);
+        for i in 0..3 {
+            let name = format!("t{i}.allowed.test");
+            let reply = fence.udp(&name, RecordType::A);
+            if answers {
+                assert_eq!(addresses(&reply), ["198.51.100.10"], "{case}: {name}");
+            } else {
+                assert_eq!(
+                    reply.metadata.response_code,
+                    ResponseCode::ServFail,
+                    "{case}"
+                );
+                assert!(reply.answers.is_empty(), "{case}");
+            }
+        }
+        let log = fence.log(3);
+        let seen = upstream.seen();
+        let connections: HashSet<SocketAddr> = seen.iter().map(|q| q.peer).collect();
+        eprintln!(
+            "{case}: {} queries over {} TLS connection(s); log errors {:?}",
+            seen.len(),
+            connections.len(),
+            log.iter().map(|l| l["error"].clone()).collect::<Vec<_>>()
+        );
+        if answers {
+            assert_eq!(seen.len(), 3, "{seen:?}");
+            assert!(seen.iter().all(|q| q.tcp));
+            assert_eq!(connections.len(), 1, "kept alive: {connections:?}");
+            assert!(log.iter().all(|l| l["upstream"] == tls_addr.to_string()));
+        } else {
+            assert!(
+                seen.is_empty(),
+                "{case}: the server got questions: {seen:?}"
+            );
+            assert!(
+                log.iter().all(|l| l["rcode"] == "SERVFAIL"
+                    && l.get("answers")
+                        .is_none_or(|a| a.as_array().is_some_and(Vec::is_empty))),
+                "{case}: {log:?}"
+            );
+        }
+    }
+}

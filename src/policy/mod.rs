@@ -178,6 +178,9 @@ pub struct UpstreamOptions {
     /// Upstreams written `tcp://` or `tls://` in `upstreams`, by address; the others are asked
     /// over UDP (and over TCP when they truncate).
     pub transports: Vec<(SocketAddr, UpstreamTransport)>,
+    /// `upstream_tls_ca`: a PEM file of CA certificates trusted for `tls://` upstreams besides
+    /// the built-in public roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl UpstreamOptions {

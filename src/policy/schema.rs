@@ -5,7 +5,8 @@
 //! the caller discards the result if anything was reported as an error.
 //!
 //! One file per section of the policy, each owning its keys, their bounds and their checks:
-//! - `endpoints`: `listen`, `upstreams`, `upstream_timeout`, `upstream_order`;
+//! - `endpoints`: `listen`, `upstreams`, `upstream_timeout`, `upstream_order`,
+//!   `upstream_tls_ca`;
 //! - `queries`: `deny_with`, `qtypes`, `cname`, `https_hints` (how a query is answered);
 //! - `answer_addresses`: `deny_answers`, `nat64_prefixes` (which answer addresses are refused);
 //! - `groups`: `allow`, `allow_answers`, `clients` (the allowlists);
@@ -51,6 +52,7 @@ const TOP_KEYS: &[&str] = &[
     "upstreams",
     "upstream_timeout",
     "upstream_order",
+    "upstream_tls_ca",
     "deny_with",
     "allow",
     "allow_answers",

@@ -1,7 +1,7 @@
 //! Tests of loading whole policy files: every check with its line and column, defaults, the
 //! shipped example policies, and client groups.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -452,7 +452,7 @@ fn unknown_keys_name_the_allowed_keys() {
     // A prefix only: every new top-level key lengthens the list.
     assert!(
         errs[0].starts_with(
-            "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, upstream_order, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, nat64_prefixes, cname, https_hints, limits, exfiltration, firewall"
+            "policy.yaml:4:1: unknown key \"alow\" in the policy; did you mean \"allow\"? The keys are: listen, upstreams, upstream_timeout, upstream_order, upstream_tls_ca, deny_with, allow, allow_answers, qtypes, clients, log, ttl, deny_answers, nat64_prefixes, cname, https_hints, limits, exfiltration, firewall"
         ),
         "{}",
         errs[0]
@@ -1253,4 +1253,36 @@ fn every_duration_has_bounds_and_absurd_lifetimes_are_not_silently_capped() {
     }
     let p = load("ttl: {min: 0, max: 167h, grace: 1h}\nupstream_timeout: 10ms\n");
     assert_eq!(p.ttl.max + p.ttl.grace, MAX_LIFETIME);
+}
+
+#[test]
+fn tls_upstreams_name_their_certificate_and_the_ca_file_must_hold_one() {
+    let p = parse("listen: [\"127.0.0.1:53\"]\nupstreams: [\"tls://9.9.9.9:853#DNS.Quad9.net\"]\n")
+        .unwrap();
+    assert_eq!(p.upstreams, ["9.9.9.9:853".parse::<SocketAddr>().unwrap()]);
+    assert_eq!(
+        p.upstream_options.transport("9.9.9.9:853".parse().unwrap()),
+        UpstreamTransport::Tls {
+            name: "dns.quad9.net".into()
+        }
+    );
+    assert_eq!(p.upstream_options.tls_ca, None);
+    let errs = errors(
+        "listen: [\"127.0.0.1:53\"]\nupstreams: [\"tls://9.9.9.9:853\", \"tls://9.9.9.9:854#bad name\"]\nupstream_tls_ca: /nonexistent/ca.pem\n",
+    );
+    assert!(errs[0].contains("names no certificate"), "{errs:?}");
+    assert!(errs[1].contains("is not a host name"), "{errs:?}");
+    assert!(
+        errs[2]
+            .starts_with("policy.yaml:3:18: upstream_tls_ca: cannot read \"/nonexistent/ca.pem\""),
+        "{errs:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let errs = errors(&format!(
+        "listen: [\"127.0.0.1:53\"]\nupstreams: [\"9.9.9.9:53\"]\nupstream_tls_ca: \"{}\"\n",
+        not_pem.display()
+    ));
+    assert!(errs[0].contains("holds no PEM certificate"), "{errs:?}");
 }

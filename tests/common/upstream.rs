@@ -234,6 +234,56 @@ impl Upstream {
             .expect("send from the upstream's socket");
     }
 
+    /// Serves the same zone over DNS over TLS with `config`, on a new loopback port; queries
+    /// are recorded as TCP ones. Each connection is served by a thread, queries in order.
+    pub fn serve_tls(&self, config: Arc<rustls::ServerConfig>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tls listener");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (zone, seen, behaviour, stop) = self.shared();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((stream, peer)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (zone, seen, behaviour, config) = (
+                    zone.clone(),
+                    seen.clone(),
+                    behaviour.clone(),
+                    config.clone(),
+                );
+                thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let Ok(connection) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(connection, stream);
+                    loop {
+                        let mut len = [0u8; 2];
+                        if tls.read_exact(&mut len).is_err() {
+                            return;
+                        }
+                        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if tls.read_exact(&mut buf).is_err() {
+                            return;
+                        }
+                        let b = *behaviour.lock().unwrap();
+                        if let Some(reply) = respond(&buf, true, peer, &zone, &seen, b) {
+                            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&reply);
+                            if tls.write_all(&framed).and_then(|()| tls.flush()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
     pub fn clear_seen(&self) {
         self.seen.lock().unwrap().clear();
     }

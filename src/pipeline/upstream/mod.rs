@@ -6,7 +6,8 @@
 //!              └─ miss ─► flight (one per question in flight) ─► upstreams ─► answer (+ cache)
 //!                          later askers of the same question      udp.rs: own socket, port,
 //!                          wait for the first one's answer        ID and case per question
-//!                                                                 tcp.rs: truncated answers
+//!                                                                 tcp.rs: truncated answers,
+//!                                                                 tcp:// (and tls.rs: tls://)
 //! ```
 //!
 //! Every query is a fresh message built here ([`wire`]): the upstream never sees the client's
@@ -22,7 +23,8 @@
 //! Every socket to an upstream carries the policy's firewall mark ([`socket`]).
 //!
 //! The modules form a tree without cycles: `answer`, `wire`, `socket` and `health` are leaves,
-//! `cache` knows `answer`, `udp` knows `wire` and `socket`, `tcp` knows `answer` and `socket`,
+//! `cache` knows `answer`, `udp` knows `wire` and `socket`, `tcp` knows `wire` and `socket`,
+//! `tls` knows `tcp` and `socket`,
 //! and this facade knows them all.
 
 mod answer;
@@ -30,6 +32,7 @@ pub mod cache;
 mod health;
 mod socket;
 mod tcp;
+mod tls;
 mod udp;
 mod wire;
 
@@ -50,6 +53,7 @@ pub use answer::{UpstreamAnswer, UpstreamFailure};
 use cache::AnswerCache;
 use health::Health;
 use tcp::{StreamClient, TcpDialer};
+use tls::TlsDialer;
 use udp::UdpOutcome;
 use wire::OutgoingQuery;
 
@@ -118,9 +122,10 @@ impl Upstreams {
             let transport = options.transport(addr);
             let dialer: Box<dyn tcp::Dialer> = match &transport {
                 UpstreamTransport::Udp | UpstreamTransport::Tcp => Box::new(TcpDialer),
-                UpstreamTransport::Tls { name } => {
-                    return Err(format!("{addr}: TLS to {name} is not supported yet"));
-                }
+                UpstreamTransport::Tls { name } => Box::new(
+                    TlsDialer::new(name, options.tls_ca.as_deref())
+                        .map_err(|error| format!("{addr}: {error}"))?,
+                ),
             };
             servers.push(Server {
                 addr,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::super::diagnostic::{Pos, Report};
@@ -48,11 +49,16 @@ pub(super) fn read(r: &mut Report, f: &Fields<'_>) -> Endpoints {
             )
         })
         .unwrap_or_default();
+    let tls_ca = f.get("upstream_tls_ca").and_then(|n| tls_ca(r, n));
     Endpoints {
         listen: listen.into_iter().map(|(_, a)| a).collect(),
         upstreams: upstreams.into_iter().map(|(_, a)| a).collect(),
         upstream_timeout,
-        upstream_options: UpstreamOptions { order, transports },
+        upstream_options: UpstreamOptions {
+            order,
+            transports,
+            tls_ca,
+        },
     }
 }
 
@@ -102,21 +108,12 @@ fn upstream_list(
     (addrs, transports)
 }
 
-/// Until the TLS client lands, `tls://` is refused here, so `check` and `serve` agree.
-const TLS_UNSUPPORTED: bool = true;
-
 fn parse_upstream(text: &str) -> Result<(SocketAddr, UpstreamTransport), String> {
     if let Some(rest) = text.strip_prefix("tcp://") {
         let addr = net::parse_socket(rest, Role::Upstream)?;
         return Ok((addr, UpstreamTransport::Tcp));
     }
     if let Some(rest) = text.strip_prefix("tls://") {
-        if TLS_UNSUPPORTED {
-            return Err(format!(
-                "{text:?}: DNS over TLS upstreams are not supported yet; write \"tcp://\" \
-                 or a plain address"
-            ));
-        }
         let Some((addr, name)) = rest.split_once('#') else {
             return Err(format!(
                 "{text:?} names no certificate; write the name the upstream's certificate \
@@ -153,6 +150,35 @@ fn parse_upstream(text: &str) -> Result<(SocketAddr, UpstreamTransport), String>
         net::parse_socket(text, Role::Upstream)?,
         UpstreamTransport::Udp,
     ))
+}
+
+/// `upstream_tls_ca`: a readable PEM file with at least one certificate (read again, and
+/// parsed, when the server starts).
+fn tls_ca(r: &mut Report, node: &Node) -> Option<PathBuf> {
+    let path = read::text(r, node, "upstream_tls_ca")?;
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => Some(PathBuf::from(path)),
+        Ok(_) => {
+            r.error(
+                node.pos,
+                format!(
+                    "upstream_tls_ca: {path:?} holds no PEM certificate; write the path of a \
+                     file with \"-----BEGIN CERTIFICATE-----\" blocks"
+                ),
+            );
+            None
+        }
+        Err(error) => {
+            r.error(
+                node.pos,
+                format!(
+                    "upstream_tls_ca: cannot read {path:?}: {error}; write the path of a PEM \
+                     file of CA certificates"
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// The checks every address list gets: not empty, no address twice.
