@@ -138,8 +138,15 @@ fn forged_upstream_replies_from_an_agent_never_reach_the_resolver() {
     );
     lab.upstream.set_behaviour(Behaviour::Normal);
 
-    // 2. The same forgery against a socket of the gateway that talks to the upstream (marked
-    // like dnsfence's, so its query is let out): real replies reach it, forged ones do not.
+    // 2. The same forgery against a socket of the gateway that talks to the upstream.
+    forged_replies_never_reach_a_gateway_socket(&lab, &forger);
+}
+
+/// A socket of the gateway that talks to the upstream (marked like dnsfence's, so its query is
+/// let out): the upstream's real reply reaches it, agent1's forged ones (from the upstream's
+/// address and port, to the socket's port) do not; then, as the control, dnsfence is stopped
+/// (`on_exit: remove`) and the very same forgery arrives.
+fn forged_replies_never_reach_a_gateway_socket(lab: &Lab, forger: &UdpSocket) {
     let gw_socket = lab.gw.run(|| {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         s.set_mark(MARK).unwrap();
@@ -550,4 +557,35 @@ fn a_client_beyond_its_share_of_the_set_gets_servfail_and_the_others_do_not() {
         &lab.set_elements("allow4"),
         &["10.78.0.2", "198.51.100.14"]
     ));
+}
+
+#[test]
+fn the_source_check_is_strict_when_the_agents_link_carries_the_default_route() {
+    if !require_root("the_source_check_is_strict_when_the_agents_link_carries_the_default_route") {
+        return;
+    }
+    // The gateway's default route goes out through agent1's link; only a more specific route
+    // leads to the upstream. A loose reverse-path check (is there *any* route back through the
+    // input interface?) would accept the upstream's address from agent1; the check must ask
+    // whether the *best* route back uses that interface.
+    let lab = Lab::new("strictrpf");
+    lab.start_fence(&policy(&lab, &["victim.allowed.test"]));
+    rp_filter_off(&lab);
+    lab.gw
+        .ip(&["route", "add", "198.51.100.53/32", "via", "192.0.2.2"]);
+    lab.gw.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.77.0.2",
+        "dev",
+        "to-a1",
+    ]);
+    lab.agent1
+        .ip(&["addr", "add", "198.51.100.53/32", "dev", "to-gw"]);
+    let forger = lab
+        .agent1
+        .run(|| UdpSocket::bind("198.51.100.53:53").expect("bind the upstream's address"));
+    forged_replies_never_reach_a_gateway_socket(&lab, &forger);
 }
