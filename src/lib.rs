@@ -13,10 +13,14 @@
 //!    kernel acknowledges it, before the reply is sent (fail closed: SERVFAIL otherwise).
 //! 7. [`querylog`] writes one JSON line per query.
 //!
-//! On top of these, [`adopt`] turns query logs into policy (audit mode, `suggest`, `replay`).
+//! On top of these, [`adopt`] turns query logs into policy (audit mode, `suggest`, `replay`),
+//! [`metrics`] exports counters and health, and [`health`] holds the readiness that the metrics
+//! endpoint (and the control socket, and systemd) report.
 
 pub mod adopt;
 pub mod firewall;
+pub mod health;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod querylog;

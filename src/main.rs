@@ -11,6 +11,8 @@ use hickory_proto::rr::{Name, RecordType};
 
 use dnsfence::adopt::{audit, logfile, replay, suggest};
 use dnsfence::firewall::{self, Firewall};
+use dnsfence::health::Readiness;
+use dnsfence::metrics::{Metrics, serve_metrics};
 use dnsfence::pipeline::Pipeline;
 use dnsfence::pipeline::decision::{Decision, decide};
 use dnsfence::pipeline::upstream::Upstreams;
@@ -493,6 +495,32 @@ fn serve(
         None => {}
     }
     let policy = Arc::new(policy);
+    let readiness = Readiness::new();
+    readiness.set_policy_loaded();
+
+    let (mut log, writer) = QueryLog::open(&policy.log)
+        .map_err(|error| format!("cannot open the query log: {error}"))?;
+    // The endpoint comes up first, so that `/readyz` says "not ready" while the rest starts.
+    let metrics = policy.metrics.map(|config| {
+        let metrics = Arc::new(Metrics::new(
+            &policy,
+            readiness.clone(),
+            Some(log.dropped()),
+            policy.firewall.enabled,
+        ));
+        (config, metrics)
+    });
+    let _metrics_server = match &metrics {
+        Some((config, metrics)) => {
+            let server = serve_metrics(config.listen, Arc::clone(metrics))
+                .map_err(|error| format!("metrics: {error}"))?;
+            tracing::info!(addr = %server.addr, "metrics on /metrics, /healthz, /readyz");
+            let counting = Arc::clone(metrics);
+            log.observe(Arc::new(move |record| counting.observe(record)));
+            Some(server)
+        }
+        None => None,
+    };
 
     // The firewall goes up before the first query can be answered.
     let firewall = if policy.firewall.enabled {
@@ -505,12 +533,14 @@ fn serve(
             table = firewall.table(),
             hooks = firewall.drop_hooks().join(", "),
         );
+        readiness.set_firewall_installed();
         Some(firewall)
     } else {
         tracing::warn!(
             "firewall.enabled is false: dnsfence filters DNS only and admits nothing to nftables; \
              agents can still reach any address they know"
         );
+        readiness.set_firewall_disabled();
         None
     };
     let mark = if firewall.is_some() {
@@ -523,8 +553,6 @@ fn serve(
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the runtime: {error}"))?;
-    let (log, writer) = QueryLog::open(&policy.log)
-        .map_err(|error| format!("cannot open the query log: {error}"))?;
     let result = runtime.block_on(async {
         let upstreams = Upstreams::new(
             &policy.upstreams,
@@ -534,6 +562,9 @@ fn serve(
         )
         .map_err(|error| format!("upstreams: {error}"))?;
         let admitter = firewall.as_ref().map(Firewall::admitter);
+        if let Some((_, metrics)) = &metrics {
+            tokio::spawn(heartbeats(Arc::clone(metrics), admitter.clone()));
+        }
         let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
         tracing::info!(policy = %path.display(), "dnsfence starting");
         tokio::spawn(audit::audit_clock(policy.mode, log.clone()));
@@ -542,6 +573,7 @@ fn serve(
             log,
             &policy.listen,
             tcp_limits(&policy),
+            &readiness,
             shutdown_signal(),
         )
         .await
@@ -569,6 +601,22 @@ fn serve(
     }
     tracing::info!("dnsfence stopped");
     result
+}
+
+/// Tells the metrics' health check, every second, that the event loop and the firewall's
+/// admission thread still answer.
+async fn heartbeats(metrics: Arc<Metrics>, admitter: Option<firewall::Admitter>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        metrics.event_loop_answered();
+        if let Some(admitter) = &admitter {
+            let asked = tokio::time::timeout(std::time::Duration::from_secs(2), admitter.answers());
+            if asked.await == Ok(true) {
+                metrics.firewall_answered();
+            }
+        }
+    }
 }
 
 fn tcp_limits(policy: &Policy) -> server::TcpLimits {

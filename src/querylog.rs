@@ -118,11 +118,15 @@ fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Er
     s.collect_str(&humantime::format_rfc3339_micros(*time))
 }
 
+/// Something that sees every query record before it is queued (the metrics counters).
+pub type Observer = Arc<dyn Fn(&QueryRecord) + Send + Sync>;
+
 /// The sending side, cheap to clone.
 #[derive(Clone)]
 pub struct QueryLog {
     sender: SyncSender<LogLine>,
     dropped: Arc<AtomicU64>,
+    observer: Option<Observer>,
 }
 
 /// Owns the writer thread; dropping every [`QueryLog`] and joining this flushes the tail.
@@ -147,6 +151,7 @@ impl QueryLog {
             QueryLog {
                 sender,
                 dropped: dropped.clone(),
+                observer: None,
             },
             QueryLogWriter {
                 thread: Some(thread),
@@ -155,8 +160,22 @@ impl QueryLog {
         ))
     }
 
+    /// Shows every later record to `observer` first (it must be quick: it runs on the query
+    /// path).
+    pub fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
+    }
+
+    /// How many records were dropped because the writer could not keep up.
+    pub fn dropped(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
+    }
+
     /// Queues one record; never blocks.
     pub fn record(&self, record: QueryRecord) {
+        if let Some(observer) = &self.observer {
+            observer(&record);
+        }
         self.queue(LogLine::Query(record));
     }
 

@@ -137,6 +137,8 @@ pub(crate) enum Msg {
     Admit(Request),
     /// Wakes the thread so that it notices the stop flag.
     Wake,
+    /// Asks the thread to answer, for health checks.
+    Ping(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Clamps a lifetime to [`MIN_LIFETIME`, `MAX_LIFETIME`].
@@ -318,6 +320,10 @@ impl Admission {
                 None => match self.rx.blocking_recv() {
                     Some(Msg::Admit(r)) => r,
                     Some(Msg::Wake) => continue,
+                    Some(Msg::Ping(reply)) => {
+                        let _ = reply.send(());
+                        continue;
+                    }
                     None => break,
                 },
             };
@@ -338,6 +344,9 @@ impl Admission {
                         group.push(r);
                     }
                     Ok(Msg::Wake) => {}
+                    Ok(Msg::Ping(reply)) => {
+                        let _ = reply.send(());
+                    }
                     Err(_) => break,
                 }
             }

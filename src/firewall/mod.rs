@@ -440,6 +440,12 @@ fn keep_elements(sock: &mut NfSocket, layout: &Layout) -> Result<Vec<(Key, Insta
 }
 
 impl Admitter {
+    /// Whether the admission thread answers (after the admissions queued before this ask).
+    pub async fn answers(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Msg::Ping(reply)).await.is_ok() && answer.await.is_ok()
+    }
+
     /// Admits every address for `lifetime` each (clamped to 1 s ..= 7 days); resolves only once
     /// the kernel ACKed the whole batch. With per-client sets, `client` (IPv4-mapped addresses
     /// count as IPv4) must be of the same family as every address.

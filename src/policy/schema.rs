@@ -69,6 +69,7 @@ const TOP_KEYS: &[&str] = &[
     "firewall",
     "mode",
     "audit",
+    "metrics",
 ];
 
 /// Builds the policy; `None` if any error was reported.

@@ -26,6 +26,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Quer
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
+use crate::health::Readiness;
 use crate::pipeline::decision::DenyReason;
 use crate::pipeline::request::{Rejection, question_of};
 use crate::pipeline::{Pipeline, Transport};
@@ -39,12 +40,14 @@ mod udp;
 /// are truncated (TC) and retried over TCP rather than fragmented.
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
 
-/// Serves `pipeline` on `listen` (UDP and TCP on each) until `shutdown` completes.
+/// Serves `pipeline` on `listen` (UDP and TCP on each) until `shutdown` completes; tells
+/// `readiness` once every socket is bound, and that it is stopping when `shutdown` completes.
 pub async fn serve(
     pipeline: Arc<Pipeline>,
     log: QueryLog,
     listen: &[SocketAddr],
     tcp_limits: TcpLimits,
+    readiness: &Readiness,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let handler = Arc::new(Handler { pipeline, log });
@@ -66,7 +69,9 @@ pub async fn serve(
         )));
         tracing::info!(%addr, "listening on UDP and TCP");
     }
+    readiness.set_listeners_bound();
     shutdown.await;
+    readiness.set_stopping();
     tracing::info!("shutting down");
     let _ = stop.send(true);
     for server in servers {
