@@ -578,3 +578,57 @@ fn a_tls_upstream_answers_only_with_a_trusted_certificate_for_its_name() {
         }
     }
 }
+
+/// A `tcp://` upstream that stops answering is skipped like a UDP one, probed over TCP (a UDP
+/// probe would never reach it), on a fresh connection once a question timed out on the old
+/// one, and used again when it answers.
+#[test]
+fn a_dead_tcp_upstream_is_probed_over_tcp_and_used_again_when_it_comes_back() {
+    let dead = Upstream::start();
+    let alive = Upstream::start();
+    for i in 0..300 {
+        dead.a(&format!("n{i}.allowed.test"), "198.51.100.1", 300);
+        alive.a(&format!("n{i}.allowed.test"), "198.51.100.2", 300);
+    }
+    dead.set_tcp_behaviour(Behaviour::Silent);
+    alive.set_tcp_behaviour(Behaviour::Normal);
+    let yaml = format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"tcp://{}\", \"tcp://{}\"]\n\
+         upstream_timeout: 2s\nupstream_order: strict\nallow: [\"*.allowed.test\"]\n\
+         firewall: {{enabled: false}}\nlimits: {{client_qps: 0}}\n\
+         exfiltration: {{wildcard_names_per_minute: 0}}\n",
+        dead.addr, alive.addr
+    );
+    let fence = Dnsfence::start(&yaml);
+    assert_eq!(
+        addresses(&fence.udp("n0.allowed.test", RecordType::A)),
+        ["198.51.100.2"]
+    );
+    for i in 1..=10 {
+        let name = format!("n{i}.allowed.test");
+        let started = Instant::now();
+        assert_eq!(
+            addresses(&fence.udp(&name, RecordType::A)),
+            ["198.51.100.2"]
+        );
+        assert!(started.elapsed() < Duration::from_millis(100), "{name}");
+    }
+    dead.set_tcp_behaviour(Behaviour::Normal);
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut i = 11;
+    loop {
+        let name = format!("n{i}.allowed.test");
+        if addresses(&fence.udp(&name, RecordType::A)) == ["198.51.100.1"] {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the tcp:// upstream that came back is never used: {:?}",
+            dead.seen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        i += 1;
+    }
+    assert!(dead.seen().iter().all(|q| q.tcp), "probed over UDP");
+    eprintln!("tcp:// upstream used again after {} more queries", i - 11);
+}

@@ -77,7 +77,7 @@ struct Server {
     /// Whether questions go over UDP first (else over the stream only).
     udp: bool,
     /// TCP (truncated answers, or every question for `tcp://`), or TLS.
-    stream: StreamClient,
+    stream: Arc<StreamClient>,
     health: Arc<Health>,
 }
 
@@ -130,7 +130,7 @@ impl Upstreams {
             servers.push(Server {
                 addr,
                 udp: transport == UpstreamTransport::Udp,
-                stream: StreamClient::new(addr, mark, dialer),
+                stream: Arc::new(StreamClient::new(addr, mark, dialer)),
                 health: Arc::default(),
             });
         }
@@ -339,12 +339,19 @@ impl Upstreams {
             server.health.clone(),
             question.clone(),
         );
+        // Over the upstream's own transport: a tcp:// or tls:// upstream has no UDP to probe.
+        let stream = (!server.udp).then(|| server.stream.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            match udp::ask(addr, mark, &question, health::MAX_RTO, deadline).await {
-                UdpOutcome::Reply(message)
-                    if !upstream_wide_failure(message.metadata.response_code) =>
-                {
+            let reply = match stream {
+                None => match udp::ask(addr, mark, &question, health::MAX_RTO, deadline).await {
+                    UdpOutcome::Reply(message) => Some(message),
+                    UdpOutcome::TimedOut(_) | UdpOutcome::Failed(_) => None,
+                },
+                Some(stream) => stream.ask(&question, deadline).await.ok(),
+            };
+            match reply {
+                Some(message) if !upstream_wide_failure(message.metadata.response_code) => {
                     tracing::info!(upstream = %addr, "upstream answers again");
                     health.answered(started.elapsed());
                 }

@@ -109,7 +109,16 @@ impl StreamClient {
     ) -> Result<Message, String> {
         match tokio::time::timeout_at(deadline, self.ask_once(question, true)).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(format!("{} did not answer over TCP in time", self.addr)),
+            Err(_elapsed) => {
+                // A connection that let a question time out may be wedged: the next question
+                // opens a fresh one (questions still in flight on it keep their answers).
+                if let Ok(current) = self.connection.try_lock()
+                    && let Some(connection) = current.as_ref()
+                {
+                    connection.closed.store(true, Ordering::Relaxed);
+                }
+                Err(format!("{} did not answer over TCP in time", self.addr))
+            }
         }
     }
 
