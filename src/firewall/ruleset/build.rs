@@ -228,19 +228,25 @@ impl Parts {
     /// like), from dnsfence's listen ports and from the listed ports only. An agent (a user
     /// other than root) that listens on a port gets nothing back out.
     fn inbound(&self) -> Vec<Rule> {
-        let mut ports: BTreeSet<(Proto, u16)> = self.inbound.iter().copied().collect();
+        // (source address, for a listen address that is not a wildcard; protocol; port)
+        let mut ports: BTreeSet<(Option<IpAddr>, Proto, u16)> = self
+            .inbound
+            .iter()
+            .map(|&(p, port)| (None, p, port))
+            .collect();
         for l in self.listens.iter().filter(|l| !l.ip.is_loopback()) {
+            let from = (!l.ip.is_unspecified()).then_some(l.ip);
             for p in Proto::BOTH {
-                ports.insert((p, l.port));
+                ports.insert((from, p, l.port));
             }
         }
         let mut rules: Vec<Rule> = ports
             .into_iter()
-            .map(|(p, port)| {
-                rule(
-                    vec![Match::CtDirectionReply, Match::Sport(p, port)],
-                    Verdict::Accept,
-                )
+            .map(|(from, p, port)| {
+                let mut m = vec![Match::CtDirectionReply];
+                m.extend(from.map(Match::Saddr));
+                m.push(Match::Sport(p, port));
+                rule(m, Verdict::Accept)
             })
             .collect();
         rules.push(rule(
@@ -445,7 +451,7 @@ mod tests {
         let dot = pos("tcp dport 853 drop");
         let doq = pos("udp dport 853 drop");
         let lo = pos("oif \"lo\" accept");
-        let own_replies = pos("ct direction reply udp sport 53 accept");
+        let own_replies = pos("ct direction reply ip saddr 10.9.0.1 udp sport 53 accept");
         let inbound = pos("ct direction reply meta skuid != 0 drop");
         let ct = pos("ct state established,related accept");
         let set = pos("ip daddr @allow4 accept");

@@ -174,6 +174,12 @@ impl Match {
                     out.push(cmp_eq(octets(net.network())));
                 }
             }
+            Match::Saddr(ip) => {
+                let f = Family::of(*ip);
+                depend(out, known, f);
+                out.push(network(f.saddr_offset(), f.addr_len(), REG1));
+                out.push(cmp_eq(octets(*ip)));
+            }
             Match::Dport(p, port) | Match::Sport(p, port) => {
                 out.push(meta(MetaKey::L4Proto));
                 out.push(cmp_eq([p.number()]));

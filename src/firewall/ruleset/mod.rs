@@ -55,7 +55,7 @@
 //!    does) would otherwise be a DNS tunnel to anywhere.
 //! 4. The rest of loopback is accepted.
 //! 5. Replies on connections that other hosts opened (`ct direction reply`) are accepted from
-//!    dnsfence's listen ports and `firewall.inbound`, and dropped when the socket belongs to a
+//!    dnsfence's listen addresses and ports and from `firewall.inbound`, and dropped when the socket belongs to a
 //!    user other than root: an agent that listens on a port gets nothing back out, while sshd
 //!    and other services started by root keep working. Before `ct state established`, which
 //!    would accept them.

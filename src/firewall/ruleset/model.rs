@@ -182,6 +182,8 @@ pub(crate) enum Match {
     NfProto(Family),
     /// `ip daddr …` / `ip6 daddr …`, an address or a prefix.
     Daddr(IpNet),
+    /// `ip saddr …` / `ip6 saddr …`, one address.
+    Saddr(IpAddr),
     /// `udp sport …` / `tcp sport …`
     Sport(Proto, u16),
     /// `udp dport …` / `tcp dport …`

@@ -76,6 +76,7 @@ impl Match {
             }
             Match::Dport(p, port) => format!("{} dport {port}", p.name()),
             Match::Sport(p, port) => format!("{} sport {port}", p.name()),
+            Match::Saddr(ip) => format!("{} saddr {ip}", Family::of(*ip).header()),
             Match::CtEstablishedRelated => "ct state established,related".to_string(),
             Match::AllowSet { family, per_client } => {
                 let h = family.header();
