@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hickory_proto::rr::{Name, RecordType};
 
-use dnsfence::adopt::{audit, logfile, replay, suggest};
+use dnsfence::adopt::{audit, logfile, replay, suggest, why};
 use dnsfence::firewall::{self, Firewall};
 use dnsfence::health::Readiness;
 use dnsfence::metrics::{Metrics, serve_metrics};
@@ -93,6 +93,25 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
         /// The query type.
         #[arg(default_value = "A")]
         qtype: String,
+    },
+    /// Why may (or may not) a client reach an address? From query logs: which names resolved
+    /// to it, for whom, when, and until when the firewall admitted it. Exit 0 when some name
+    /// resolved to it, 1 when none did (a hard-coded address), 2 for an error.
+    #[command(after_help = "Examples:
+  dnsfence why 198.51.100.20 --log /var/log/dnsfence/queries.jsonl
+  dnsfence why 198.51.100.20 --client 10.200.0.7 --log queries.jsonl --policy agent.yaml")]
+    Why {
+        /// The destination address in question.
+        ip: IpAddr,
+        /// Only answers given to this client.
+        #[arg(long, value_name = "IP")]
+        client: Option<IpAddr>,
+        /// Query log to read; repeat for several.
+        #[arg(long, value_name = "FILE", required = true)]
+        log: Vec<PathBuf>,
+        /// The policy in force, for the firewall's lifetimes (ttl.min, ttl.max, ttl.grace).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
     /// Print the allow rules a query log asks for, as a YAML fragment to review and merge into
     /// the policy: per client group, each rule with its evidence, names that look like data or
@@ -214,6 +233,12 @@ fn main() -> ExitCode {
             exit_with(suggest(&log, policy.as_deref(), since))
         }
         Command::Replay { log, policy } => replay(&log, &policy),
+        Command::Why {
+            ip,
+            client,
+            log,
+            policy,
+        } => why_reachable(ip, client, &log, policy.as_deref()),
         Command::Ruleset { policy } => match load_policy(&policy) {
             Ok(policy) => {
                 print!("{}", firewall::render_nft(&policy));
@@ -410,6 +435,38 @@ fn replay(logs: &[PathBuf], path: &Path) -> ExitCode {
     let replayed = replay::replay(&read.queries, &policy);
     print!("{}", replayed.report(&policy));
     if replayed.newly_denied() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn why_reachable(
+    ip: IpAddr,
+    client: Option<IpAddr>,
+    logs: &[PathBuf],
+    policy: Option<&Path>,
+) -> ExitCode {
+    let policy = match policy.map(load_policy).transpose() {
+        Ok(policy) => policy,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let read = match logfile::read_logs(logs, None) {
+        Ok(read) => read,
+        Err(message) => return exit_with(Err(message)),
+    };
+    let found = why::why(&read.queries, ip, client, policy.as_ref().map(|p| &p.ttl));
+    print!(
+        "{}",
+        why::report(
+            ip,
+            client,
+            &found,
+            std::time::SystemTime::now(),
+            policy.is_some()
+        )
+    );
+    if found.is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

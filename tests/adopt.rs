@@ -381,3 +381,77 @@ fn suggest_turns_an_audit_log_into_rules_that_check_and_replay_accept_and_leaves
         "{report}"
     );
 }
+
+#[test]
+fn why_names_what_resolved_to_an_address_until_when_and_what_never_did() {
+    let upstream = Upstream::start();
+    upstream.a("a.allowed.test", "198.51.100.50", 60);
+    upstream.a("b.allowed.test", "198.51.100.50", 60);
+    upstream.a("short.allowed.test", "198.51.100.51", 1);
+    let yaml = policy(
+        upstream.addr,
+        &["a.allowed.test", "b.allowed.test", "short.allowed.test"],
+        "ttl: {min: 1s, max: 60s, grace: 1s}\n",
+    );
+    let mut fence = Dnsfence::start(&yaml);
+    for name in ["a.allowed.test", "b.allowed.test", "short.allowed.test"] {
+        assert_eq!(
+            addresses(&fence.udp(name, RecordType::A)).len(),
+            1,
+            "{name}"
+        );
+    }
+    assert_eq!(fence.log(3).len(), 3);
+    fence.stop();
+    let log = fence.log_path.to_str().unwrap().to_owned();
+    let policy_path = fence.dir.path().join("policy.yaml");
+    let policy_arg = policy_path.to_str().unwrap();
+
+    let (code, out, err) = run(&[
+        "why",
+        "198.51.100.50",
+        "--log",
+        &log,
+        "--policy",
+        policy_arg,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.starts_with("198.51.100.50: admitted now for any client"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  a.allowed.test for 127.0.0.1: 1 query")
+            && out.contains("  b.allowed.test for 127.0.0.1: 1 query"),
+        "{out}"
+    );
+
+    // TTL 1 s, grace 1 s: expired two seconds after the answer.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, out, _) = run(&[
+        "why",
+        "198.51.100.51",
+        "--log",
+        &log,
+        "--policy",
+        policy_arg,
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("no longer admitted") && out.contains("expired at"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&["why", "192.0.2.99", "--log", &log]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("never resolved"), "{out}");
+    let (code, out, _) = run(&[
+        "why",
+        "198.51.100.50",
+        "--client",
+        "127.0.0.2",
+        "--log",
+        &log,
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+}

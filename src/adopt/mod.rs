@@ -8,6 +8,9 @@
 //!   logged audit:true)                 additions)                  against past traffic)
 //! ```
 //!
+//! `why` reads the same logs to answer the operator's other question: why may (or may not) a
+//! client reach this address?
+//!
 //! Everything here sits on top: it reads query logs and calls down into the policy and the
 //! pipeline's decision stage, the same code `serve` and `explain` run.
 
@@ -15,3 +18,4 @@ pub mod audit;
 pub mod logfile;
 pub mod replay;
 pub mod suggest;
+pub mod why;
