@@ -91,6 +91,7 @@ fn answer_filter(c: &mut Criterion) {
         strict_chain: None,
         name_allowed: &allowed,
         hints: HintMode::Admit,
+        max_per_family: 32,
     };
     c.bench_function("answer_filter/cname_chain_8_addresses", |b| {
         b.iter(|| {

@@ -8,11 +8,16 @@
 //! allow back, and so are the upstreams' own addresses (admitting those would open the resolver
 //! to the agent, which is the tunnel dnsfence exists to close).
 //!
-//! IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, NAT64, Teredo) are judged by
-//! the IPv4 address inside them, since that is where the packets end up. The standard library's
+//! The networks dnsfence serves (the client groups' `from` ranges and the networks of the
+//! interfaces it listens on) are refused the same way: an answer naming an agent's own address
+//! would get it admitted, and with `forward` anyone could then open connections into that agent.
+//!
+//! IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, NAT64 including the
+//! local-use `64:ff9b:1::/48` and the policy's `nat64_prefixes`, Teredo) are judged by the IPv4
+//! address inside them, since that is where the packets end up. The standard library's
 //! predicates are not used: `"::ffff:127.0.0.1".is_loopback()` is false.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -57,6 +62,10 @@ pub enum AddressVerdict {
 pub struct AddressGuard {
     /// `deny_answers`, the upstreams' addresses and this host's own addresses.
     always_denied: Vec<IpNet>,
+    /// The agents' networks: refused like private ranges (`allow_answers` may list them).
+    served: Vec<IpNet>,
+    /// The operator's NAT64 /96 prefixes (`nat64_prefixes`).
+    nat64: Vec<Ipv6Net>,
 }
 
 impl AddressGuard {
@@ -65,12 +74,39 @@ impl AddressGuard {
     pub fn new(deny_answers: &[IpNet], never: &[IpAddr]) -> AddressGuard {
         let mut always_denied = deny_answers.to_vec();
         always_denied.extend(never.iter().map(|&ip| IpNet::from(ip)));
-        AddressGuard { always_denied }
+        AddressGuard {
+            always_denied,
+            served: Vec::new(),
+            nat64: Vec::new(),
+        }
+    }
+
+    /// Adds the networks dnsfence serves, refused like private ranges.
+    pub fn with_served(mut self, served: Vec<IpNet>) -> AddressGuard {
+        self.served = served;
+        self
+    }
+
+    /// Adds NAT64 /96 prefixes whose last 32 bits are the IPv4 address packets reach.
+    pub fn with_nat64(mut self, prefixes: &[Ipv6Net]) -> AddressGuard {
+        self.nat64 = prefixes.to_vec();
+        self
+    }
+
+    /// The address packets to `ip` really reach, with the operator's NAT64 prefixes too.
+    fn effective(&self, ip: IpAddr) -> IpAddr {
+        if let IpAddr::V6(v6) = ip
+            && self.nat64.iter().any(|p| p.contains(&v6))
+        {
+            let o = v6.octets();
+            return IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+        }
+        effective_address(ip)
     }
 
     /// Judges `ip`, with `allowed` the `allow_answers` of the rule and group that allowed the name.
     pub fn verdict(&self, ip: IpAddr, allowed: &[IpNet]) -> AddressVerdict {
-        let effective = effective_address(ip);
+        let effective = self.effective(ip);
         let hits = |nets: &[IpNet]| {
             nets.iter()
                 .any(|net| net.contains(&ip) || net.contains(&effective))
@@ -78,7 +114,7 @@ impl AddressGuard {
         if hits(&self.always_denied) {
             return AddressVerdict::Denied;
         }
-        if is_denied_by_default(ip) || is_denied_by_default(effective) {
+        if is_denied_by_default(ip) || is_denied_by_default(effective) || hits(&self.served) {
             // Judged by where the packets land: `64:ff9b::/96` in allow_answers must not let
             // `64:ff9b::7f00:1` (loopback through NAT64) back in.
             if allowed.iter().any(|net| net.contains(&effective)) {
@@ -136,6 +172,54 @@ pub fn host_addresses() -> Vec<IpAddr> {
             }
         })
         .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The networks dnsfence serves: the client groups' `from` ranges and the networks of the
+/// interfaces its listen addresses are on (every interface's for a wildcard listen address).
+pub fn served_networks(client_ranges: &[IpNet], listen: &[SocketAddr]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = client_ranges.to_vec();
+    match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => {
+            for interface in interfaces {
+                let (Some(address), Some(mask)) = (interface.address, interface.netmask) else {
+                    continue;
+                };
+                let net =
+                    if let (Some(a), Some(m)) = (address.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                        let len = u32::from(m.ip()).leading_ones();
+                        Ipv4Net::new(a.ip(), u8::try_from(len).unwrap_or(32))
+                            .ok()
+                            .map(|n| (IpAddr::V4(a.ip()), IpNet::V4(n.trunc())))
+                    } else if let (Some(a), Some(m)) =
+                        (address.as_sockaddr_in6(), mask.as_sockaddr_in6())
+                    {
+                        let len = u128::from(m.ip()).leading_ones();
+                        Ipv6Net::new(a.ip(), u8::try_from(len).unwrap_or(128))
+                            .ok()
+                            .map(|n| (IpAddr::V6(a.ip()), IpNet::V6(n.trunc())))
+                    } else {
+                        None
+                    };
+                let Some((own, net)) = net else { continue };
+                let on_it = listen.iter().any(|l| {
+                    let ip = l.ip().to_canonical();
+                    ip == own || (ip.is_unspecified() && ip.is_ipv4() == own.is_ipv4())
+                });
+                if on_it {
+                    out.push(net);
+                }
+            }
+        }
+        Err(_) => {
+            tracing::warn!(
+                "cannot list this host's interfaces; answers inside the networks of the listen \
+                 addresses are not refused (client groups' ranges still are)"
+            );
+        }
+    }
     out.sort();
     out.dedup();
     out
@@ -263,5 +347,49 @@ mod tests {
                 "{ip}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod served_tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_networks_are_refused_like_private_ranges() {
+        let served: Vec<IpNet> = vec!["203.0.113.0/24".parse().unwrap()];
+        let guard = AddressGuard::new(&[], &[]).with_served(served.clone());
+        let agent: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(guard.verdict(agent, &[]), AddressVerdict::Private);
+        // Also through an IPv6 form that embeds it.
+        let mapped: IpAddr = "64:ff9b::cb00:7107".parse().unwrap();
+        assert_eq!(guard.verdict(mapped, &[]), AddressVerdict::Private);
+        // allow_answers can list them, like any private range; others stay permitted.
+        assert_eq!(guard.verdict(agent, &served), AddressVerdict::Permitted);
+        let other: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(guard.verdict(other, &[]), AddressVerdict::Permitted);
+    }
+
+    #[test]
+    fn the_operators_nat64_prefixes_are_judged_by_the_embedded_ipv4_address() {
+        let prefix: Ipv6Net = "2001:db8:64::/96".parse().unwrap();
+        let inside: IpAddr = "2001:db8:64::a00:1".parse().unwrap(); // 10.0.0.1
+        let public: IpAddr = "2001:db8:64::c633:6407".parse().unwrap(); // 198.51.100.7
+        let plain = AddressGuard::new(&[], &[]);
+        assert_eq!(plain.verdict(inside, &[]), AddressVerdict::Permitted);
+        let guard = AddressGuard::new(&[], &[]).with_nat64(&[prefix]);
+        assert_eq!(guard.verdict(inside, &[]), AddressVerdict::Private);
+        assert_eq!(guard.verdict(public, &[]), AddressVerdict::Permitted);
+        // The local-use prefix of RFC 8215 is built in.
+        let local_use: IpAddr = "64:ff9b:1::7f00:1".parse().unwrap();
+        assert_eq!(plain.verdict(local_use, &[]), AddressVerdict::Private);
+    }
+
+    #[test]
+    fn a_listen_address_brings_in_its_interfaces_network() {
+        let listen: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().unwrap()];
+        let nets = served_networks(&[], &listen);
+        assert!(nets.contains(&"127.0.0.0/8".parse().unwrap()), "{nets:?}");
+        let none = served_networks(&[], &[]);
+        assert!(none.is_empty(), "{none:?}");
     }
 }

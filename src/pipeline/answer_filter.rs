@@ -9,6 +9,12 @@
 //! The same stage clamps TTLs: an address is admitted for `clamp(ttl, min, max) + grace`, and
 //! the client is told at most `min(ttl, max)`, so no client caches an address longer than the
 //! firewall lets packets reach it.
+//!
+//! And it bounds what one answer may put into the firewall: at most `max_per_family` addresses
+//! of each family (`firewall.max_addresses_per_answer`) are admitted and returned, in the
+//! order the upstream gave them; the rest are removed from the reply. Without that, a hostile
+//! allowed zone answering 4,096 addresses over TCP fills a 65,536-element set in 16 answers,
+//! and every client gets SERVFAIL until the elements expire.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -36,6 +42,8 @@ pub struct AnswerContext<'a> {
     /// Whether HTTPS/SVCB alias targets are allowed names.
     pub name_allowed: &'a (dyn Fn(&Name) -> bool + Sync),
     pub hints: HintMode,
+    /// Most addresses of each family admitted and returned (`firewall.max_addresses_per_answer`).
+    pub max_per_family: usize,
 }
 
 /// The answer as it may be returned, and the addresses the firewall must admit first.
@@ -50,6 +58,10 @@ pub struct FilteredAnswer {
     pub chain_violation: Option<Name>,
     /// Records of the upstream's answer section that were not passed on.
     pub dropped_records: usize,
+    /// Addresses the guard permitted but the per-answer quota left out.
+    pub over_quota: usize,
+    /// Addresses admitted so far, IPv4 and IPv6.
+    admitted_per_family: [usize; 2],
 }
 
 impl FilteredAnswer {
@@ -123,13 +135,18 @@ fn keep(cx: &AnswerContext<'_>, record: &Record, out: &mut FilteredAnswer) {
     let mut record = record.clone();
     record.ttl = reply_ttl(record.ttl, &cx.ttl);
     let judge = |ip: IpAddr, out: &mut FilteredAnswer| -> bool {
-        if cx.guard.verdict(ip, cx.allow_answers) == AddressVerdict::Permitted {
-            out.admit.push((ip, lifetime));
-            true
-        } else {
+        if cx.guard.verdict(ip, cx.allow_answers) != AddressVerdict::Permitted {
             out.refused_addresses.push(ip);
-            false
+            return false;
         }
+        let family = usize::from(ip.is_ipv6());
+        if out.admitted_per_family[family] >= cx.max_per_family {
+            out.over_quota += 1;
+            return false;
+        }
+        out.admitted_per_family[family] += 1;
+        out.admit.push((ip, lifetime));
+        true
     };
     let usable = match &mut record.data {
         RData::A(a) => judge(IpAddr::V4(a.0), out),
@@ -172,4 +189,92 @@ fn filter_service_binding(
             _ => true,
         });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use hickory_proto::rr::rdata::{A, AAAA};
+
+    use super::*;
+
+    fn filter(answers: &[Record], max_per_family: usize) -> FilteredAnswer {
+        let qname = Name::from_ascii("big.example.").unwrap();
+        let guard = AddressGuard::default();
+        let allowed = |_: &Name| true;
+        let cx = AnswerContext {
+            qname: &qname,
+            qtype: RecordType::A,
+            ttl: TtlPolicy::default(),
+            guard: &guard,
+            allow_answers: &[],
+            strict_chain: None,
+            name_allowed: &allowed,
+            hints: HintMode::Admit,
+            max_per_family,
+        };
+        filter_answer(&cx, answers)
+    }
+
+    fn a_records(n: u32) -> Vec<Record> {
+        let qname = Name::from_ascii("big.example.").unwrap();
+        (0..n)
+            .map(|i| {
+                let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 0, 0)) + i);
+                Record::from_rdata(qname.clone(), 300, RData::A(A(ip)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn at_most_the_quota_of_addresses_is_admitted_and_returned_in_upstream_order() {
+        let answers = a_records(4096);
+        let out = filter(&answers, 32);
+        assert_eq!(out.admit.len(), 32);
+        assert_eq!(out.records.len(), 32);
+        assert_eq!(out.over_quota, 4096 - 32);
+        assert!(out.refused_addresses.is_empty() && !out.stripped_to_nothing());
+        assert_eq!(out.records[0], {
+            let mut r = answers[0].clone();
+            r.ttl = 300;
+            r
+        });
+        // The control: a quota above the answer keeps everything.
+        let out = filter(&answers, 4096);
+        assert_eq!((out.admit.len(), out.over_quota), (4096, 0));
+    }
+
+    #[test]
+    fn the_quota_counts_each_family_apart() {
+        let qname = Name::from_ascii("big.example.").unwrap();
+        let mut answers = a_records(5);
+        for i in 0..5u16 {
+            answers.push(Record::from_rdata(
+                qname.clone(),
+                300,
+                RData::AAAA(AAAA(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i + 1))),
+            ));
+        }
+        let qname = Name::from_ascii("big.example.").unwrap();
+        let guard = AddressGuard::default();
+        let allowed = |_: &Name| true;
+        let mut seen = Vec::new();
+        for qtype in [RecordType::A, RecordType::AAAA] {
+            let cx = AnswerContext {
+                qname: &qname,
+                qtype,
+                ttl: TtlPolicy::default(),
+                guard: &guard,
+                allow_answers: &[],
+                strict_chain: None,
+                name_allowed: &allowed,
+                hints: HintMode::Admit,
+                max_per_family: 3,
+            };
+            let out = filter_answer(&cx, &answers);
+            seen.push((out.admit.len(), out.over_quota));
+        }
+        assert_eq!(seen, [(3, 2), (3, 2)]);
+    }
 }

@@ -86,7 +86,14 @@ impl Pipeline {
     pub fn new(policy: Arc<Policy>, upstreams: Upstreams, admitter: Option<Admitter>) -> Pipeline {
         let mut never: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
         never.extend(address_guard::host_addresses());
-        let guard = AddressGuard::new(&policy.deny_answers, &never);
+        let client_ranges: Vec<IpNet> =
+            policy.clients.iter().flat_map(|g| g.from.clone()).collect();
+        let guard = AddressGuard::new(&policy.deny_answers, &never)
+            .with_served(address_guard::served_networks(
+                &client_ranges,
+                &policy.listen,
+            ))
+            .with_nat64(&policy.nat64_prefixes);
         Pipeline {
             rate: RateLimiter::new(&policy.limits),
             budget: WildcardBudget::new(policy.exfiltration),
@@ -203,9 +210,18 @@ impl Pipeline {
             },
             name_allowed: &name_allowed,
             hints: self.policy.https_hints,
+            max_per_family: usize::try_from(self.policy.firewall.addresses_per_answer())
+                .unwrap_or(usize::MAX),
         };
         let filtered = filter_answer(&cx, &answer.answers);
         record.refused = filtered.refused_addresses.clone();
+        if filtered.over_quota > 0 {
+            record.error = Some(format!(
+                "{} addresses beyond firewall.max_addresses_per_answer ({} per family) removed",
+                filtered.over_quota,
+                self.policy.firewall.addresses_per_answer()
+            ));
+        }
         if let Some(name) = &filtered.chain_violation {
             record.error = Some(format!("CNAME chain leaves the allowlist at {name}"));
             if !self.audits(DenyReason::Policy, question) {
