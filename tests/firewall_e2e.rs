@@ -1072,7 +1072,8 @@ fn upstream_queries_from_the_resolver_pass_but_reused_ports_do_not() {
         );
     }
     let big = a1.resolve_tcp("big.allowed.test", RecordType::A);
-    assert_eq!(addresses(&big).len(), 120);
+    // 32: firewall.max_addresses_per_answer's default cuts the answer, after the TCP retry.
+    assert_eq!(addresses(&big).len(), 32);
 
     let gw4 = IpAddr::from(addr::GW_INET4);
     let seen = lab.upstream.seen();

@@ -1905,7 +1905,8 @@ fn tcp_client_that_never_reads_cannot_hold_connection_slots() {
     let fence = fence_with(
         &upstream,
         &["big.allowed.test", "api.allowed.test"],
-        "limits: {tcp_connections: 2, tcp_idle_timeout: 1s, client_qps: 0}\n",
+        // The per-answer quota raised: the ~32 KB answers are what fill the socket buffers.
+        "  max_addresses_per_answer: 4096\nlimits: {tcp_connections: 2, tcp_idle_timeout: 1s, client_qps: 0}\n",
     );
     std::thread::sleep(Duration::from_millis(200));
     let query_bytes = wire::frame(&query("big.allowed.test", RecordType::A).to_vec().unwrap());
@@ -2006,7 +2007,12 @@ fn udp_replies_never_exceed_1232_bytes_whatever_the_client_advertises() {
             300,
         );
     }
-    let fence = fence_with(&upstream, &["big.allowed.test"], "");
+    // The per-answer quota raised, so that the answer is too big for any UDP payload.
+    let fence = fence_with(
+        &upstream,
+        &["big.allowed.test"],
+        "  max_addresses_per_answer: 4096\n",
+    );
     for payload in [65535u16, 4096, 1500, 1233, 1232, 600, 100] {
         let bytes = wire::query_with_opt(
             0x6000 + payload % 1000,

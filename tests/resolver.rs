@@ -219,7 +219,12 @@ fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
     for i in 0..120 {
         upstream.a("big.allowed.test", &format!("198.51.100.{}", i + 1), 300);
     }
-    let fence = fence_with(&upstream, &["big.allowed.test"], "");
+    // The per-answer quota raised, so that the whole answer needs TCP.
+    let fence = fence_with(
+        &upstream,
+        &["big.allowed.test"],
+        "  max_addresses_per_answer: 4096\n",
+    );
     let udp = fence.udp("big.allowed.test", RecordType::A);
     assert!(udp.metadata.truncation, "UDP reply should be truncated");
     assert!(udp.to_vec().unwrap().len() <= 1232);

@@ -405,9 +405,14 @@ fn big_chain_upstream() -> Upstream {
 /// strict` holds over TCP: the chain leaves the allowlist, so the client is denied.
 #[test]
 fn a_truncated_answer_costs_one_tcp_query_and_none_for_cname_targets() {
-    for (mode, extra) in [("follow", ""), ("strict", "cname: strict\n")] {
+    // The per-answer quota raised, so that the whole chain comes back.
+    let quota = "  max_addresses_per_answer: 4096\n";
+    for (mode, extra) in [
+        ("follow", quota.to_owned()),
+        ("strict", format!("{quota}cname: strict\n")),
+    ] {
         let upstream = big_chain_upstream();
-        let fence = fence_with(&upstream, &["www.allowed.test"], extra);
+        let fence = fence_with(&upstream, &["www.allowed.test"], &extra);
         let reply = fence.tcp("www.allowed.test", RecordType::A);
         let seen = upstream.seen();
         let over_tcp: Vec<&SeenQuery> = seen.iter().filter(|q| q.tcp).collect();
