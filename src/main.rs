@@ -1,4 +1,4 @@
-//! The `dnsfence` command line: `serve`, `check`, `explain`, `ruleset` and `firewall`.
+//! The `dnsfence` command line: `serve`, `check`, `explain`, `ruleset`, `firewall` and `ctl`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,13 +10,16 @@ use clap::{Parser, Subcommand};
 use hickory_proto::rr::{Name, RecordType};
 
 use dnsfence::adopt::{audit, logfile, replay, suggest, why};
+use dnsfence::control::socket::ControlSocket;
+use dnsfence::control::source::{Overrides, PolicySource};
+use dnsfence::control::{self, Control, Trigger};
 use dnsfence::firewall::{self, Firewall};
 use dnsfence::health::Readiness;
 use dnsfence::metrics::{Metrics, serve_metrics};
-use dnsfence::pipeline::Pipeline;
 use dnsfence::pipeline::decision::{Decision, decide};
 use dnsfence::pipeline::upstream::Upstreams;
-use dnsfence::policy::{LogTarget, Mode, Policy};
+use dnsfence::pipeline::{Generation, Pipeline};
+use dnsfence::policy::{DEFAULT_CONTROL_SOCKET, Mode, Policy};
 use dnsfence::querylog::QueryLog;
 use dnsfence::server;
 
@@ -41,6 +44,10 @@ enum Command {
   dnsfence serve --policy /etc/dnsfence/agent.yaml --listen 127.0.0.1:53 --listen [::1]:53
   dnsfence serve --policy policy/default.yaml --log /var/log/dnsfence/queries.jsonl
   dnsfence serve --policy policy/default.yaml --mode audit --audit-for 24h
+  dnsfence serve --policy /etc/dnsfence/agent.yaml --watch
+
+Change the policy while it runs: edit the file, then `kill -HUP <pid>` or `dnsfence ctl reload`
+(or run with --watch); see `dnsfence ctl --help`.
 
 The query log has one JSON object per line; see the deny decisions with:
   dnsfence serve --policy policy/default.yaml | jq 'select(.decision==\"deny\")'
@@ -65,6 +72,10 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
         /// Implies --mode audit.
         #[arg(long, value_name = "DURATION", value_parser = parse_cli_duration)]
         audit_for: Option<std::time::Duration>,
+        /// Reload the policy whenever the file's content changes (checked every second; works
+        /// with editors that replace the file and with Kubernetes ConfigMap symlink swaps).
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a policy file: exit 0 when valid, 1 with every error (file:line:column) when not.
     #[command(after_help = "Examples:
@@ -162,6 +173,34 @@ not a public suffix nor a multi-tenant one; never `**.`. Then review the change 
         #[command(subcommand)]
         action: FirewallAction,
     },
+    /// Talk to a running dnsfence over its control socket: status, readiness, reload,
+    /// temporary grants. Exit 0 when done, 1 when refused or failed (or not ready), 2 when the
+    /// socket cannot be reached.
+    #[command(after_help = "Examples:
+  dnsfence ctl status
+  dnsfence ctl ready && echo serving
+  dnsfence ctl --policy /etc/dnsfence/agent.yaml reload
+  dnsfence ctl grant files.pythonhosted.org --ttl 30s --reason \"pip install for task 42\"
+  dnsfence ctl grant '*.s3.amazonaws.com' --ttl 5m --group builders --reason \"artifact upload\" --force
+  dnsfence ctl grants
+  dnsfence ctl revoke g3
+  curl --unix-socket /run/dnsfence/control.sock http://dnsfence/v1/status
+
+The socket is --socket PATH, else the policy's control.socket (--policy FILE), else
+/run/dnsfence/control.sock.")]
+    Ctl {
+        /// The control socket.
+        #[arg(long, value_name = "PATH", conflicts_with = "policy")]
+        socket: Option<PathBuf>,
+        /// Take the socket path from this policy's `control.socket`.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Print the server's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,6 +239,45 @@ struct TableArg {
     table: Option<String>,
 }
 
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The server's state: policy, readiness, reloads, grants.
+    Status,
+    /// Exit 0 when the server is ready (policy loaded, ruleset installed, listeners bound),
+    /// 1 when not.
+    Ready,
+    /// Reload the policy file; exit 1 with every error (FILE:LINE:COLUMN) if it is invalid or
+    /// changes keys that need a restart (the running policy keeps serving).
+    Reload,
+    /// Allow NAME for a while on top of the policy; prints the grant's id and expiry.
+    Grant {
+        /// A rule in the policy's grammar: `name`, `*.name` or `**.name`.
+        name: String,
+        /// How long, e.g. 30s, 5m (at most the policy's grants.max_ttl).
+        #[arg(long)]
+        ttl: String,
+        /// Only for this client address.
+        #[arg(long, value_name = "IP", conflicts_with = "group")]
+        client: Option<IpAddr>,
+        /// Only for this client group.
+        #[arg(long, value_name = "G")]
+        group: Option<String>,
+        /// Why (goes to the query log).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Accept a `**.` rule or a wildcard over a multi-tenant suffix.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the active grants.
+    Grants,
+    /// End a grant now (its name is denied again, the addresses only it justified revoked).
+    Revoke {
+        /// The grant's id, as `grant` printed it (g12).
+        id: String,
+    },
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum CliMode {
     Enforce,
@@ -221,7 +299,14 @@ fn main() -> ExitCode {
             log,
             mode,
             audit_for,
-        } => exit_with(serve(&policy, listen, log, mode, audit_for)),
+            watch,
+        } => exit_with(serve(&policy, listen, log, mode, audit_for, watch)),
+        Command::Ctl {
+            socket,
+            policy,
+            json,
+            command,
+        } => ctl(socket, policy, json, command),
         Command::Check { policy } => check(&policy),
         Command::Explain {
             policy,
@@ -540,19 +625,29 @@ fn serve(
     log: Option<String>,
     mode: Option<CliMode>,
     audit_for: Option<std::time::Duration>,
+    watch: bool,
 ) -> Result<(), String> {
-    let mut policy = load_policy(path)?;
-    policy.mode = serve_mode(policy.mode, mode, audit_for)?;
-    if !listen.is_empty() {
-        policy.listen = listen;
-    }
-    match log.as_deref() {
-        Some("-") => policy.log = LogTarget::Stdout,
-        Some(path) => policy.log = LogTarget::File(PathBuf::from(path)),
-        None => {}
-    }
-    let policy = Arc::new(policy);
     let readiness = Readiness::new();
+    let mut source = PolicySource {
+        path: path.to_path_buf(),
+        overrides: Overrides {
+            listen,
+            log,
+            mode: None,
+        },
+    };
+    let mut loaded = source.load().map_err(|invalid| invalid.error.to_string())?;
+    if mode.is_some() || audit_for.is_some() {
+        // Fixed for this run: a reload keeps the command line's mode.
+        let mode = serve_mode(loaded.policy.mode, mode, audit_for)?;
+        loaded.policy.mode = mode;
+        source.overrides.mode = Some(mode);
+    }
+    for warning in &loaded.policy.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let digest = loaded.digest;
+    let policy = Arc::new(loaded.policy);
     readiness.set_policy_loaded();
 
     let (mut log, writer) = QueryLog::open(&policy.log)
@@ -611,6 +706,9 @@ fn serve(
         .build()
         .map_err(|error| format!("cannot start the runtime: {error}"))?;
     let result = runtime.block_on(async {
+        // Before anything else: SIGHUP's default action would end the process.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|error| format!("cannot listen for SIGHUP: {error}"))?;
         let upstreams = Upstreams::new(
             &policy.upstreams,
             &policy.upstream_options,
@@ -622,10 +720,47 @@ fn serve(
         if let Some((_, metrics)) = &metrics {
             tokio::spawn(heartbeats(Arc::clone(metrics), admitter.clone()));
         }
-        let pipeline = Arc::new(Pipeline::new(policy.clone(), upstreams, admitter));
-        tracing::info!(policy = %path.display(), "dnsfence starting");
+        let generation = Generation::new(policy.clone(), &digest);
+        let pipeline = Arc::new(Pipeline::new(generation, upstreams, admitter));
+        let control = Arc::new(Control::new(
+            pipeline.clone(),
+            readiness.clone(),
+            log.clone(),
+            source,
+        ));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        match ControlSocket::bind(&policy.control) {
+            Ok(socket) => {
+                tracing::info!(socket = %socket.path().display(), "control socket listening");
+                tokio::spawn(socket.serve(control.clone(), until_stopped()));
+            }
+            Err(error) => tracing::error!(
+                "{error}; serving without a control socket (reload with SIGHUP{})",
+                if watch { " or --watch" } else { "" }
+            ),
+        }
+        tokio::spawn({
+            let control = control.clone();
+            let stop = until_stopped();
+            async move { control.run_expiry(stop).await }
+        });
+        tokio::spawn(reload_on_hangup(control.clone(), hangups, until_stopped()));
+        if watch {
+            tokio::spawn({
+                let control = control.clone();
+                let stop = until_stopped();
+                async move { control.run_watch(stop).await }
+            });
+        }
+        tracing::info!(policy = %path.display(), sha256 = %digest, "dnsfence starting");
         tokio::spawn(audit::audit_clock(policy.mode, log.clone()));
-        server::serve(
+        let served = server::serve(
             pipeline,
             log,
             &policy.listen,
@@ -634,7 +769,10 @@ fn serve(
             shutdown_signal(),
         )
         .await
-        .map_err(|error| error.to_string())
+        .map_err(|error| error.to_string());
+        readiness.set_stopping();
+        let _ = stop.send(true);
+        served
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     writer.finish();
@@ -674,6 +812,69 @@ async fn heartbeats(metrics: Arc<Metrics>, admitter: Option<firewall::Admitter>)
             }
         }
     }
+}
+
+/// Reloads on every SIGHUP until `stop` completes.
+async fn reload_on_hangup(
+    control: Arc<Control>,
+    mut hangups: tokio::signal::unix::Signal,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                // Failures are logged (every error, FILE:LINE:COLUMN) and in the query log.
+                let _ = control.reload(Trigger::Signal).await;
+            }
+        }
+    }
+}
+
+fn ctl(
+    socket: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    json: bool,
+    command: CtlCommand,
+) -> ExitCode {
+    let socket = match (socket, policy) {
+        (Some(socket), _) => socket,
+        (None, Some(policy)) => match Policy::load(&policy) {
+            Ok(policy) => policy.control.socket,
+            Err(error) => {
+                eprintln!("dnsfence ctl: cannot take the socket path from the policy:\n{error}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    };
+    let command = match command {
+        CtlCommand::Status => control::client::Command::Status,
+        CtlCommand::Ready => control::client::Command::Ready,
+        CtlCommand::Reload => control::client::Command::Reload,
+        CtlCommand::Grants => control::client::Command::Grants,
+        CtlCommand::Revoke { id } => control::client::Command::Revoke { id },
+        CtlCommand::Grant {
+            name,
+            ttl,
+            client,
+            group,
+            reason,
+            force,
+        } => control::client::Command::Grant {
+            name,
+            ttl,
+            client,
+            group,
+            reason,
+            force,
+        },
+    };
+    control::client::run(&socket, json, command)
 }
 
 fn tcp_limits(policy: &Policy) -> server::TcpLimits {

@@ -6,6 +6,9 @@
 //! stalls a query and serialization stays off the query path. When the channel is full the
 //! record is dropped and counted rather than letting an agent's flood grow memory; the count is
 //! reported on stderr.
+//!
+//! Every query line names the policy that decided it (`policy`: the first 12 hex digits of the
+//! policy file's SHA-256), so a line can be tied to the reload that preceded it.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -38,11 +41,55 @@ pub struct LoggedAddress {
     pub ttl: u32,
 }
 
+/// The short form of a policy's SHA-256 (12 hex digits) that every query line carries.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyTag([u8; PolicyTag::LEN]);
+
+impl PolicyTag {
+    pub const LEN: usize = 12;
+
+    /// The tag of a full hex digest (its first [`Self::LEN`] digits).
+    pub fn of_hex(hex: &str) -> PolicyTag {
+        let mut tag = [b'0'; PolicyTag::LEN];
+        for (slot, byte) in tag.iter_mut().zip(hex.bytes()) {
+            if byte.is_ascii_hexdigit() {
+                *slot = byte.to_ascii_lowercase();
+            }
+        }
+        PolicyTag(tag)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("000000000000")
+    }
+}
+
+impl std::fmt::Debug for PolicyTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for PolicyTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for PolicyTag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// One line of the query log.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueryRecord {
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
+    /// The policy that decided this query ([`PolicyTag`]).
+    pub policy: PolicyTag,
     pub client: IpAddr,
     pub port: u16,
     pub transport: &'static str,
@@ -57,6 +104,9 @@ pub struct QueryRecord {
     /// The rule that allowed the name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// The temporary grant that allowed the name (`g<id>`), when a grant did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
     /// Why the query was denied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
@@ -89,6 +139,23 @@ pub struct EventRecord {
     pub event: &'static str,
     #[serde(flatten)]
     pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl EventRecord {
+    pub fn new(event: &'static str) -> EventRecord {
+        EventRecord {
+            time: SystemTime::now(),
+            event,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    /// Adds a key (values that cannot be represented in JSON are written as null).
+    pub fn with(mut self, key: &str, value: impl Serialize) -> EventRecord {
+        let value = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+        self.fields.insert(key.to_owned(), value);
+        self
+    }
 }
 
 /// One line of the log.

@@ -204,6 +204,9 @@ fn policy(table: &str, hooks: Vec<Hook>, per_client: bool) -> Policy {
         mode: dnsfence::policy::Mode::Enforce,
         metrics: None,
         warnings: vec![],
+        control: Default::default(),
+        revoke: Default::default(),
+        grants: Default::default(),
         deny_with: DenyWith::NxDomain,
         qtypes: vec![],
         default_group: Group {

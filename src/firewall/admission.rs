@@ -42,6 +42,8 @@
 //! that often while answers for it keep coming, so one deleted behind dnsfence's back (by hand,
 //! with `nft`) is back within seconds, and until then connections to it fail closed.
 
+mod revoke;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -133,8 +135,12 @@ pub(crate) struct Request {
     pub(crate) reply: oneshot::Sender<Result<(), AdmitError>>,
 }
 
+pub(crate) use revoke::RevokeRequest;
+
 pub(crate) enum Msg {
     Admit(Request),
+    /// Delete elements (and maybe their connections): see `revoke.rs`.
+    Revoke(RevokeRequest),
     /// Wakes the thread so that it notices the stop flag.
     Wake,
     /// Asks the thread to answer, for health checks.
@@ -319,6 +325,10 @@ impl Admission {
                 Some(r) => r,
                 None => match self.rx.blocking_recv() {
                     Some(Msg::Admit(r)) => r,
+                    Some(Msg::Revoke(r)) => {
+                        self.revoke(r);
+                        continue;
+                    }
                     Some(Msg::Wake) => continue,
                     Some(Msg::Ping(reply)) => {
                         let _ = reply.send(());
@@ -333,8 +343,14 @@ impl Admission {
             }
             let mut elems = first.items.len();
             let mut group = vec![first];
+            let mut revoke_after = None;
             while elems < self.max_batch_elems {
                 match self.rx.try_recv() {
+                    // In queue order: the admissions before it first.
+                    Ok(Msg::Revoke(r)) => {
+                        revoke_after = Some(r);
+                        break;
+                    }
                     Ok(Msg::Admit(r)) => {
                         if elems + r.items.len() > self.max_batch_elems {
                             carry = Some(r);
@@ -351,6 +367,9 @@ impl Admission {
                 }
             }
             self.process(group);
+            if let Some(r) = revoke_after {
+                self.revoke(r);
+            }
         }
         // Stopping: refuse whatever is still queued.
         self.rx.close();
@@ -358,8 +377,15 @@ impl Admission {
             let _ = r.reply.send(Err(AdmitError::Closed));
         }
         while let Ok(msg) = self.rx.try_recv() {
-            if let Msg::Admit(r) = msg {
-                let _ = r.reply.send(Err(AdmitError::Closed));
+            match msg {
+                Msg::Admit(r) => {
+                    let _ = r.reply.send(Err(AdmitError::Closed));
+                }
+                Msg::Revoke(r) => {
+                    let _ = r.reply.send(Err(AdmitError::Closed));
+                }
+                // Dropping the reply tells the asker the thread does not answer.
+                Msg::Wake | Msg::Ping(_) => {}
             }
         }
     }

@@ -40,6 +40,7 @@
 
 mod admission;
 mod compare;
+mod conntrack;
 mod netlink;
 mod probe;
 mod ruleset;
@@ -123,6 +124,17 @@ pub enum AdmitError {
     Closed,
 }
 
+/// What a revocation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked {
+    /// Elements deleted (or already gone) from the allow sets.
+    pub elements: usize,
+    /// Connections whose conntrack entries were deleted.
+    pub connections: usize,
+    /// Why connections could not be cut, if they could not (the elements are gone anyway).
+    pub cut_error: Option<String>,
+}
+
 /// The installed firewall. Keep it alive while dnsfence serves; end with [`Firewall::shutdown`].
 pub struct Firewall {
     table: String,
@@ -149,6 +161,11 @@ pub struct Admitter {
 /// `firewall.table`.
 pub fn check_table_name(name: &str) -> Result<(), String> {
     crate::policy::check_table_name(name)
+}
+
+/// How long an element admitted for `lifetime` lives in the kernel (the admission clamp).
+pub fn admitted_lifetime(lifetime: Duration) -> Duration {
+    admission::clamp(lifetime)
 }
 
 /// The equivalent nft script of what [`Firewall::install`] creates, in the format of
@@ -446,6 +463,36 @@ impl Admitter {
         self.tx.send(Msg::Ping(reply)).await.is_ok() && answer.await.is_ok()
     }
 
+    /// Whether the sets pair clients with destinations (`firewall.per_client`).
+    pub fn per_client(&self) -> bool {
+        self.per_client
+    }
+
+    /// Deletes the elements for `targets` from the allow sets in one transaction, ordered after
+    /// every admission queued before it; with `cut`, then deletes the conntrack entries of the
+    /// connections to them, so established streams end at once. With per-client sets a target
+    /// names its client (a target without one is skipped); otherwise the client is ignored.
+    pub async fn revoke(
+        &self,
+        targets: Vec<(Option<IpAddr>, IpAddr)>,
+        cut: bool,
+    ) -> Result<Revoked, AdmitError> {
+        if targets.is_empty() {
+            return Ok(Revoked::default());
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = admission::RevokeRequest {
+            targets,
+            cut,
+            reply,
+        };
+        self.tx
+            .send(Msg::Revoke(request))
+            .await
+            .map_err(|_| AdmitError::Closed)?;
+        answer.await.map_err(|_| AdmitError::Closed)?
+    }
+
     /// Admits every address for `lifetime` each (clamped to 1 s ..= 7 days); resolves only once
     /// the kernel ACKed the whole batch. With per-client sets, `client` (IPv4-mapped addresses
     /// count as IPv4) must be of the same family as every address.
@@ -626,6 +673,9 @@ pub(crate) mod testns {
             mode: crate::policy::Mode::Enforce,
             metrics: None,
             warnings: vec![],
+            control: Default::default(),
+            revoke: Default::default(),
+            grants: Default::default(),
             deny_with: DenyWith::NxDomain,
             qtypes: vec![],
             default_group: Group {

@@ -8,29 +8,43 @@
 //!
 //! [`Pipeline::answer`] runs the stages for one question and returns the reply to send together
 //! with the log record describing it. Nothing here touches sockets: the server owns transports.
+//!
+//! # Generations
+//!
+//! Everything a policy decides with (the policy, the address guard built from it, the rate and
+//! wildcard budgets, the active [`grants`]) is one immutable [`Generation`]. Each query loads the
+//! current generation once, at its start, and keeps it to the end: a reload or a grant swaps in
+//! a new generation for the queries that start afterwards while those in flight finish under the
+//! one they started with. [`Pipeline::replace`] returns the old generation so that the caller can
+//! wait for its last query before judging what it admitted (see [`admitted`]).
 
 pub mod address_guard;
+pub mod admitted;
 pub mod answer_filter;
 pub mod decision;
+pub mod grants;
 pub mod limits;
 pub mod request;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
 use crate::firewall::Admitter;
-use crate::policy::{CnameMode, DenyWith, Policy};
-use crate::querylog::{LoggedAddress, QueryRecord};
-use address_guard::AddressGuard;
+use crate::policy::{CnameMode, DenyWith, Group, Policy};
+use crate::querylog::{LoggedAddress, PolicyTag, QueryRecord};
+use address_guard::{AddressGuard, AddressVerdict};
+use admitted::{AdmittedIndex, Justification};
 use answer_filter::{AnswerContext, filter_answer};
-use decision::{Decision, DenyReason, decide, is_wildcard};
+use decision::{Decision, DenyReason, decide, is_special_use, is_wildcard};
+use grants::{Grant, Grants};
 use limits::{RateLimiter, WildcardBudget};
 use request::Question;
 use upstream::Upstreams;
@@ -69,44 +83,206 @@ impl Reply {
     }
 }
 
+/// Everything one policy decides with; immutable, swapped whole (see the module docs).
+pub struct Generation {
+    pub policy: Arc<Policy>,
+    /// SHA-256 of the policy file, hex.
+    pub digest: Arc<str>,
+    pub tag: PolicyTag,
+    pub grants: Arc<Grants>,
+    guard: AddressGuard,
+    rate: Arc<Option<RateLimiter>>,
+    budget: Arc<WildcardBudget>,
+}
+
+impl Generation {
+    /// The first generation of a server.
+    pub fn new(policy: Arc<Policy>, digest: &str) -> Generation {
+        Generation {
+            guard: guard_for(&policy),
+            rate: Arc::new(RateLimiter::new(&policy.limits)),
+            budget: Arc::new(WildcardBudget::new(policy.exfiltration)),
+            digest: digest.into(),
+            tag: PolicyTag::of_hex(digest),
+            grants: Arc::new(Grants::default()),
+            policy,
+        }
+    }
+
+    /// The generation for a reloaded policy: the grants carry over, and so do the per-client
+    /// budgets when their limits did not change (a reload must not hand every agent a fresh
+    /// budget).
+    pub fn reloaded(&self, policy: Arc<Policy>, digest: &str) -> Generation {
+        let rate = if policy.limits == self.policy.limits {
+            self.rate.clone()
+        } else {
+            Arc::new(RateLimiter::new(&policy.limits))
+        };
+        let budget = if policy.exfiltration == self.policy.exfiltration {
+            self.budget.clone()
+        } else {
+            Arc::new(WildcardBudget::new(policy.exfiltration))
+        };
+        Generation {
+            guard: guard_for(&policy),
+            rate,
+            budget,
+            digest: digest.into(),
+            tag: PolicyTag::of_hex(digest),
+            grants: self.grants.clone(),
+            policy,
+        }
+    }
+
+    /// The same policy with other grants.
+    pub fn with_grants(&self, grants: Grants) -> Generation {
+        Generation {
+            policy: self.policy.clone(),
+            digest: self.digest.clone(),
+            tag: self.tag,
+            grants: Arc::new(grants),
+            guard: self.guard.clone(),
+            rate: self.rate.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+
+    /// The policy's decision, then the grants' for a name no rule allows. This is the decision
+    /// of every query and of every revocation.
+    pub fn decide(
+        &self,
+        client: IpAddr,
+        name: &Name,
+        qtype: RecordType,
+        now: Instant,
+    ) -> (Decision<'_>, Option<&Grant>) {
+        let decision = decide(&self.policy, client, name, qtype);
+        let no_rule = match decision {
+            Decision::Deny(DenyReason::Policy) => true,
+            // An unmatched `.test` name is reported as special-use; a grant may name one.
+            Decision::Deny(DenyReason::SpecialUse) => !is_special_use(name),
+            _ => false,
+        };
+        if !no_rule || self.grants.is_empty() {
+            return (decision, None);
+        }
+        let group = self.policy.group_for(client);
+        match self.grants.find(client, &group.name, name, now) {
+            Some(_) if !self.policy.qtypes.contains(&qtype) => {
+                (Decision::Deny(DenyReason::Qtype), None)
+            }
+            Some((grant, rule)) => (
+                Decision::Allow {
+                    group: &group.name,
+                    rule,
+                },
+                Some(grant),
+            ),
+            None => (decision, None),
+        }
+    }
+
+    /// Whether `name` is allowed for `client` in `group` by a rule or a live grant (CNAME
+    /// chains and HTTPS targets).
+    fn allows(&self, client: IpAddr, group: &Group, name: &Name, now: Instant) -> bool {
+        group.rules.find(name).is_some()
+            || self.grants.find(client, &group.name, name, now).is_some()
+    }
+
+    /// Whether an admitted address is still justified: the question is still allowed and the
+    /// address guard, with the allowing rule's and group's `allow_answers`, still permits it.
+    pub fn still_justifies(&self, addr: IpAddr, why: &Justification, now: Instant) -> bool {
+        let (decision, _) = self.decide(why.client, &why.name, why.qtype, now);
+        let rule = match decision {
+            Decision::Allow { rule, .. } => Some(rule),
+            // Audit mode admits what it would deny; until it ends, so does revocation.
+            Decision::Deny(reason) if audits_type(&self.policy, reason, why.qtype) => None,
+            Decision::Deny(_) => return false,
+        };
+        let group = self.policy.group_for(why.client);
+        let allowed: Vec<IpNet> = rule
+            .into_iter()
+            .flat_map(|rule| rule.allow_answers.iter())
+            .chain(group.allow_answers.iter())
+            .copied()
+            .collect();
+        self.guard.verdict(addr, &allowed) == AddressVerdict::Permitted
+    }
+}
+
+fn guard_for(policy: &Policy) -> AddressGuard {
+    let mut never: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
+    never.extend(address_guard::host_addresses());
+    let client_ranges: Vec<IpNet> = policy.clients.iter().flat_map(|g| g.from.clone()).collect();
+    AddressGuard::new(&policy.deny_answers, &never)
+        .with_served(address_guard::served_networks(
+            &client_ranges,
+            &policy.listen,
+        ))
+        .with_nat64(&policy.nat64_prefixes)
+}
+
 /// Everything a query needs, shared by all of them.
 pub struct Pipeline {
-    policy: Arc<Policy>,
+    current: ArcSwap<Generation>,
     upstreams: Upstreams,
-    guard: AddressGuard,
     admitter: Option<Admitter>,
-    rate: Option<RateLimiter>,
-    budget: WildcardBudget,
+    admitted: AdmittedIndex,
     /// Queries waiting on an upstream or the firewall; beyond it new ones are refused at once
     /// rather than queued, so a flood costs memory in proportion to the limit, not the flood.
     in_flight: Semaphore,
 }
 
 impl Pipeline {
-    pub fn new(policy: Arc<Policy>, upstreams: Upstreams, admitter: Option<Admitter>) -> Pipeline {
-        let mut never: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
-        never.extend(address_guard::host_addresses());
-        let client_ranges: Vec<IpNet> =
-            policy.clients.iter().flat_map(|g| g.from.clone()).collect();
-        let guard = AddressGuard::new(&policy.deny_answers, &never)
-            .with_served(address_guard::served_networks(
-                &client_ranges,
-                &policy.listen,
-            ))
-            .with_nat64(&policy.nat64_prefixes);
+    pub fn new(
+        generation: Generation,
+        upstreams: Upstreams,
+        admitter: Option<Admitter>,
+    ) -> Pipeline {
+        let policy = &generation.policy;
+        // Both allow sets together hold at most this many live elements.
+        let max_addresses = usize::try_from(policy.firewall.set_size)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2);
         Pipeline {
-            rate: RateLimiter::new(&policy.limits),
-            budget: WildcardBudget::new(policy.exfiltration),
             in_flight: Semaphore::new(policy.limits.max_inflight),
-            policy,
+            admitted: AdmittedIndex::new(max_addresses),
+            current: ArcSwap::from_pointee(generation),
             upstreams,
-            guard,
             admitter,
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy new queries are decided by.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.current.load().policy.clone()
+    }
+
+    /// The generation new queries start with.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Swaps in `next` for the queries that start from now on; returns the previous one,
+    /// which the queries in flight keep until they finish.
+    pub fn replace(&self, next: Generation) -> Arc<Generation> {
+        self.current.swap(Arc::new(next))
+    }
+
+    /// What was admitted and why.
+    pub fn admitted(&self) -> &AdmittedIndex {
+        &self.admitted
+    }
+
+    /// The firewall handle, when the firewall is on.
+    pub fn admitter(&self) -> Option<&Admitter> {
+        self.admitter.as_ref()
+    }
+
+    /// Drops the cached answers for names `keep` rejects (names a reload or a grant's end
+    /// denied), so that nothing of theirs is served from memory if they are allowed again.
+    pub fn forget_cached(&self, keep: impl Fn(&Name) -> bool) {
+        self.upstreams.retain_cached(keep);
     }
 
     /// The reply to a message that was rejected before reaching the policy.
@@ -119,6 +295,7 @@ impl Pipeline {
         reason: DenyReason,
     ) -> (Reply, QueryRecord) {
         let mut record = new_record(client, transport, question);
+        record.policy = self.current.load().tag;
         record.decision = "deny";
         record.reason = Some(reason.as_str());
         record.rcode = rcode;
@@ -132,39 +309,49 @@ impl Pipeline {
         transport: Transport,
         question: &Question,
     ) -> (Reply, QueryRecord) {
+        // Loaded once: this query is decided, filtered and admitted under this policy to the
+        // end, whatever reloads meanwhile.
+        let generation = self.current.load_full();
+        let generation = generation.as_ref();
+        let policy = generation.policy.as_ref();
         let mut record = new_record(client, transport, Some(question));
+        record.policy = generation.tag;
         let client_ip = client.ip();
         let budget_key = limits::client_key(client_ip);
-        if let Some(rate) = &self.rate
-            && !rate.allow(budget_key, Instant::now())
+        let started = Instant::now();
+        if let Some(rate) = generation.rate.as_ref()
+            && !rate.allow(budget_key, started)
         {
             return refuse(record, DenyReason::RateLimit);
         }
 
         // In audit mode a denial for `policy` or `qtype` goes on as if allowed (with no rule),
         // and the record keeps the reason it would have been denied for.
-        let (group_name, rule) =
-            match decide(&self.policy, client_ip, &question.name, question.qtype) {
-                Decision::Allow { group, rule } => (group, Some(rule)),
-                Decision::Deny(reason) if self.audits(reason, question) => {
-                    record.audit = true;
-                    record.reason = Some(reason.as_str());
-                    (self.policy.group_for(client_ip).name.as_str(), None)
-                }
-                Decision::Deny(reason) => return self.deny(record, reason),
-            };
+        let (decision, grant) =
+            generation.decide(client_ip, &question.name, question.qtype, started);
+        let (group_name, rule) = match decision {
+            Decision::Allow { group, rule } => (group, Some(rule)),
+            Decision::Deny(reason) if audits(policy, reason, question) => {
+                record.audit = true;
+                record.reason = Some(reason.as_str());
+                (policy.group_for(client_ip).name.as_str(), None)
+            }
+            Decision::Deny(reason) => return deny(policy, record, reason),
+        };
         record.group = Some(group_name.to_owned());
         record.rule = rule.map(|rule| rule.pattern.clone());
+        record.grant = grant.map(Grant::label);
         if let Some(rule) = rule
             && is_wildcard(rule)
         {
             let charged =
-                self.budget
+                generation
+                    .budget
                     .charge(budget_key, &rule.pattern, &question.name, Instant::now());
             if let Err(exceeded) = charged {
                 record.error = Some(exceeded.to_string());
-                if !self.audits(DenyReason::ExfiltrationBudget, question) {
-                    return self.deny(record, DenyReason::ExfiltrationBudget);
+                if !audits(policy, DenyReason::ExfiltrationBudget, question) {
+                    return deny(policy, record, DenyReason::ExfiltrationBudget);
                 }
                 record.audit = true;
                 record.reason = Some(DenyReason::ExfiltrationBudget.as_str());
@@ -189,58 +376,91 @@ impl Pipeline {
         };
         record.upstream = Some(answer.upstream);
 
-        let group = self.policy.group_for(client_ip);
+        let group = policy.group_for(client_ip);
         let allow_answers: Vec<IpNet> = rule
             .into_iter()
             .flat_map(|rule| rule.allow_answers.iter())
             .chain(group.allow_answers.iter())
             .copied()
             .collect();
-        let name_allowed = |name: &Name| group.rules.find(name).is_some();
-        let strict = |name: &Name| name == &question.name || group.rules.find(name).is_some();
+        let name_allowed = |name: &Name| generation.allows(client_ip, group, name, started);
+        let strict = |name: &Name| {
+            name == &question.name || generation.allows(client_ip, group, name, started)
+        };
         let cx = AnswerContext {
             qname: &question.name,
             qtype: question.qtype,
-            ttl: self.policy.ttl,
-            guard: &self.guard,
+            ttl: policy.ttl,
+            guard: &generation.guard,
             allow_answers: &allow_answers,
-            strict_chain: match self.policy.cname {
+            strict_chain: match policy.cname {
                 CnameMode::Strict => Some(&strict),
                 CnameMode::Follow => None,
             },
             name_allowed: &name_allowed,
-            hints: self.policy.https_hints,
-            max_per_family: usize::try_from(self.policy.firewall.addresses_per_answer())
+            hints: policy.https_hints,
+            max_per_family: usize::try_from(policy.firewall.addresses_per_answer())
                 .unwrap_or(usize::MAX),
         };
-        let filtered = filter_answer(&cx, &answer.answers);
+        let mut filtered = filter_answer(&cx, &answer.answers);
         record.refused = filtered.refused_addresses.clone();
         if filtered.over_quota > 0 {
             record.error = Some(format!(
                 "{} addresses beyond firewall.max_addresses_per_answer ({} per family) removed",
                 filtered.over_quota,
-                self.policy.firewall.addresses_per_answer()
+                policy.firewall.addresses_per_answer()
             ));
         }
         if let Some(name) = &filtered.chain_violation {
             record.error = Some(format!("CNAME chain leaves the allowlist at {name}"));
-            if !self.audits(DenyReason::Policy, question) {
-                return self.deny(record, DenyReason::Policy);
+            if !audits(policy, DenyReason::Policy, question) {
+                return deny(policy, record, DenyReason::Policy);
             }
             record.audit = true;
             record.decision = "deny";
             record.reason.get_or_insert(DenyReason::Policy.as_str());
         }
         if filtered.stripped_to_nothing() {
-            return self.deny(record, DenyReason::Rebinding);
+            return deny(policy, record, DenyReason::Rebinding);
+        }
+        if let Some(grant) = grant {
+            // Nothing admitted under a grant outlives its end plus the grace period, even if
+            // dnsfence is not there to revoke it.
+            let end = grant
+                .expires
+                .checked_add(policy.ttl.grace)
+                .map_or(Duration::ZERO, |end| {
+                    end.saturating_duration_since(Instant::now())
+                });
+            for (_, lifetime) in &mut filtered.admit {
+                *lifetime = (*lifetime).min(end);
+            }
         }
 
         if let Some(admitter) = &self.admitter
             && !filtered.admit.is_empty()
-            && let Err(error) = admitter.admit(client_ip, &filtered.admit).await
         {
-            record.error = Some(format!("firewall admission failed: {error}"));
-            return servfail(record);
+            if let Err(error) = admitter.admit(client_ip, &filtered.admit).await {
+                record.error = Some(format!("firewall admission failed: {error}"));
+                return servfail(record);
+            }
+            let now = Instant::now();
+            let group: Arc<str> = group_name.into();
+            // Admitted by audit mode: no rule allowed it.
+            let rule: Arc<str> = rule.map_or("(audit)", |r| r.pattern.as_str()).into();
+            let name = question.name.to_lowercase();
+            for &(addr, lifetime) in &filtered.admit {
+                let why = Justification {
+                    client: client_ip.to_canonical(),
+                    name: name.clone(),
+                    qtype: question.qtype,
+                    group: group.clone(),
+                    rule: rule.clone(),
+                    grant: grant.map(|g| g.id),
+                    until: now + crate::firewall::admitted_lifetime(lifetime),
+                };
+                self.admitted.record(addr, why, now);
+            }
         }
 
         record.rcode = answer.rcode;
@@ -255,7 +475,7 @@ impl Pipeline {
                 })
         });
         if let Some(soa) = &mut soa {
-            soa.ttl = answer_filter::reply_ttl(soa.ttl, &self.policy.ttl);
+            soa.ttl = answer_filter::reply_ttl(soa.ttl, &policy.ttl);
         }
         let reply = Reply {
             rcode: answer.rcode,
@@ -264,31 +484,35 @@ impl Pipeline {
         };
         (reply, record)
     }
+}
 
-    /// Whether audit mode lets a query denied for `reason` through, now. Special-use names,
-    /// rebinding, malformed input and rate limits are never audited (they protect dnsfence and
-    /// the internal network, not the policy's intent), nor are meta query types no policy
-    /// could allow.
-    fn audits(&self, reason: DenyReason, question: &Question) -> bool {
-        let auditable = match reason {
-            DenyReason::Policy | DenyReason::ExfiltrationBudget => true,
-            DenyReason::Qtype => !is_meta_qtype(question.qtype),
-            _ => false,
-        };
-        auditable && self.policy.mode.audits_at(SystemTime::now())
-    }
+/// Whether audit mode lets a query denied for `reason` through, now. Special-use names,
+/// rebinding, malformed input and rate limits are never audited (they protect dnsfence and
+/// the internal network, not the policy's intent), nor are meta query types no policy could
+/// allow.
+fn audits(policy: &Policy, reason: DenyReason, question: &Question) -> bool {
+    audits_type(policy, reason, question.qtype)
+}
 
-    fn deny(&self, mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
-        let rcode = match self.policy.deny_with {
-            DenyWith::NxDomain => ResponseCode::NXDomain,
-            DenyWith::Refused => ResponseCode::Refused,
-        };
-        record.decision = "deny";
-        record.reason = Some(reason.as_str());
-        record.audit = false;
-        record.rcode = rcode;
-        (Reply::empty(rcode), record)
-    }
+fn audits_type(policy: &Policy, reason: DenyReason, qtype: RecordType) -> bool {
+    let auditable = match reason {
+        DenyReason::Policy | DenyReason::ExfiltrationBudget => true,
+        DenyReason::Qtype => !is_meta_qtype(qtype),
+        _ => false,
+    };
+    auditable && policy.mode.audits_at(SystemTime::now())
+}
+
+fn deny(policy: &Policy, mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
+    let rcode = match policy.deny_with {
+        DenyWith::NxDomain => ResponseCode::NXDomain,
+        DenyWith::Refused => ResponseCode::Refused,
+    };
+    record.decision = "deny";
+    record.reason = Some(reason.as_str());
+    record.audit = false;
+    record.rcode = rcode;
+    (Reply::empty(rcode), record)
 }
 
 /// Refuses a query for load reasons: REFUSED whatever `deny_with` says, since the name itself
@@ -320,6 +544,7 @@ fn new_record(
 ) -> QueryRecord {
     QueryRecord {
         time: SystemTime::now(),
+        policy: PolicyTag::default(),
         client: client.ip(),
         port: client.port(),
         transport: transport.as_str(),
@@ -328,6 +553,7 @@ fn new_record(
         decision: "deny",
         group: None,
         rule: None,
+        grant: None,
         reason: None,
         rcode: ResponseCode::NoError,
         answers: Vec::new(),

@@ -14,6 +14,7 @@
 //! data through DNS. A rule that is silently broader than it reads (`*.com`, a `*` in the
 //! wrong place, a Unicode look-alike) is worse than a policy that refuses to load.
 
+mod control;
 mod diagnostic;
 mod duration;
 mod lint;
@@ -27,6 +28,9 @@ mod schema;
 mod tests;
 mod validate;
 
+pub use control::{
+    ConnectionsOnRevoke, ControlPolicy, DEFAULT_CONTROL_SOCKET, GrantPolicy, RevokePolicy,
+};
 pub use diagnostic::{Diagnostic, PolicyError};
 pub use lint::MULTI_TENANT_SUFFIXES;
 pub use matcher::{RuleSet, RuleSetError};
@@ -88,6 +92,12 @@ pub struct Policy {
     pub mode: Mode,
     /// The Prometheus and health endpoint; `None` (the default) when off.
     pub metrics: Option<MetricsPolicy>,
+    /// The control socket (`dnsfence ctl`).
+    pub control: ControlPolicy,
+    /// What revocation does to open connections.
+    pub revoke: RevokePolicy,
+    /// Limits of temporary grants.
+    pub grants: GrantPolicy,
     /// Lint findings that did not stop the load; each prints as `FILE:LINE:COLUMN: message`.
     pub warnings: Vec<Diagnostic>,
 }

@@ -70,6 +70,9 @@ const TOP_KEYS: &[&str] = &[
     "mode",
     "audit",
     "metrics",
+    "control",
+    "revoke",
+    "grants",
 ];
 
 /// Builds the policy; `None` if any error was reported.
@@ -98,6 +101,10 @@ pub(crate) fn build(root: &Node, source: &Path, r: &mut Report) -> Option<Policy
     let firewall = firewall::read(r, f.get("firewall"));
     let mode = observe::mode(r, f.get("mode"), f.get("audit"), f.pos);
     let metrics = observe::metrics(r, f.get("metrics"), &endpoints.listen);
+
+    let control = super::control::read_sections::control(r, f.get("control"));
+    let revoke = super::control::read_sections::revoke(r, f.get("revoke"));
+    let grants = super::control::read_sections::grants(r, f.get("grants"));
 
     let default_group = groups::group(
         r,
@@ -142,6 +149,9 @@ pub(crate) fn build(root: &Node, source: &Path, r: &mut Report) -> Option<Policy
         exfiltration,
         mode,
         metrics,
+        control,
+        revoke,
+        grants,
         warnings: Vec::new(),
     })
 }

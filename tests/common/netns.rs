@@ -1049,6 +1049,11 @@ impl Lab {
             .and_then(|f| f.child.try_wait().ok().flatten())
     }
 
+    /// dnsfence's process id, while it runs (for signals such as SIGHUP).
+    pub fn fence_pid(&self) -> Option<u32> {
+        self.fence.lock().unwrap().as_ref().map(|f| f.child.id())
+    }
+
     /// Whether dnsfence is (still) running.
     pub fn fence_running(&self) -> bool {
         self.fence.lock().unwrap().is_some() && self.fence_exited().is_none()

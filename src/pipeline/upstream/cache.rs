@@ -266,6 +266,13 @@ impl AnswerCache {
         }
     }
 
+    /// Drops every answer whose name `keep` rejects.
+    pub fn retain(&self, keep: impl Fn(&Name) -> bool) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.retain(|(name, _), _| keep(name));
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()

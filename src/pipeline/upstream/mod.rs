@@ -155,6 +155,11 @@ impl Upstreams {
         })
     }
 
+    /// Drops the cached answers whose name `keep` rejects (after a reload denied them).
+    pub fn retain_cached(&self, keep: impl Fn(&Name) -> bool) {
+        self.cache.retain(keep);
+    }
+
     /// Resolves `name`/`qtype` (the name as it is to be sent: lower case), from the cache or
     /// the upstreams, within the total timeout.
     pub async fn resolve(

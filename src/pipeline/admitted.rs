@@ -1,0 +1,271 @@
+//! What dnsfence admitted, and why: the index that makes revocation possible.
+//!
+//! The firewall knows addresses and lifetimes, not DNS. To take back what a policy no longer
+//! allows, dnsfence must remember, for every address it handed out, which answers justified it:
+//! the client that asked, the name and type, the group and rule that allowed it, the grant if a
+//! grant did, and until when. After a reload (or when a grant ends) every justification is
+//! judged again with the pipeline's own decision code; an address (per client, with per-client
+//! sets) that keeps no live justification is revoked, one that another allowed name still
+//! justifies stays.
+//!
+//! Bounded: at most [`MAX_JUSTIFICATIONS`] per address (a new one replaces the one that ends
+//! first) and at most `2 × firewall.set_size` addresses (both allow sets together can hold no
+//! more live elements); expired justifications are pruned when the map fills, at most once a
+//! second. Judging copies the entries out, so the hot path never waits for a reload's judging.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::{Name, RecordType};
+
+/// Justifications kept per address, at most.
+pub const MAX_JUSTIFICATIONS: usize = 16;
+/// Expired entries are pruned from a full index at most this often.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One answer that handed an address out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Justification {
+    /// The client that asked (canonical: IPv4-mapped addresses as IPv4).
+    pub client: IpAddr,
+    /// The question's name, lower case.
+    pub name: Name,
+    pub qtype: RecordType,
+    pub group: Arc<str>,
+    pub rule: Arc<str>,
+    /// The grant that allowed the name, if one did.
+    pub grant: Option<u64>,
+    /// When the element admitted for this answer expires.
+    pub until: Instant,
+}
+
+/// Where an address lost its last justification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    pub addr: IpAddr,
+    /// Clients for which no justification of this address is left.
+    pub clients: Vec<IpAddr>,
+    /// No justification at all is left for the address.
+    pub all: bool,
+}
+
+struct Inner {
+    by_addr: HashMap<IpAddr, Vec<Justification>>,
+    next_prune: Instant,
+}
+
+/// The revocation index.
+pub struct AdmittedIndex {
+    inner: Mutex<Inner>,
+    max_addresses: usize,
+}
+
+impl AdmittedIndex {
+    pub fn new(max_addresses: usize) -> AdmittedIndex {
+        AdmittedIndex {
+            inner: Mutex::new(Inner {
+                by_addr: HashMap::new(),
+                next_prune: Instant::now(),
+            }),
+            max_addresses: max_addresses.max(1),
+        }
+    }
+
+    /// Records that `addr` was admitted for `why` (the firewall acknowledged it).
+    pub fn record(&self, addr: IpAddr, why: Justification, now: Instant) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if !inner.by_addr.contains_key(&addr) && inner.by_addr.len() >= self.max_addresses {
+            if now >= inner.next_prune {
+                inner.by_addr.retain(|_, list| {
+                    list.retain(|j| j.until > now);
+                    !list.is_empty()
+                });
+                inner.next_prune = now + PRUNE_INTERVAL;
+            }
+            if inner.by_addr.len() >= self.max_addresses {
+                // Every address here is live, so the allow sets are full as well and this
+                // admission could only succeed after elements were removed behind dnsfence's
+                // back: the address expires on its own.
+                tracing::warn!(%addr, "revocation index full; this address cannot be revoked before it expires");
+                return;
+            }
+        }
+        let list = inner.by_addr.entry(addr).or_default();
+        if let Some(same) = list
+            .iter_mut()
+            .find(|j| j.client == why.client && j.qtype == why.qtype && j.name == why.name)
+        {
+            let until = same.until.max(why.until);
+            *same = why;
+            same.until = until;
+            return;
+        }
+        if list.len() >= MAX_JUSTIFICATIONS
+            && let Some((earliest, _)) = list.iter().enumerate().min_by_key(|(_, j)| j.until)
+        {
+            list.swap_remove(earliest);
+        }
+        list.push(why);
+    }
+
+    /// Judges every live justification with `still_allowed`; drops those it rejects and those
+    /// expired, and returns the addresses (and clients) left without any justification.
+    /// `still_allowed` runs without the index locked.
+    pub fn revoke_unjustified(
+        &self,
+        now: Instant,
+        mut still_allowed: impl FnMut(IpAddr, &Justification) -> bool,
+    ) -> Vec<Lost> {
+        let snapshot: Vec<(IpAddr, Vec<Justification>)> = match self.inner.lock() {
+            Ok(inner) => inner
+                .by_addr
+                .iter()
+                .map(|(addr, list)| (*addr, list.clone()))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut rejected: Vec<(IpAddr, Justification)> = Vec::new();
+        for (addr, list) in snapshot {
+            for j in list {
+                if j.until > now && !still_allowed(addr, &j) {
+                    rejected.push((addr, j));
+                }
+            }
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let mut touched: Vec<(IpAddr, Vec<IpAddr>)> = Vec::new();
+        for (addr, j) in rejected {
+            let Some(list) = inner.by_addr.get_mut(&addr) else {
+                continue;
+            };
+            // Renewed meanwhile by a query under the new policy: that one justifies it now.
+            list.retain(|k| {
+                !(k.client == j.client
+                    && k.qtype == j.qtype
+                    && k.name == j.name
+                    && k.until <= j.until)
+            });
+            match touched.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, clients)) if !clients.contains(&j.client) => clients.push(j.client),
+                Some(_) => {}
+                None => touched.push((addr, vec![j.client])),
+            }
+        }
+        let mut lost = Vec::new();
+        for (addr, clients) in touched {
+            let live: Vec<&Justification> = inner
+                .by_addr
+                .get(&addr)
+                .map(|list| list.iter().filter(|j| j.until > now).collect())
+                .unwrap_or_default();
+            let clients: Vec<IpAddr> = clients
+                .into_iter()
+                .filter(|c| live.iter().all(|j| j.client != *c))
+                .collect();
+            let all = live.is_empty();
+            if all {
+                inner.by_addr.remove(&addr);
+            }
+            if !clients.is_empty() {
+                lost.push(Lost { addr, clients, all });
+            }
+        }
+        lost
+    }
+
+    /// Addresses held, for status.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |inner| inner.by_addr.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn j(client: &str, name: &str, until: Instant) -> Justification {
+        Justification {
+            client: client.parse().unwrap(),
+            name: Name::from_ascii(name).unwrap(),
+            qtype: RecordType::A,
+            group: "default".into(),
+            rule: name.trim_end_matches('.').into(),
+            grant: None,
+            until,
+        }
+    }
+
+    #[test]
+    fn an_address_another_allowed_name_justifies_stays() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let index = AdmittedIndex::new(16);
+        let shared: IpAddr = "198.51.100.1".parse().unwrap();
+        let only: IpAddr = "198.51.100.2".parse().unwrap();
+        index.record(shared, j("10.0.0.1", "a.example.", later), now);
+        index.record(shared, j("10.0.0.1", "b.example.", later), now);
+        index.record(only, j("10.0.0.1", "a.example.", later), now);
+        let a = Name::from_ascii("a.example.").unwrap();
+        let lost = index.revoke_unjustified(now, |_, j| j.name != a);
+        assert_eq!(
+            lost,
+            vec![Lost {
+                addr: only,
+                clients: vec!["10.0.0.1".parse().unwrap()],
+                all: true
+            }]
+        );
+        assert_eq!(index.len(), 1);
+        // Judged again: nothing left to revoke.
+        assert!(index.revoke_unjustified(now, |_, j| j.name != a).is_empty());
+    }
+
+    #[test]
+    fn per_client_losses_are_reported_per_client() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let index = AdmittedIndex::new(16);
+        let addr: IpAddr = "198.51.100.1".parse().unwrap();
+        index.record(addr, j("10.0.0.1", "a.example.", later), now);
+        index.record(addr, j("10.0.0.2", "b.example.", later), now);
+        let a = Name::from_ascii("a.example.").unwrap();
+        let lost = index.revoke_unjustified(now, |_, j| j.name != a);
+        assert_eq!(
+            lost,
+            vec![Lost {
+                addr,
+                clients: vec!["10.0.0.1".parse().unwrap()],
+                all: false
+            }]
+        );
+    }
+
+    #[test]
+    fn the_index_stays_bounded() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let index = AdmittedIndex::new(2);
+        for i in 0..4u8 {
+            let addr = IpAddr::from([198, 51, 100, i]);
+            index.record(addr, j("10.0.0.1", "a.example.", later), now);
+        }
+        assert_eq!(index.len(), 2);
+        let addr: IpAddr = "198.51.100.0".parse().unwrap();
+        for i in 0..40 {
+            let name = format!("n{i}.example.");
+            index.record(addr, j("10.0.0.1", &name, later), now);
+        }
+        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        assert_eq!(held, MAX_JUSTIFICATIONS);
+    }
+}
