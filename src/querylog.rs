@@ -246,9 +246,24 @@ impl QueryLog {
         self.queue(LogLine::Query(record));
     }
 
-    /// Queues one event; never blocks.
+    /// Queues one event; never blocks. Events are rare and say what changed (a reload, a
+    /// grant), so unlike query records they are not dropped when the queue is full: a thread
+    /// of their own waits for room (the writer drains the queue within milliseconds).
     pub fn event(&self, event: EventRecord) {
-        self.queue(LogLine::Event(event));
+        match self.sender.try_send(LogLine::Event(event)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(line)) => {
+                let sender = self.sender.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("dnsfence-querylog-event".into())
+                    .spawn(move || {
+                        let _ = sender.send(line);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("query log full: an event line was dropped");
+                }
+            }
+        }
     }
 
     fn queue(&self, line: LogLine) {
