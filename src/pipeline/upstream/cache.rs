@@ -268,8 +268,17 @@ impl AnswerCache {
 
     /// Drops every answer whose name `keep` rejects.
     pub fn retain(&self, keep: impl Fn(&Name) -> bool) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.entries.retain(|(name, _), _| keep(name));
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let doomed: Vec<usize> = shard
+                .index
+                .iter()
+                .filter(|((name, _), _)| !keep(name))
+                .map(|(_, &at)| at)
+                .collect();
+            for at in doomed {
+                shard.remove(at);
+            }
         }
     }
 
@@ -320,6 +329,25 @@ mod tests {
             )],
             soa: None,
         }
+    }
+
+    #[test]
+    fn answers_for_names_no_longer_allowed_are_dropped() {
+        let cache = AnswerCache::default();
+        let t0 = Instant::now();
+        let kept = Name::from_ascii("kept.test.").unwrap();
+        let gone = Name::from_ascii("gone.test.").unwrap();
+        cache.put(&kept, RecordType::A, &answer(300), t0);
+        cache.put(&gone, RecordType::A, &answer(300), t0);
+        cache.put(&gone, RecordType::AAAA, &answer(300), t0);
+        cache.retain(|name| name != &gone);
+        assert!(cache.get(&kept, RecordType::A, t0).is_some());
+        assert!(cache.get(&gone, RecordType::A, t0).is_none());
+        assert!(cache.get(&gone, RecordType::AAAA, t0).is_none());
+        assert_eq!(cache.len(), 1);
+        // The freed slots are used again.
+        cache.put(&gone, RecordType::A, &answer(300), t0);
+        assert!(cache.get(&gone, RecordType::A, t0).is_some());
     }
 
     #[test]
