@@ -1893,8 +1893,10 @@ fn tcp_slowloris_and_idle_connections_are_cut_off() {
 #[test]
 fn tcp_client_that_never_reads_cannot_hold_connection_slots() {
     let upstream = Upstream::start();
-    // ~32 KB per answer, so a few hundred replies fill any socket buffer.
-    for i in 0..2000u32 {
+    // ~4 KB per answer, so the 400 replies queued per connection (1.6 MB) fill any socket
+    // buffer, while the work per answer stays small enough that a debug build on a busy
+    // machine keeps up with the backlog (this test is about connection slots, not answer size).
+    for i in 0..250u32 {
         upstream.a(
             "big.allowed.test",
             &format!("198.51.{}.{}", 100 + i / 250, 1 + i % 250),
