@@ -2449,3 +2449,73 @@ fn one_client_cannot_take_every_tcp_slot() {
     }
     drop(held);
 }
+
+/// Tries to bind `addr` for `proto` (`udp` or `tcp`, with listen) as uid/gid 65534, with both
+/// sharing options set as an attacker would; returns perl's verdict: `bound` or the errno text.
+fn bind_as_nobody(addr: SocketAddr, proto: &str) -> String {
+    require_tool("setpriv");
+    require_tool("perl");
+    const SCRIPT: &str = r#"
+        use Socket qw(:all);
+        my ($host, $port, $proto) = @ARGV;
+        socket(my $s, PF_INET, $proto eq "udp" ? SOCK_DGRAM : SOCK_STREAM, 0) or die "socket: $!";
+        setsockopt($s, SOL_SOCKET, SO_REUSEADDR, 1) or die "SO_REUSEADDR: $!";
+        setsockopt($s, SOL_SOCKET, SO_REUSEPORT, 1) or die "SO_REUSEPORT: $!";
+        if (!bind($s, pack_sockaddr_in($port, inet_aton($host)))) { print "$!\n"; exit 0 }
+        if ($proto eq "tcp" && !listen($s, 5)) { print "$!\n"; exit 0 }
+        print "bound\n";
+    "#;
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "perl",
+            "-e",
+            SCRIPT,
+        ])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(proto)
+        .output()
+        .expect("run setpriv perl");
+    assert!(
+        out.status.success(),
+        "the bind probe failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A local unprivileged user cannot bind dnsfence's UDP or TCP port (on its address or on the
+/// wildcard), even with SO_REUSEADDR and SO_REUSEPORT, so it can neither steal queries nor
+/// answer them. Control: the same user binds a free port with the same options.
+#[test]
+fn an_unprivileged_user_cannot_share_the_listening_port() {
+    if !require_root("an_unprivileged_user_cannot_share_the_listening_port") {
+        return;
+    }
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    let fence = fence_with(&upstream, &["api.allowed.test"], "");
+    assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
+    let wildcard = SocketAddr::new("0.0.0.0".parse().unwrap(), fence.addr.port());
+    for proto in ["udp", "tcp"] {
+        for addr in [fence.addr, wildcard] {
+            let verdict = bind_as_nobody(addr, proto);
+            assert!(
+                verdict.contains("in use"),
+                "uid 65534 could bind {proto} {addr}: {verdict}"
+            );
+        }
+        let free: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        assert_eq!(
+            bind_as_nobody(free, proto),
+            "bound",
+            "control: {proto} {free}"
+        );
+    }
+    // Still serving, on both transports, to the real clients.
+    assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
+}

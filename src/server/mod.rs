@@ -91,7 +91,12 @@ fn socket_for(addr: SocketAddr, kind: socket2::Type) -> io::Result<socket2::Sock
         // `[::]:53` must not also grab IPv4, or `0.0.0.0:53` beside it fails to bind.
         socket.set_only_v6(true)?;
     }
-    socket.set_reuse_address(true)?;
+    // TCP only: a restart must not wait for the old connections' TIME_WAIT, and on Linux the
+    // option never lets a second socket bind a port someone listens on. On UDP it would let
+    // any local user bind dnsfence's port (>= 1024 needs no privilege) and receive queries.
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
