@@ -134,6 +134,54 @@ fn check_warns_about_wildcards_over_suffixes_anyone_can_register_under() {
 }
 
 #[test]
+fn check_and_serve_refuse_wildcards_over_icann_public_suffixes_and_warn_about_private_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("suffixes.yaml");
+    std::fs::write(
+        &path,
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"127.0.0.1:53\"]\nallow:\n  - \"*.example.co.uk\"\n  - \"*.co.uk\"\n  - \"**.com.au\"\nfirewall: {enabled: false}\n",
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let (code, stdout, stderr) = run(&["check", "--policy", file]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    for needle in [
+        "suffixes.yaml:5:5: \"*.co.uk\" would allow every name under the public suffix \"co.uk\"",
+        "such as \"*.example.co.uk\"",
+        "suffixes.yaml:6:5: \"**.com.au\" would allow every name under the public suffix \"com.au\"",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("suffixes.yaml:4:"), "{stderr}");
+    // serve reads the same file the same way: refused, with the same message, nothing bound.
+    let out = Command::new(BIN)
+        .args(["serve", "--policy", file])
+        .output()
+        .unwrap();
+    let serve_err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{serve_err}");
+    assert!(
+        serve_err.contains(
+            "suffixes.yaml:5:5: \"*.co.uk\" would allow every name under the public suffix"
+        ),
+        "{serve_err}"
+    );
+    // Without the ICANN rules the private-section wildcard is only a warning.
+    let ok = dir.path().join("tenant.yaml");
+    std::fs::write(
+        &ok,
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"127.0.0.1:53\"]\nallow:\n  - \"*.example.co.uk\"\n  - \"**.wixsite.com\"\nfirewall: {enabled: false}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&["check", "--policy", ok.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("tenant.yaml:5:5: \"**.wixsite.com\" allows names under \"wixsite.com\""),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn every_subcommand_has_help_with_examples() {
     for sub in ["serve", "check", "explain", "ruleset"] {
         let (code, stdout, _) = run(&[sub, "--help"]);

@@ -263,3 +263,82 @@ proptest! {
         }
     }
 }
+
+/// A wildcard or exact rule over a mix of suffixes: top-level domains, ICANN public suffixes
+/// (also one level above a `*.` entry, and in Unicode), multi-tenant (private) suffixes from
+/// the compiled list and the curated one, and ordinary registrable domains.
+fn rule_text() -> impl Strategy<Value = String> {
+    let suffixes = prop_oneof![
+        Just("com"),
+        Just("co.uk"),
+        Just("com.au"),
+        Just("gov.uk"),
+        Just("kawasaki.jp"),
+        Just("city.kawasaki.jp"),
+        Just("公司.cn"),
+        Just("xn--55qx5d.cn"),
+        Just("github.io"),
+        Just("duckdns.org"),
+        Just("compute.herokuapp.com"),
+        Just("amazonaws.com"),
+        Just("example.co.uk"),
+        Just("example.com"),
+        Just("pythonhosted.org"),
+        Just("svc.cluster.local"),
+    ];
+    (
+        prop_oneof![
+            Just(""),
+            Just("*."),
+            Just("**."),
+            Just("app."),
+            Just("*.app.")
+        ],
+        suffixes,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(prefix, suffix, upper, dot)| {
+            let mut t = format!("{prefix}{suffix}");
+            if upper {
+                t = t.to_ascii_uppercase();
+            }
+            if dot {
+                t.push('.');
+            }
+            t
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 400,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// `check`/`serve`/reload (`Policy::parse`) and `ctl grant` (`Rule::parse`, `--force` when
+    /// `multi_tenant_suffix` says so) judge every rule the same way: refused by both, or
+    /// accepted by both with a warning exactly when the grant would need `--force` for the
+    /// multi-tenant suffix.
+    #[test]
+    fn policy_and_grant_judge_wildcards_alike(text in rule_text()) {
+        let policy = format!(
+            "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"192.0.2.53:53\"]\nallow:\n  - {text:?}\n"
+        );
+        let parsed = Policy::parse(&policy, Path::new("p.yaml"));
+        let grant = dnsfence::policy::Rule::parse(&text, 0);
+        match (&parsed, &grant) {
+            (Ok(p), Ok(rule)) => {
+                let warned = p.warnings.iter().any(|w| w.message.contains("anyone can register"));
+                prop_assert_eq!(warned, rule.multi_tenant_suffix().is_some(), "{}", text);
+            }
+            (Err(e), Err(g)) => {
+                prop_assert_eq!(e.errors.len(), 1, "{}", e);
+                prop_assert!(e.errors[0].message.contains(g.as_str()), "{} vs {}", e, g);
+                prop_assert_eq!((e.errors[0].line, e.errors[0].column), (4, 5));
+            }
+            _ => prop_assert!(false, "policy {:?} but grant {:?} for {}", parsed.is_ok(), grant.is_ok(), text),
+        }
+    }
+}

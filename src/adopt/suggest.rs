@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use crate::pipeline::decision::{Decision, decide};
-use crate::policy::{ExfiltrationLimits, MULTI_TENANT_SUFFIXES, Policy, Rule};
+use crate::policy::{ExfiltrationLimits, Policy, Rule};
 
 use super::logfile::LoggedQuery;
 
@@ -336,12 +336,7 @@ fn is_public_suffix(parent: &str) -> bool {
 }
 
 fn is_multi_tenant(parent: &str) -> bool {
-    MULTI_TENANT_SUFFIXES.iter().any(|suffix| {
-        parent == *suffix
-            || parent
-                .strip_suffix(suffix)
-                .is_some_and(|head| head.ends_with('.'))
-    })
+    Rule::parse(&format!("*.{parent}"), 0).is_ok_and(|r| r.multi_tenant_suffix().is_some())
 }
 
 impl Suggestion {

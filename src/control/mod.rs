@@ -39,7 +39,7 @@ use serde_json::json;
 use crate::health::Readiness;
 use crate::pipeline::grants::{Grant, GrantScope, grant_label};
 use crate::pipeline::{Generation, Pipeline};
-use crate::policy::{ConnectionsOnRevoke, MULTI_TENANT_SUFFIXES, Policy, Rule, RuleKind};
+use crate::policy::{ConnectionsOnRevoke, Policy, Rule, RuleKind};
 use crate::querylog::{EventRecord, QueryLog};
 use source::{PolicySource, restart_only_changes};
 
@@ -666,20 +666,7 @@ impl Control {
 
 /// Why a grant's rule needs `--force`, if it does: the same lint as the policy.
 fn needs_force(rule: &Rule) -> Option<String> {
-    let suffix = rule.suffix();
-    let below = |name: &str, ancestor: &str| {
-        name == ancestor
-            || name
-                .strip_suffix(ancestor)
-                .is_some_and(|head| head.ends_with('.'))
-    };
-    let tenant = match rule.kind {
-        RuleKind::Exact => None,
-        RuleKind::OneLabel => MULTI_TENANT_SUFFIXES.iter().find(|t| below(suffix, t)),
-        RuleKind::AnyDepth => MULTI_TENANT_SUFFIXES
-            .iter()
-            .find(|t| below(suffix, t) || below(t, suffix)),
-    };
+    let tenant = rule.multi_tenant_suffix();
     if let Some(tenant) = tenant {
         return Some(format!(
             "{} opens the multi-tenant suffix {tenant}, where anyone can register a name and \
@@ -708,5 +695,9 @@ mod tests {
         assert!(needs_force(&rule("**.example.com")).is_some());
         assert!(needs_force(&rule("*.github.io")).is_some());
         assert!(needs_force(&rule("*.x.herokuapp.com")).is_some());
+        // From the compiled Public Suffix List's private section, not the curated list.
+        assert!(needs_force(&rule("*.duckdns.org")).is_some());
+        // ICANN suffixes are not forced: they do not parse.
+        assert!(Rule::parse("*.co.uk", 0).is_err());
     }
 }

@@ -1,20 +1,33 @@
-//! Lint: policies that load fine but are probably not what the author meant.
+//! Lint: policies that load fine but are probably not what the author meant, and the Public
+//! Suffix List checks that decide when a wildcard is too wide to load at all.
 //!
-//! The most important one is a wildcard over a multi-tenant suffix. `**.github.io` looks like
-//! "GitHub", but anyone can create `attacker.github.io`, and every query for
-//! `<secret>.attacker.github.io` reaches the attacker's authoritative server: the wildcard is
-//! an exfiltration channel, and the answers it returns are admitted to the firewall. The list
-//! below is a curated part of the Public Suffix List's PRIVATE section (names where third
-//! parties can register subdomains); it warns rather than errs because sometimes a wildcard is
-//! the only option and the operator has decided to accept the risk.
+//! A wildcard directly over a public suffix from the list's ICANN section (`*.co.uk`,
+//! `**.com.au`, or `*.kawasaki.jp`, where every name one level down is itself a suffix) is
+//! as wide as a wildcard over a top-level domain: every name under it belongs to an unrelated
+//! owner. Rule parsing (`name::parse_rule`) refuses it, so `check`, `serve`, reload and
+//! `ctl grant` all refuse it the same way.
+//!
+//! A wildcard over a multi-tenant suffix (the list's PRIVATE section: `**.github.io`,
+//! `*.herokuapp.com`) looks like one company, but anyone can create `attacker.github.io`, and
+//! every query for `<secret>.attacker.github.io` reaches the attacker's authoritative server:
+//! the wildcard is an exfiltration channel, and the answers it returns are admitted to the
+//! firewall. That one warns (and needs `--force` for a grant) rather than errs, because
+//! sometimes a wildcard is the only option and the operator has decided to accept the risk.
+//!
+//! The whole list comes compiled in from the `psl` crate (no file to read at run time, no
+//! network). It can answer "which suffix does this name end in" but cannot list the suffixes
+//! *below* a name, so for `**.` the curated [`MULTI_TENANT_SUFFIXES`] below still catches
+//! `**.amazonaws.com` (whose tenants, like `s3.amazonaws.com`, sit one level down).
 
 use ipnet::IpNet;
+use psl::Type;
 
 use super::diagnostic::{Pos, Report, quote};
 use super::schema::DraftGroup;
 use super::{ExfiltrationLimits, RuleKind};
 
-/// Suffixes below which anyone can register a name (from the PSL PRIVATE section).
+/// Well-known hosting suffixes below which anyone can register a name (from the PSL PRIVATE
+/// section), kept for the `**.` direction the compiled list cannot answer (see module docs).
 pub const MULTI_TENANT_SUFFIXES: &[&str] = &[
     "000webhostapp.com",
     "amazonaws.com",
@@ -66,19 +79,135 @@ pub(crate) fn is_at_or_below(name: &str, ancestor: &str) -> bool {
             .is_some_and(|head| head.ends_with('.'))
 }
 
-/// The multi-tenant suffix a wildcard rule opens, if any: its suffix is at or below one of
-/// them, or (for `**.`) one of them is below its suffix.
-pub(crate) fn multi_tenant_suffix(kind: RuleKind, suffix: &str) -> Option<&'static str> {
-    match kind {
-        RuleKind::Exact => None,
-        RuleKind::OneLabel => MULTI_TENANT_SUFFIXES
-            .iter()
-            .copied()
-            .find(|t| is_at_or_below(suffix, t)),
-        RuleKind::AnyDepth => MULTI_TENANT_SUFFIXES
-            .iter()
-            .copied()
-            .find(|t| is_at_or_below(suffix, t) || is_at_or_below(t, suffix)),
+/// What the Public Suffix List says about the suffix of a wildcard rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SuffixRisk {
+    /// The wildcard is directly over a public suffix of the ICANN section (`co.uk`), or every
+    /// name one level below its suffix is one (`*.kawasaki.jp`): refused like a TLD.
+    Public {
+        /// The suffix as written in the rule (A-labels).
+        suffix: String,
+        /// `true` when the names one level below `suffix` are the public suffixes.
+        children: bool,
+    },
+    /// The wildcard opens a multi-tenant (PRIVATE section) suffix: a warning.
+    MultiTenant { tenant: String },
+}
+
+/// A label that no list entry names, to ask "is there a `*.suffix` rule" with.
+const PROBE_LABEL: &str = "dnsfence-probe";
+
+/// How many labels of `name` (canonical, Unicode or A-labels) the list calls its public
+/// suffix, and from which section; `None` when only the implicit `*` rule matched.
+fn listed_suffix(name: &str) -> Option<(usize, Type)> {
+    // The compiled list holds Unicode labels only: look internationalised names up in
+    // their Unicode form (a name idna cannot decode simply matches nothing).
+    let (unicode, decoded) = idna::domain_to_unicode(name);
+    let lookup = if decoded.is_ok() {
+        unicode.as_str()
+    } else {
+        name
+    };
+    let found = psl::suffix(lookup.as_bytes())?;
+    let typ = found.typ()?;
+    let labels = found.as_bytes().split(|&b| b == b'.').count();
+    Some((labels, typ))
+}
+
+/// The last `n` labels of `name`.
+fn last_labels(name: &str, n: usize) -> &str {
+    let mut start = name.len();
+    for _ in 0..n {
+        match name[..start].rfind('.') {
+            Some(dot) if start > 0 => start = dot,
+            _ => return name,
+        }
+    }
+    name.get(start + 1..).unwrap_or(name)
+}
+
+/// Judges a rule's suffix against the whole Public Suffix List (and, for `**.`, the curated
+/// multi-tenant list below). `suffix` is canonical: lower-case A-labels, no trailing dot.
+pub(crate) fn suffix_risk(kind: RuleKind, suffix: &str) -> Option<SuffixRisk> {
+    if kind == RuleKind::Exact {
+        return None;
+    }
+    let labels = suffix.split('.').count();
+    let own = listed_suffix(suffix);
+    let child = listed_suffix(&format!("{PROBE_LABEL}.{suffix}"));
+    match child {
+        Some((n, Type::Icann)) if n == labels + 1 => {
+            return Some(SuffixRisk::Public {
+                suffix: suffix.to_owned(),
+                children: true,
+            });
+        }
+        Some((n, Type::Private)) if n == labels + 1 => {
+            return Some(SuffixRisk::MultiTenant {
+                tenant: format!("*.{suffix}"),
+            });
+        }
+        _ => {}
+    }
+    match own {
+        Some((n, Type::Icann)) if n == labels => {
+            return Some(SuffixRisk::Public {
+                suffix: suffix.to_owned(),
+                children: false,
+            });
+        }
+        Some((n, Type::Private)) => {
+            return Some(SuffixRisk::MultiTenant {
+                tenant: last_labels(suffix, n).to_owned(),
+            });
+        }
+        _ => {}
+    }
+    MULTI_TENANT_SUFFIXES
+        .iter()
+        .copied()
+        .find(|t| {
+            is_at_or_below(suffix, t) || (kind == RuleKind::AnyDepth && is_at_or_below(t, suffix))
+        })
+        .map(|t| SuffixRisk::MultiTenant {
+            tenant: t.to_owned(),
+        })
+}
+
+/// The multi-tenant suffix a wildcard rule opens, if any (the warning's subject).
+pub(crate) fn multi_tenant_suffix(kind: RuleKind, suffix: &str) -> Option<String> {
+    match suffix_risk(kind, suffix)? {
+        SuffixRisk::MultiTenant { tenant } => Some(tenant),
+        SuffixRisk::Public { .. } => None,
+    }
+}
+
+/// The error for a wildcard over an ICANN public suffix, `None` if it is not one. `shown` is
+/// the rule as written, quoted.
+pub(crate) fn public_suffix_error(kind: RuleKind, suffix: &str, shown: &str) -> Option<String> {
+    let prefix = if kind == RuleKind::AnyDepth {
+        "**."
+    } else {
+        "*."
+    };
+    match suffix_risk(kind, suffix)? {
+        SuffixRisk::Public {
+            suffix,
+            children: false,
+        } => Some(format!(
+            "{shown} would allow every name under the public suffix {suffix:?} (Public Suffix \
+             List, ICANN section), where unrelated owners register names; write the domain you \
+             mean, such as \"{prefix}example.{suffix}\""
+        )),
+        SuffixRisk::Public {
+            suffix,
+            children: true,
+        } => Some(format!(
+            "{shown}: every name directly under {suffix:?} is itself a public suffix (Public \
+             Suffix List, ICANN section: \"*.{suffix}\"), so this allows names of unrelated \
+             owners; write the domain you mean, such as \"{prefix}example.town.{suffix}\""
+        )),
+        SuffixRisk::MultiTenant { .. } => None,
     }
 }
 
@@ -183,46 +312,123 @@ pub(crate) fn shadowed_clients(r: &mut Report, clients: &[(Pos, DraftGroup)]) {
 mod tests {
     use super::*;
 
+    fn tenant(kind: RuleKind, suffix: &str) -> Option<String> {
+        multi_tenant_suffix(kind, suffix)
+    }
+
+    fn public(kind: RuleKind, suffix: &str) -> bool {
+        matches!(suffix_risk(kind, suffix), Some(SuffixRisk::Public { .. }))
+    }
+
     #[test]
     fn wildcards_at_or_below_a_multi_tenant_suffix_are_flagged() {
         assert_eq!(
-            multi_tenant_suffix(RuleKind::OneLabel, "github.io"),
+            tenant(RuleKind::OneLabel, "github.io").as_deref(),
             Some("github.io")
         );
         assert_eq!(
-            multi_tenant_suffix(RuleKind::AnyDepth, "myorg.github.io"),
+            tenant(RuleKind::AnyDepth, "myorg.github.io").as_deref(),
             Some("github.io")
         );
+        assert!(tenant(RuleKind::AnyDepth, "s3.amazonaws.com").is_some());
         assert_eq!(
-            multi_tenant_suffix(RuleKind::AnyDepth, "s3.amazonaws.com"),
-            Some("amazonaws.com")
-        );
-        assert_eq!(
-            multi_tenant_suffix(RuleKind::OneLabel, "eu-west-1.amazonaws.com"),
+            tenant(RuleKind::OneLabel, "eu-west-1.amazonaws.com").as_deref(),
             Some("amazonaws.com")
         );
     }
 
     #[test]
     fn exact_names_and_lookalike_suffixes_are_not_flagged() {
-        assert_eq!(multi_tenant_suffix(RuleKind::Exact, "github.io"), None);
-        assert_eq!(
-            multi_tenant_suffix(RuleKind::AnyDepth, "notgithub.io"),
-            None
-        );
-        assert_eq!(multi_tenant_suffix(RuleKind::AnyDepth, "github.com"), None);
-        assert_eq!(multi_tenant_suffix(RuleKind::OneLabel, "io.example"), None);
+        assert_eq!(suffix_risk(RuleKind::Exact, "github.io"), None);
+        assert_eq!(suffix_risk(RuleKind::Exact, "co.uk"), None);
+        assert_eq!(suffix_risk(RuleKind::AnyDepth, "notgithub.io"), None);
+        assert_eq!(suffix_risk(RuleKind::AnyDepth, "github.com"), None);
+        assert_eq!(suffix_risk(RuleKind::OneLabel, "io.example"), None);
+        assert_eq!(suffix_risk(RuleKind::OneLabel, "example.co.uk"), None);
+        assert_eq!(suffix_risk(RuleKind::AnyDepth, "bbc.co.uk"), None);
+        assert_eq!(suffix_risk(RuleKind::AnyDepth, "svc.cluster.local"), None);
     }
 
     #[test]
     fn any_depth_at_or_above_a_multi_tenant_suffix_is_flagged() {
         assert_eq!(
-            multi_tenant_suffix(RuleKind::AnyDepth, "amazonaws.com"),
+            tenant(RuleKind::AnyDepth, "amazonaws.com").as_deref(),
             Some("amazonaws.com")
         );
         assert!(is_at_or_below("s3.amazonaws.com", "amazonaws.com"));
         assert!(!is_at_or_below("amazonaws.com", "s3.amazonaws.com"));
         assert!(!is_at_or_below("xs3.amazonaws.com", "s3.amazonaws.com"));
+    }
+
+    #[test]
+    fn wildcards_over_icann_public_suffixes_are_public() {
+        for (kind, suffix) in [
+            (RuleKind::OneLabel, "co.uk"),
+            (RuleKind::AnyDepth, "com.au"),
+            (RuleKind::OneLabel, "com.br"),
+            (RuleKind::AnyDepth, "gov.uk"),
+            (RuleKind::OneLabel, "ac.jp"),
+            (RuleKind::AnyDepth, "k12.ma.us"),
+            // Only `*.kawasaki.jp` is listed: the names one level down are the suffixes.
+            (RuleKind::OneLabel, "kawasaki.jp"),
+            (RuleKind::AnyDepth, "sch.uk"),
+            // An internationalised suffix, written as A-labels (`公司.cn`).
+            (RuleKind::OneLabel, "xn--55qx5d.cn"),
+        ] {
+            assert!(public(kind, suffix), "{suffix}");
+        }
+        // The exception `!city.kawasaki.jp` is a registrable domain.
+        assert!(!public(RuleKind::OneLabel, "city.kawasaki.jp"));
+        assert!(!public(RuleKind::OneLabel, "example.co.uk"));
+    }
+
+    #[test]
+    fn wildcards_over_the_whole_private_section_are_multi_tenant() {
+        // None of these is in the curated list: they come from the compiled PSL.
+        for suffix in [
+            "herokuapp.com",
+            "duckdns.org",
+            "wixsite.com",
+            "ddns.net",
+            "compute.herokuapp.com",
+        ] {
+            assert!(tenant(RuleKind::OneLabel, suffix).is_some(), "{suffix}");
+            assert!(!public(RuleKind::OneLabel, suffix), "{suffix}");
+        }
+        for suffix in [
+            "duckdns.org",
+            "wixsite.com",
+            "ddns.net",
+            "compute.herokuapp.com",
+        ] {
+            assert!(!MULTI_TENANT_SUFFIXES.contains(&suffix), "{suffix}");
+        }
+        assert_eq!(
+            tenant(RuleKind::AnyDepth, "app.herokuapp.com").as_deref(),
+            Some("herokuapp.com")
+        );
+    }
+
+    #[test]
+    fn the_public_suffix_error_names_the_suffix_and_a_fix() {
+        let e = public_suffix_error(RuleKind::OneLabel, "co.uk", "\"*.co.uk\"").unwrap();
+        assert!(e.contains("public suffix \"co.uk\""), "{e}");
+        assert!(e.contains("\"*.example.co.uk\""), "{e}");
+        let e =
+            public_suffix_error(RuleKind::AnyDepth, "kawasaki.jp", "\"**.kawasaki.jp\"").unwrap();
+        assert!(
+            e.contains("every name directly under \"kawasaki.jp\""),
+            "{e}"
+        );
+        assert!(public_suffix_error(RuleKind::OneLabel, "github.io", "x").is_none());
+    }
+
+    #[test]
+    fn last_labels_counts_from_the_right() {
+        assert_eq!(last_labels("a.b.c", 2), "b.c");
+        assert_eq!(last_labels("a.b.c", 3), "a.b.c");
+        assert_eq!(last_labels("a.b.c", 9), "a.b.c");
+        assert_eq!(last_labels("a.b.c", 1), "c");
     }
 
     #[test]

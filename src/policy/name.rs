@@ -13,6 +13,7 @@
 //! host name cannot have. Query names are held to the same alphabet by the matcher, so a rule
 //! can never match a label that contains a dot, a NUL or other bytes.
 
+use super::lint;
 use super::{Rule, RuleKind};
 
 /// Longest name in presentation form without the trailing dot (RFC 1035: 255 octets on the wire).
@@ -59,6 +60,12 @@ impl Rule {
     /// `**.example.com`.
     pub fn suffix(&self) -> &str {
         suffix_of(self.kind, &self.pattern)
+    }
+
+    /// The multi-tenant suffix (Public Suffix List, PRIVATE section, or the curated list) this
+    /// wildcard opens, if any: the policy warns about it and `ctl grant` asks for `--force`.
+    pub fn multi_tenant_suffix(&self) -> Option<String> {
+        lint::multi_tenant_suffix(self.kind, self.suffix())
     }
 }
 
@@ -171,6 +178,9 @@ pub(crate) fn parse_rule(text: &str) -> Result<CanonicalRule, String> {
             "{shown} would allow every name under the top-level domain {ascii:?}; \
              write a longer suffix such as \"{prefix}example.{ascii}\""
         ));
+    }
+    if let Some(e) = lint::public_suffix_error(kind, &ascii, &shown) {
+        return Err(e);
     }
     Ok(CanonicalRule {
         kind,

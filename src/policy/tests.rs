@@ -321,6 +321,45 @@ fn wildcard_on_a_top_level_domain_is_refused() {
 }
 
 #[test]
+fn wildcard_on_an_icann_public_suffix_is_refused_like_a_tld() {
+    let e = one_error("allow:\n  - \"*.co.uk\"\n");
+    assert!(e.starts_with("policy.yaml:5:5: \"*.co.uk\" would allow every name under the public suffix \"co.uk\" (Public Suffix List, ICANN section)"), "{e}");
+    assert!(e.ends_with("such as \"*.example.co.uk\""), "{e}");
+    // In a client group, any depth, with a trailing dot and upper case: the same refusal.
+    let e = one_error(
+        "clients:\n  - name: lab\n    from: [10.0.0.0/24]\n    allow:\n      - \"**.COM.AU.\"\n",
+    );
+    assert!(
+        e.starts_with("policy.yaml:8:9: \"**.COM.AU.\" would allow every name under the public suffix \"com.au\""),
+        "{e}"
+    );
+    // One level above a wildcard entry (`*.kawasaki.jp`): every name it allows is a suffix.
+    let e = one_error("allow:\n  - \"*.kawasaki.jp\"\n");
+    assert!(
+        e.contains("every name directly under \"kawasaki.jp\" is itself a public suffix"),
+        "{e}"
+    );
+    // A registrable domain under it loads, silently.
+    let p = load("allow:\n  - \"*.example.co.uk\"\n  - \"**.bbc.co.uk\"\n");
+    assert!(warnings(&p).is_empty(), "{:#?}", warnings(&p));
+}
+
+#[test]
+fn wildcards_over_private_section_suffixes_outside_the_curated_list_warn() {
+    let p = load("allow:\n  - \"*.duckdns.org\"\n  - \"**.wixsite.com\"\n");
+    let w = warnings(&p);
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(
+        w[0].starts_with("policy.yaml:5:5: \"*.duckdns.org\" allows names under \"duckdns.org\""),
+        "{w:#?}"
+    );
+    assert!(
+        w[1].starts_with("policy.yaml:6:5: \"**.wixsite.com\" allows names under \"wixsite.com\""),
+        "{w:#?}"
+    );
+}
+
+#[test]
 fn star_outside_the_first_label_is_refused() {
     let e = one_error("allow:\n  - \"api.*.example.com\"\n");
     assert_eq!(
@@ -956,7 +995,7 @@ fn wildcards_over_multi_tenant_suffixes_warn_but_load() {
     assert!(w[0].starts_with("policy.yaml:5:5: \"*.githubusercontent.com\" allows names under \"githubusercontent.com\", where anyone can register a name and exfiltrate data through it"), "{w:#?}");
     assert!(
         w[1].starts_with(
-            "policy.yaml:6:5: \"**.s3.amazonaws.com\" allows names under \"amazonaws.com\""
+            "policy.yaml:6:5: \"**.s3.amazonaws.com\" allows names under \"s3.amazonaws.com\""
         ),
         "{w:#?}"
     );

@@ -135,7 +135,7 @@ fn rules(
         }
         seen.insert(canonical.pattern.clone(), pos);
         if let Some(tenant) = lint::multi_tenant_suffix(canonical.kind, canonical.suffix()) {
-            r.warn(pos, lint::multi_tenant_message(&canonical.pattern, tenant));
+            r.warn(pos, lint::multi_tenant_message(&canonical.pattern, &tenant));
         }
         answer_positions.extend(answers.iter().copied());
         rules.push(Rule {
