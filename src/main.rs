@@ -728,6 +728,9 @@ fn serve(
             log.clone(),
             source,
         ));
+        if let Some((_, metrics)) = &metrics {
+            metrics.attach_control(control.clone());
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();
@@ -806,9 +809,10 @@ async fn heartbeats(metrics: Arc<Metrics>, admitter: Option<firewall::Admitter>)
         tick.tick().await;
         metrics.event_loop_answered();
         if let Some(admitter) = &admitter {
-            let asked = tokio::time::timeout(std::time::Duration::from_secs(2), admitter.answers());
-            if asked.await == Ok(true) {
-                metrics.firewall_answered();
+            let asked =
+                tokio::time::timeout(std::time::Duration::from_secs(2), admitter.live_elements());
+            if let Ok(Some(live)) = asked.await {
+                metrics.firewall_elements(live);
             }
         }
     }

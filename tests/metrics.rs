@@ -85,6 +85,19 @@ fn counters_move_by_exactly_the_queries_sent() {
     let sent = 9;
     assert_eq!(fence.log(sent).len(), sent);
 
+    // Two reloads by SIGHUP: the same file (ok), then a broken one (invalid, refused).
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(fence.pid()).unwrap());
+    let policy_path = fence.dir.path().join("policy.yaml");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert_eq!(fence.log(sent + 1).len(), sent + 1, "the ok reload's event");
+    let good = std::fs::read_to_string(&policy_path).unwrap();
+    std::fs::write(&policy_path, format!("{good}no_such_key: 1\n")).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let log = fence.log(sent + 2);
+    assert_eq!(log.len(), sent + 2, "the invalid reload's event");
+    assert_eq!(log[sent]["result"], "ok", "{log:?}");
+    assert_eq!(log[sent + 1]["result"], "invalid", "{log:?}");
+
     let (_, after) = get(endpoint, "/metrics").unwrap();
     let after_page = after.clone();
     let after = samples(&after);
@@ -124,6 +137,29 @@ fn counters_move_by_exactly_the_queries_sent() {
             ),
             4.0,
         ),
+        // api.allowed.test A: asked upstream once, then three times from the cache.
+        ("dnsfence_cache_misses_total".to_owned(), 1.0),
+        ("dnsfence_cache_hits_total".to_owned(), 3.0),
+        ("dnsfence_cache_entries".to_owned(), 1.0),
+        (
+            format!(
+                "dnsfence_upstream_duration_seconds_count{{upstream=\"{}\"}}",
+                upstream.addr
+            ),
+            1.0,
+        ),
+        (
+            "dnsfence_policy_reloads_total{result=\"ok\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "dnsfence_policy_reloads_total{result=\"invalid\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "dnsfence_firewall_revoked_total{cause=\"reload\"}".to_owned(),
+            0.0,
+        ),
     ] {
         assert_eq!(delta(&series), want, "{series}\n{after_page}");
     }
@@ -145,6 +181,19 @@ fn counters_move_by_exactly_the_queries_sent() {
         )),
         Some(&1.0)
     );
+    assert_eq!(
+        after.get("dnsfence_grants_active"),
+        Some(&0.0),
+        "{after_page}"
+    );
+    assert_eq!(
+        after.get("dnsfence_querylog_dropped_total"),
+        Some(&0.0),
+        "{after_page}"
+    );
+    // The firewall is off: no firewall series, and no drop explanations.
+    assert!(!after_page.contains("dnsfence_firewall_elements"));
+    assert!(!after_page.contains("dnsfence_firewall_drops"));
     // No per-client series unless asked for.
     assert!(!after_page.contains("dnsfence_client_queries"));
 }
@@ -281,6 +330,24 @@ fn with_the_firewall_the_endpoint_is_ready_healthy_and_out_of_the_agents_reach()
         page.get("dnsfence_firewall_capacity{set=\"allow4\"}"),
         Some(&65536.0)
     );
+    // The live element count comes with the firewall thread's heartbeat, once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let elements = loop {
+        let (_, page) = lab.gw.run(move || get(endpoint, "/metrics")).unwrap();
+        let page = samples(&page);
+        let elements = page
+            .get("dnsfence_firewall_elements{set=\"allow4\"}")
+            .copied();
+        if elements == Some(1.0) || std::time::Instant::now() > deadline {
+            break (
+                elements,
+                page.get("dnsfence_firewall_elements{set=\"allow6\"}")
+                    .copied(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(elements, (Some(1.0), Some(0.0)));
 
     // The agent tries every address of the gateway on the metrics port; the gateway's own
     // loopback (the control) gets through.

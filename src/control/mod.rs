@@ -174,6 +174,21 @@ pub struct Control {
     next_grant: AtomicU64,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
+    /// Elements deleted from the kernel, per [`REVOKE_CAUSES`].
+    revoked: [AtomicU64; 3],
+}
+
+/// Why elements were revoked: a reload, a grant that ran out, a grant ended by hand.
+pub const REVOKE_CAUSES: [&str; 3] = ["reload", "grant-expired", "grant-revoked"];
+
+/// The control service's counters, for the metrics endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlStats {
+    pub reloads_ok: u64,
+    pub reloads_invalid: u64,
+    /// Per [`REVOKE_CAUSES`].
+    pub revoked: [u64; 3],
+    pub grants_active: usize,
 }
 
 impl Control {
@@ -193,7 +208,30 @@ impl Control {
             next_grant: AtomicU64::new(1),
             reloads: AtomicU64::new(0),
             failed_reloads: AtomicU64::new(0),
+            revoked: std::array::from_fn(|_| AtomicU64::new(0)),
         }
+    }
+
+    /// Reloads, revocations and live grants so far.
+    pub fn stats(&self) -> ControlStats {
+        let now = Instant::now();
+        ControlStats {
+            reloads_ok: self.reloads.load(Ordering::Relaxed),
+            reloads_invalid: self.failed_reloads.load(Ordering::Relaxed),
+            revoked: self.revoked.each_ref().map(|c| c.load(Ordering::Relaxed)),
+            grants_active: self
+                .pipeline
+                .generation()
+                .grants
+                .iter()
+                .filter(|g| g.is_live(now))
+                .count(),
+        }
+    }
+
+    /// The pipeline this service changes (the admission history lives there).
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
     }
 
     pub fn readiness(&self) -> &Readiness {
@@ -284,7 +322,7 @@ impl Control {
         let previous = self.pipeline.replace(next);
         self.drain(previous).await;
         let cut = self.pipeline.policy().revoke.connections == ConnectionsOnRevoke::Cut;
-        let revoked = self.revoke_unjustified(cut).await;
+        let revoked = self.revoke_unjustified(cut, 0).await;
         self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             policy = %loaded.digest,
@@ -360,7 +398,8 @@ impl Control {
     /// Judges every admitted address again under the current generation, deletes those left
     /// without justification and, with `cut`, their connections; drops cached answers for names
     /// nothing allows any more.
-    async fn revoke_unjustified(&self, cut: bool) -> Result<RevocationCount, String> {
+    /// `cause` indexes [`REVOKE_CAUSES`].
+    async fn revoke_unjustified(&self, cut: bool, cause: usize) -> Result<RevocationCount, String> {
         let generation = self.pipeline.generation();
         let now = Instant::now();
         let lost = self
@@ -404,6 +443,9 @@ impl Control {
                     elements: revoked.elements,
                     connections: revoked.connections,
                 };
+                if let Some(counter) = self.revoked.get(cause) {
+                    counter.fetch_add(revoked.elements as u64, Ordering::Relaxed);
+                }
                 self.log.event(
                     EventRecord::new("revoke")
                         .with("addresses", &addresses)
@@ -604,7 +646,8 @@ impl Control {
         drop(current);
         let previous = self.pipeline.replace(next);
         self.drain(previous).await;
-        let revoked = self.revoke_unjustified(cut).await;
+        let cause_index = if cause == "expired" { 1 } else { 2 };
+        let revoked = self.revoke_unjustified(cut, cause_index).await;
         let now = Instant::now();
         let views: Vec<GrantView> = gone.iter().map(|g| GrantView::of(g, now)).collect();
         for view in &views {

@@ -143,8 +143,9 @@ pub(crate) enum Msg {
     Revoke(RevokeRequest),
     /// Wakes the thread so that it notices the stop flag.
     Wake,
-    /// Asks the thread to answer, for health checks.
-    Ping(tokio::sync::oneshot::Sender<()>),
+    /// Asks the thread to answer, for health checks; it answers with the live elements it
+    /// granted per family (IPv4, IPv6).
+    Ping(tokio::sync::oneshot::Sender<[usize; 2]>),
 }
 
 /// Clamps a lifetime to [`MIN_LIFETIME`, `MAX_LIFETIME`].
@@ -257,6 +258,14 @@ impl Lifetimes {
         dests.len() + new <= share
     }
 
+    /// Live elements per family (IPv4, IPv6), as far as dnsfence granted them: what the allow
+    /// sets hold, unless someone edited them by hand. One pass over the maps, for metrics.
+    pub(crate) fn live(&self, now: Instant) -> [usize; 2] {
+        self.maps
+            .each_ref()
+            .map(|m| m.values().filter(|exp| **exp > now).count())
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.maps.iter().map(HashMap::len).sum()
@@ -331,7 +340,7 @@ impl Admission {
                     }
                     Some(Msg::Wake) => continue,
                     Some(Msg::Ping(reply)) => {
-                        let _ = reply.send(());
+                        let _ = reply.send(self.lifetimes.live(Instant::now()));
                         continue;
                     }
                     None => break,
@@ -361,7 +370,7 @@ impl Admission {
                     }
                     Ok(Msg::Wake) => {}
                     Ok(Msg::Ping(reply)) => {
-                        let _ = reply.send(());
+                        let _ = reply.send(self.lifetimes.live(Instant::now()));
                     }
                     Err(_) => break,
                 }

@@ -463,6 +463,14 @@ impl Admitter {
         self.tx.send(Msg::Ping(reply)).await.is_ok() && answer.await.is_ok()
     }
 
+    /// The live elements of the allow sets (IPv4, IPv6) as the admission thread granted them,
+    /// or `None` when the thread does not answer. Answering also shows the thread is alive.
+    pub async fn live_elements(&self) -> Option<[usize; 2]> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Msg::Ping(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     /// Whether the sets pair clients with destinations (`firewall.per_client`).
     pub fn per_client(&self) -> bool {
         self.per_client

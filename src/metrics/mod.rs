@@ -21,7 +21,7 @@ mod http;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::ResponseCode;
@@ -32,6 +32,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::control::{Control, REVOKE_CAUSES};
 use crate::health::Readiness;
 use crate::policy::{Mode, Policy};
 use crate::querylog::QueryRecord;
@@ -99,6 +100,13 @@ pub struct Metrics {
     admission_failures: AtomicU64,
     clients: Option<Mutex<HashMap<IpAddr, [u64; 3]>>>,
     log_dropped: Option<Arc<AtomicU64>>,
+    /// Live elements per allow set (IPv4, IPv6), as the admission thread last told them.
+    elements: [AtomicU64; 2],
+    /// The running server's control service, once it exists (metrics start first, so that
+    /// `/readyz` answers "not ready" meanwhile): reloads, revocations, grants, the cache.
+    control: OnceLock<Arc<Control>>,
+    /// Drops explained, per explanation, when firewall.log_denied is nflog.
+    drops: OnceLock<Arc<dyn DropCounts>>,
     pub(crate) health: Health,
     pub(crate) readiness: Readiness,
 }
@@ -172,6 +180,9 @@ impl Metrics {
             admission_failures: AtomicU64::new(0),
             clients: client_labels.then(|| Mutex::new(HashMap::new())),
             log_dropped,
+            elements: [AtomicU64::new(0), AtomicU64::new(0)],
+            control: OnceLock::new(),
+            drops: OnceLock::new(),
             health: Health {
                 start: Instant::now(),
                 event_loop: AtomicU64::new(0),
@@ -275,6 +286,24 @@ impl Metrics {
             };
             clients.entry(key).or_default()[slot] += 1;
         }
+    }
+
+    /// From now on, also export what the control service and its pipeline count.
+    pub fn attach_control(&self, control: Arc<Control>) {
+        let _ = self.control.set(control);
+    }
+
+    /// From now on, also export the explained drops.
+    pub fn attach_drops(&self, drops: Arc<dyn DropCounts>) {
+        let _ = self.drops.set(drops);
+    }
+
+    /// The admission thread answered with its live elements per family (IPv4, IPv6).
+    pub fn firewall_elements(&self, live: [usize; 2]) {
+        for (gauge, n) in self.elements.iter().zip(live) {
+            gauge.store(n as u64, Ordering::Relaxed);
+        }
+        self.firewall_answered();
     }
 
     /// The event loop answered just now.
@@ -489,12 +518,47 @@ impl Collector for Exporter {
             let series: Vec<_> = m
                 .firewall_sets
                 .iter()
+                .zip(m.elements.iter())
+                .map(|((set, _), n)| {
+                    (
+                        vec![("set", set.clone())],
+                        i64::try_from(load(n)).unwrap_or(i64::MAX),
+                    )
+                })
+                .collect();
+            gauge(
+                &mut encoder,
+                "dnsfence_firewall_elements",
+                "Live elements in each allow set, as dnsfence admitted them (updated every second)",
+                &series,
+            )?;
+            let series: Vec<_> = m
+                .firewall_sets
+                .iter()
                 .map(|(set, size)| (vec![("set", set.clone())], i64::from(*size)))
                 .collect();
             gauge(
                 &mut encoder,
                 "dnsfence_firewall_capacity",
                 "Elements each allow set can hold (firewall.set_size)",
+                &series,
+            )?;
+        }
+
+        if let Some(control) = m.control.get() {
+            encode_control(&mut encoder, control)?;
+        }
+        if let Some(drops) = m.drops.get() {
+            let series: Vec<_> = drops
+                .drop_counts()
+                .into_iter()
+                .map(|(explanation, n)| (vec![("explanation", explanation.to_owned())], n))
+                .collect();
+            counter(
+                &mut encoder,
+                "dnsfence_firewall_drops",
+                "Packets the firewall dropped and logged to firewall.nflog_group, by explanation \
+                 (each (client, destination, port) counted once per few seconds, like the log)",
                 &series,
             )?;
         }
@@ -558,4 +622,92 @@ impl Collector for Exporter {
         }
         Ok(())
     }
+}
+
+/// Counts of explained drops, by explanation (the explainer keeps them).
+pub trait DropCounts: Send + Sync {
+    fn drop_counts(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// What the control service and the upstream stage count: reloads, revocations, grants,
+/// the answer cache and the upstreams' reply times.
+fn encode_control(
+    encoder: &mut DescriptorEncoder,
+    control: &Control,
+) -> Result<(), std::fmt::Error> {
+    let stats = control.stats();
+    counter(
+        encoder,
+        "dnsfence_policy_reloads",
+        "Policy reloads (SIGHUP, --watch, ctl reload), by result: ok, or invalid (refused, \
+         the previous policy kept serving)",
+        &[
+            (vec![("result", "ok".to_owned())], stats.reloads_ok),
+            (
+                vec![("result", "invalid".to_owned())],
+                stats.reloads_invalid,
+            ),
+        ],
+    )?;
+    let series: Vec<_> = REVOKE_CAUSES
+        .iter()
+        .zip(stats.revoked)
+        .map(|(cause, n)| (vec![("cause", (*cause).to_owned())], n))
+        .collect();
+    counter(
+        encoder,
+        "dnsfence_firewall_revoked",
+        "Elements deleted from the allow sets before their time, by cause",
+        &series,
+    )?;
+    gauge(
+        encoder,
+        "dnsfence_grants_active",
+        "Temporary grants in force",
+        &[(
+            Vec::new(),
+            i64::try_from(stats.grants_active).unwrap_or(i64::MAX),
+        )],
+    )?;
+    let upstream = control.pipeline().upstream_stats();
+    counter(
+        encoder,
+        "dnsfence_cache_hits",
+        "Allowed questions answered from the answer cache",
+        &[(Vec::new(), upstream.cache_hits)],
+    )?;
+    counter(
+        encoder,
+        "dnsfence_cache_misses",
+        "Allowed questions the answer cache could not answer (asked upstream, or waiting for \
+         the same question already asked)",
+        &[(Vec::new(), upstream.cache_misses)],
+    )?;
+    gauge(
+        encoder,
+        "dnsfence_cache_entries",
+        "Answers held in the answer cache",
+        &[(
+            Vec::new(),
+            i64::try_from(upstream.cache_entries).unwrap_or(i64::MAX),
+        )],
+    )?;
+    let mut metric = encoder.encode_descriptor(
+        "dnsfence_upstream_duration_seconds",
+        "From a question sent to an upstream to its reply, per upstream",
+        None,
+        MetricType::Histogram,
+    )?;
+    for timings in &upstream.durations {
+        let (buckets, sum) = (&timings.buckets, &timings.sum_seconds);
+        let count = buckets.last().map_or(0, |(_, n)| *n);
+        let upstream = timings.upstream.to_string();
+        let labels = [("upstream", upstream.as_str())];
+        metric
+            .encode_family(&labels.to_vec())?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                *sum, count, buckets, None,
+            )?;
+    }
+    Ok(())
 }

@@ -279,6 +279,11 @@ impl Pipeline {
         self.admitter.as_ref()
     }
 
+    /// The upstream stage's counters (cache, reply times), for metrics.
+    pub fn upstream_stats(&self) -> upstream::stats::UpstreamStats {
+        self.upstreams.stats()
+    }
+
     /// Drops the cached answers for names `keep` rejects (names a reload or a grant's end
     /// denied), so that nothing of theirs is served from memory if they are allowed again.
     pub fn forget_cached(&self, keep: impl Fn(&Name) -> bool) {

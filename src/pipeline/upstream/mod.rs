@@ -31,6 +31,7 @@ mod answer;
 pub mod cache;
 mod health;
 mod socket;
+pub mod stats;
 mod tcp;
 mod tls;
 mod udp;
@@ -40,6 +41,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -52,6 +54,7 @@ use tokio::time::Instant;
 pub use answer::{UpstreamAnswer, UpstreamFailure};
 use cache::AnswerCache;
 use health::Health;
+use stats::{Timings, UpstreamStats};
 use tcp::{StreamClient, TcpDialer};
 use tls::TlsDialer;
 use udp::UdpOutcome;
@@ -79,6 +82,8 @@ struct Server {
     /// TCP (truncated answers, or every question for `tcp://`), or TLS.
     stream: Arc<StreamClient>,
     health: Arc<Health>,
+    /// How long its replies took (metrics).
+    timings: Timings,
 }
 
 /// The trusted resolvers, what is known of their health, and the answer cache in front.
@@ -89,6 +94,8 @@ pub struct Upstreams {
     cache: AnswerCache,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
     total_timeout: Duration,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// Why one upstream gave no answer to one question.
@@ -132,6 +139,7 @@ impl Upstreams {
                 udp: transport == UpstreamTransport::Udp,
                 stream: Arc::new(StreamClient::new(addr, mark, dialer)),
                 health: Arc::default(),
+                timings: Timings::default(),
             });
         }
         if let Some((low, high)) = socket::local_port_range()
@@ -152,12 +160,35 @@ impl Upstreams {
             cache: AnswerCache::default(),
             flights: Mutex::default(),
             total_timeout,
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         })
     }
 
     /// Drops the cached answers whose name `keep` rejects (after a reload denied them).
     pub fn retain_cached(&self, keep: impl Fn(&Name) -> bool) {
         self.cache.retain(keep);
+    }
+
+    /// Cache counters and per-upstream reply times, for the metrics endpoint.
+    pub fn stats(&self) -> UpstreamStats {
+        UpstreamStats {
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            cache_entries: self.cache.len(),
+            durations: self
+                .servers
+                .iter()
+                .map(|s| {
+                    let (buckets, sum_seconds) = s.timings.snapshot();
+                    stats::UpstreamTimings {
+                        upstream: s.addr,
+                        buckets,
+                        sum_seconds,
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// Resolves `name`/`qtype` (the name as it is to be sent: lower case), from the cache or
@@ -168,8 +199,10 @@ impl Upstreams {
         qtype: RecordType,
     ) -> Result<UpstreamAnswer, UpstreamFailure> {
         if let Some(hit) = self.cache.get(name, qtype, std::time::Instant::now()) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let seat = self.board(name, qtype);
         seat.flight
             .outcome
@@ -315,6 +348,7 @@ impl Upstreams {
         } else {
             server.stream.ask(question, deadline).await.map_err(fail)?
         };
+        server.timings.observe(started.elapsed());
         let rcode = message.metadata.response_code;
         if upstream_wide_failure(rcode) {
             server.health.failed(Instant::now());
