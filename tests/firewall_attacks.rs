@@ -589,3 +589,93 @@ fn the_source_check_is_strict_when_the_agents_link_carries_the_default_route() {
         .run(|| UdpSocket::bind("198.51.100.53:53").expect("bind the upstream's address"));
     forged_replies_never_reach_a_gateway_socket(&lab, &forger);
 }
+
+#[test]
+fn a_client_beyond_its_share_of_queries_in_flight_is_refused_and_another_is_answered() {
+    if !require_root(
+        "a_client_beyond_its_share_of_queries_in_flight_is_refused_and_another_is_answered",
+    ) {
+        return;
+    }
+    // A slow allowed zone: every answer takes 1.2 s, so agent1's queries stay in flight.
+    let lab = Lab::new("inflight");
+    for i in 0..6 {
+        lab.upstream.a(
+            &format!("n{i}.slow.test"),
+            &format!("198.51.100.{}", 10 + i),
+            300,
+        );
+    }
+    lab.upstream.set_behaviour(Behaviour::Slow(1200));
+    let yaml = policy(&lab, &["*.slow.test"]).replace(
+        "log: \"-\"\n",
+        "log: \"-\"\nlimits: {max_inflight: 64, max_inflight_per_client: 2, client_qps: 0}\n",
+    );
+    lab.start_fence(&yaml);
+    let dns = lab.a1().dns4;
+    // agent1 asks four distinct names at once: two take its share, two are refused at once.
+    let asked: Vec<_> = (0..4)
+        .map(|i| {
+            lab.agent1.spawn(move || {
+                let started = Instant::now();
+                let reply = dns_udp(
+                    dns,
+                    &query(&format!("n{i}.slow.test"), RecordType::A),
+                    Duration::from_secs(4),
+                );
+                (reply.map(|m| m.metadata.response_code), started.elapsed())
+            })
+        })
+        .collect();
+    // While agent1's two are still waiting on the upstream, agent2 is answered.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let other = lab.a2().resolve("n5.slow.test", RecordType::A);
+    assert_eq!(addresses(&other), ["198.51.100.15"], "{other:?}");
+    let other_took = started.elapsed();
+    let outcomes: Vec<_> = asked.into_iter().map(|h| h.join().unwrap()).collect();
+    let refused: Vec<_> = outcomes
+        .iter()
+        .filter(|(r, _)| matches!(r, Ok(hickory_proto::op::ResponseCode::Refused)))
+        .collect();
+    let answered: Vec<_> = outcomes
+        .iter()
+        .filter(|(r, _)| matches!(r, Ok(hickory_proto::op::ResponseCode::NoError)))
+        .collect();
+    assert_eq!((refused.len(), answered.len()), (2, 2), "{outcomes:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, took)| *took < Duration::from_millis(500)),
+        "refusals wait for nothing: {outcomes:?}"
+    );
+    // agent2 was asked while agent1 held its share (its answer needed the slow upstream too).
+    assert!(
+        answered
+            .iter()
+            .all(|(_, took)| *took > Duration::from_millis(1000)),
+        "{outcomes:?}"
+    );
+    assert!(other_took > Duration::from_millis(1000), "{other_took:?}");
+    // Each refusal is logged with its reason, counted like the global bound's.
+    let log = lab.log(7);
+    let share_refusals: Vec<_> = log
+        .iter()
+        .filter(|l| {
+            l["reason"] == "rate-limit"
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("limits.max_inflight_per_client 2"))
+        })
+        .collect();
+    assert_eq!(share_refusals.len(), 2, "{log:#?}");
+    assert!(
+        share_refusals.iter().all(|l| l["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("10.77.0.2"))),
+        "{share_refusals:#?}"
+    );
+    // With its queries answered, agent1 has its share back.
+    let again = lab.a1().resolve("n3.slow.test", RecordType::A);
+    assert_eq!(addresses(&again), ["198.51.100.13"], "{again:?}");
+}

@@ -1719,7 +1719,7 @@ fn queries_beyond_max_inflight_are_refused_at_once() {
     let fence = fence_with(
         &upstream,
         &["*.allowed.test"],
-        "limits: {max_inflight: 2, client_qps: 0}\n",
+        "limits: {max_inflight: 2, max_inflight_per_client: 2, client_qps: 0}\n",
     );
     let addr = fence.addr;
     let outcomes: Vec<(ResponseCode, Duration)> = std::thread::scope(|s| {

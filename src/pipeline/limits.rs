@@ -7,6 +7,10 @@
 //! of distinct names per wildcard rule per minute. Repeating a name already seen in the window is
 //! free, so ordinary traffic (the same few hosts, over and over) never notices.
 //!
+//! A third limit is on concurrency: each client's share of the queries in flight
+//! ([`InflightShares`]), so that one agent, or one slow zone it keeps asking about, cannot take
+//! every slot of `limits.max_inflight` and starve the others.
+//!
 //! All state lives in maps of fixed maximum size, behind short `std` mutexes that are never held
 //! across an await; when a map is full its stale entries are swept, and if none are stale the new
 //! client is judged without state (rate-limited), so a flood of spoofed or unique sources cannot
@@ -14,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::Name;
@@ -91,6 +95,79 @@ impl RateLimiter {
             true
         } else {
             false
+        }
+    }
+}
+
+/// How many queries each client has in flight, against its share
+/// (`limits.max_inflight_per_client`).
+///
+/// A client holds a count only while it has a query in flight: the count is taken by
+/// [`InflightShares::try_take`] after the global in-flight permit, so the map never holds more
+/// than `limits.max_inflight` clients, and the entry is removed when the last
+/// [`InflightSlot`] is dropped, on every path out of the query (answer, error, a cancelled
+/// future when the client's TCP connection closes). The share is read from the policy of each
+/// query, so a reload that changes it applies to the next query.
+#[derive(Default)]
+pub struct InflightShares {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One query's place in its client's share; releases it when dropped.
+#[must_use = "the slot is released as soon as it is dropped"]
+pub struct InflightSlot<'a> {
+    shares: &'a InflightShares,
+    client: IpAddr,
+}
+
+impl InflightShares {
+    /// Takes one of `client`'s `share` slots; `Err(n)` with the client's count when it has
+    /// `share` or more in flight already.
+    pub fn try_take(&self, client: IpAddr, share: usize) -> Result<InflightSlot<'_>, usize> {
+        // Nothing panics while the lock is held, so a poisoned lock still holds true counts.
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(client).or_insert(0);
+        if *count >= share {
+            let held = *count;
+            if held == 0 {
+                counts.remove(&client);
+            }
+            return Err(held);
+        }
+        *count += 1;
+        Ok(InflightSlot {
+            shares: self,
+            client,
+        })
+    }
+
+    /// Queries `client` has in flight now.
+    pub fn count(&self, client: IpAddr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.get(&client).copied().unwrap_or(0)
+    }
+
+    /// Clients with a query in flight now (the map's size).
+    pub fn clients(&self) -> usize {
+        self.counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Drop for InflightSlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .shares
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.client) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.client);
+            }
         }
     }
 }
@@ -272,6 +349,56 @@ mod tests {
             budget.charge(client, "**.x.test", &n(&long_name), now),
             Err(BudgetExceeded::NameTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn a_client_gets_its_share_of_slots_and_others_keep_theirs() {
+        let shares = InflightShares::default();
+        let hog: IpAddr = "10.0.0.7".parse().unwrap();
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| shares.try_take(hog, 3).unwrap()).collect();
+        assert_eq!(shares.try_take(hog, 3).err(), Some(3));
+        assert!(shares.try_take(other, 3).is_ok());
+        // The share comes with each query: a reload that raises it lets the next one in.
+        let fourth = shares.try_take(hog, 4).unwrap();
+        assert_eq!(shares.count(hog), 4);
+        drop(fourth);
+        drop(held);
+        assert_eq!(shares.count(hog), 0);
+    }
+
+    #[test]
+    fn entries_leave_the_map_when_their_last_slot_is_released() {
+        let shares = InflightShares::default();
+        for i in 0..1000u32 {
+            let client = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let a = shares.try_take(client, 2).unwrap();
+            let b = shares.try_take(client, 2).unwrap();
+            assert_eq!(shares.try_take(client, 2).err(), Some(2));
+            drop(a);
+            assert_eq!(shares.clients(), 1);
+            drop(b);
+        }
+        assert_eq!(shares.clients(), 0);
+        // A share of 0 takes nothing and leaves nothing behind.
+        let client: IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(shares.try_take(client, 0).err(), Some(0));
+        assert_eq!(shares.clients(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_query_releases_its_slot() {
+        let shares = InflightShares::default();
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let query = async {
+            let _slot = shares.try_take(client, 1).unwrap();
+            std::future::pending::<()>().await;
+        };
+        // The query is abandoned mid-flight, as when a TCP client goes away.
+        let timed_out = tokio::time::timeout(Duration::from_millis(10), query).await;
+        assert!(timed_out.is_err());
+        assert_eq!(shares.clients(), 0);
+        assert!(shares.try_take(client, 1).is_ok());
     }
 
     #[test]

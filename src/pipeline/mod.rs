@@ -45,7 +45,7 @@ use admitted::{AdmittedIndex, Justification};
 use answer_filter::{AnswerContext, filter_answer};
 use decision::{Decision, DenyReason, decide, is_special_use, is_wildcard};
 use grants::{Grant, Grants};
-use limits::{RateLimiter, WildcardBudget};
+use limits::{InflightShares, RateLimiter, WildcardBudget};
 use request::Question;
 use upstream::Upstreams;
 
@@ -231,6 +231,9 @@ pub struct Pipeline {
     /// Queries waiting on an upstream or the firewall; beyond it new ones are refused at once
     /// rather than queued, so a flood costs memory in proportion to the limit, not the flood.
     in_flight: Semaphore,
+    /// Each client's share of `in_flight` (`limits.max_inflight_per_client`), keyed as the
+    /// budgets are, so one agent or one slow zone cannot take every slot.
+    in_flight_per_client: InflightShares,
 }
 
 impl Pipeline {
@@ -246,6 +249,7 @@ impl Pipeline {
             .saturating_mul(2);
         Pipeline {
             in_flight: Semaphore::new(policy.limits.max_inflight),
+            in_flight_per_client: InflightShares::default(),
             admitted: AdmittedIndex::new(max_addresses),
             current: ArcSwap::from_pointee(generation),
             upstreams,
@@ -366,6 +370,18 @@ impl Pipeline {
         let Ok(_in_flight) = self.in_flight.try_acquire() else {
             record.error = Some("too many queries in flight".to_owned());
             return refuse(record, DenyReason::RateLimit);
+        };
+        // Taken after the global permit, so the map of counts holds at most max_inflight
+        // clients; released when this future ends or is dropped.
+        let share = policy.limits.max_inflight_per_client;
+        let _client_slot = match self.in_flight_per_client.try_take(budget_key, share) {
+            Ok(slot) => slot,
+            Err(held) => {
+                record.error = Some(format!(
+                    "client has {held} queries in flight (limits.max_inflight_per_client {share})"
+                ));
+                return refuse(record, DenyReason::RateLimit);
+            }
         };
 
         // The upstream gets the name in lower case: the letter case a client chooses would

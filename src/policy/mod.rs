@@ -306,6 +306,14 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The default `max_inflight_per_client`: a quarter of `max_inflight`, at least 1 and at
+    /// most 64 (so the default 1,024 slots are shared by at least 16 busy clients).
+    pub fn default_inflight_share(max_inflight: usize) -> usize {
+        (max_inflight / 4).clamp(1, 64)
+    }
+}
+
 /// Limits on names that matched a wildcard rule, where the left labels are chosen by the
 /// client and can carry data out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -155,7 +155,7 @@ ttl: {min: 0, max: 5m, grace: 1h}
 deny_answers: [\"203.0.113.0/24\"]
 cname: strict
 https_hints: strip
-limits: {max_inflight: 10, client_qps: 0, client_burst: 0, tcp_connections: 3, tcp_idle_timeout: 2}
+limits: {max_inflight: 10, max_inflight_per_client: 4, client_qps: 0, client_burst: 0, tcp_connections: 3, tcp_idle_timeout: 2}
 exfiltration: {max_name_length: 253, max_label_length: 63, wildcard_names_per_minute: 0}
 ",
     );
@@ -180,7 +180,7 @@ exfiltration: {max_name_length: 253, max_label_length: 63, wildcard_names_per_mi
         p.limits,
         Limits {
             max_inflight: 10,
-            max_inflight_per_client: 10,
+            max_inflight_per_client: 4,
             client_qps: 0,
             client_burst: 0,
             tcp_connections: 3,
@@ -1059,13 +1059,16 @@ fn quota_and_inbound_keys_have_their_documented_defaults() {
     assert_eq!(p.firewall.max_elements_per_client, None);
     assert_eq!(p.firewall.elements_per_client(), 4096);
     assert_eq!(p.limits.max_inflight_per_client, 64);
-    // The default share of in-flight queries never exceeds the whole.
-    assert_eq!(
-        load("limits: {max_inflight: 10}\n")
+    // The default share of in-flight queries is a quarter of the whole (1..=64).
+    let share = |max: usize| {
+        load(&format!("limits: {{max_inflight: {max}}}\n"))
             .limits
-            .max_inflight_per_client,
-        10
-    );
+            .max_inflight_per_client
+    };
+    assert_eq!(share(10), 2);
+    assert_eq!(share(3), 1);
+    assert_eq!(share(1), 1);
+    assert_eq!(share(100_000), 64);
     // The default per-client set share follows set_size, never below one whole answer.
     let p = firewall_policy("  set_size: 160\n  per_client: true\n").unwrap();
     assert_eq!(p.firewall.elements_per_client(), 32);

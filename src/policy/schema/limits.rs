@@ -28,8 +28,7 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> Limits {
     {
         l.max_inflight = usize::try_from(n).unwrap_or(usize::MAX);
     }
-    // The default share never exceeds the whole.
-    l.max_inflight_per_client = l.max_inflight_per_client.min(l.max_inflight);
+    l.max_inflight_per_client = Limits::default_inflight_share(l.max_inflight);
     if let Some(n) = f
         .get("max_inflight_per_client")
         .and_then(|n| read::integer(r, n, "limits.max_inflight_per_client", 1, max))
