@@ -679,11 +679,12 @@ fn serve(
         let firewall = Firewall::install(&policy).map_err(|error| format!("firewall: {error}"))?;
         // One line a person sees even with logging turned down: this host's egress changed.
         eprintln!(
-            "dnsfence: firewall: table inet {table} installed, default drop on {hooks}: only \
-             addresses dnsfence answers are reachable (see `dnsfence firewall status`; remove \
-             with `dnsfence firewall remove --table {table}`)",
+            "dnsfence: firewall: table inet {table} installed, default drop on {hooks} for \
+             {contained}: only addresses dnsfence answers are reachable (see `dnsfence firewall \
+             status`; remove with `dnsfence firewall remove --table {table}`)",
             table = firewall.table(),
             hooks = firewall.drop_hooks().join(", "),
+            contained = firewall.contained(),
         );
         readiness.set_firewall_installed();
         Some(firewall)

@@ -1386,6 +1386,10 @@ fn first_run_says_what_it_closed_and_how_to_remove_it() {
         "{line}"
     );
     assert!(line.contains(&remove), "{line}");
+    assert!(
+        line.contains("everything on these hooks (no firewall.contain)"),
+        "the start line must say that everything is contained: {line}"
+    );
 
     assert_answer(
         &lab.a1().resolve("api.allowed.test", RecordType::A),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use dnsfence::policy::{
-    FirewallPolicy, Hook, Limits, Policy, TtlPolicy, firewall_problems, limits_problems,
+    Contain, FirewallPolicy, Hook, Limits, Policy, TtlPolicy, firewall_problems, limits_problems,
     ttl_problems,
 };
 
@@ -78,8 +78,48 @@ fn hooks() -> impl Strategy<Value = Vec<Hook>> {
     ]
 }
 
+/// `firewall.contain`: absent, or some of each selector, right and wrong ones (`*`, `..`, the
+/// whole address space, uid -1 written as 4294967295 is refused by the reader's range).
+fn contain() -> impl Strategy<Value = Option<Contain>> {
+    let pick = |items: &'static [&'static str]| {
+        prop::sample::subsequence(items.to_vec(), 0..=items.len())
+            .prop_map(|v| v.into_iter().map(str::to_owned).collect::<Vec<String>>())
+    };
+    let contain = (
+        prop::sample::subsequence(vec![0u32, 1000, 4_294_967_294], 0..=3),
+        prop::sample::subsequence(vec![100u32, 4242], 0..=2),
+        pick(&["system.slice/agent.service", "agents", "a/../b"]),
+        pick(&["veth*", "to-a1", "*", "a-name-too-long-for-linux"]),
+        pick(&["10.77.0.0/24", "fd77::/64", "0.0.0.0/0"]),
+    )
+        .prop_map(|(uids, gids, cgroups, interfaces, sources)| Contain {
+            uids,
+            gids,
+            cgroups,
+            interfaces,
+            sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+        });
+    prop_oneof![2 => Just(None), 3 => contain.prop_map(Some)]
+}
+
+fn contain_yaml(c: &Option<Contain>) -> String {
+    let Some(c) = c else {
+        return String::new();
+    };
+    let list = |items: Vec<String>| items.join(", ");
+    format!(
+        "  contain:\n    uids: [{}]\n    gids: [{}]\n    cgroups: [{}]\n    interfaces: [{}]\n    sources: [{}]\n",
+        list(c.uids.iter().map(u32::to_string).collect()),
+        list(c.gids.iter().map(u32::to_string).collect()),
+        list(c.cgroups.iter().map(|s| format!("{s:?}")).collect()),
+        list(c.interfaces.iter().map(|s| format!("{s:?}")).collect()),
+        list(c.sources.iter().map(|s| format!("\"{s}\"")).collect()),
+    )
+}
+
 #[derive(Debug, Clone)]
 struct Settings {
+    contain: Option<Contain>,
     table: String,
     hooks: Vec<Hook>,
     per_client: bool,
@@ -120,6 +160,7 @@ fn settings() -> impl Strategy<Value = Settings> {
             ),
             duration(10, 60_000),
         ),
+        contain(),
     )
         .prop_map(
             |(
@@ -133,7 +174,9 @@ fn settings() -> impl Strategy<Value = Settings> {
                     ttl,
                     upstream_timeout,
                 ),
+                contain,
             )| Settings {
+                contain,
                 table,
                 hooks,
                 per_client,
@@ -178,7 +221,7 @@ firewall:
   mark: {}
   max_addresses_per_answer: {}
   max_elements_per_client: {}
-",
+{}",
         ms(s.upstream_timeout),
         ms(s.ttl.0),
         ms(s.ttl.1),
@@ -195,6 +238,7 @@ firewall:
         s.mark,
         s.per_answer,
         s.per_client_share,
+        contain_yaml(&s.contain),
     )
 }
 
@@ -208,6 +252,7 @@ fn built(s: &Settings) -> (FirewallPolicy, Limits, TtlPolicy) {
         mark: u32::try_from(s.mark).unwrap(),
         max_addresses_per_answer: u32::try_from(s.per_answer).unwrap(),
         max_elements_per_client: Some(u32::try_from(s.per_client_share).unwrap()),
+        contain: s.contain.clone(),
         ..FirewallPolicy::default()
     };
     let limits = Limits {
@@ -250,6 +295,7 @@ proptest! {
                 prop_assert_eq!(policy.firewall.set_size, fw.set_size);
                 prop_assert_eq!(policy.firewall.max_addresses_per_answer, fw.max_addresses_per_answer);
                 prop_assert_eq!(policy.firewall.max_elements_per_client, fw.max_elements_per_client);
+                prop_assert_eq!(&policy.firewall.contain, &fw.contain);
                 prop_assert_eq!(policy.limits, limits);
                 prop_assert_eq!(policy.ttl, ttl);
                 let script = dnsfence::firewall::render_nft(policy);

@@ -140,6 +140,7 @@ pub struct Firewall {
     table: String,
     refresh: TimeoutRefresh,
     drop_hooks: Vec<&'static str>,
+    contained: String,
     on_exit: OnExit,
     per_client: bool,
     control: NfSocket,
@@ -172,7 +173,8 @@ pub fn admitted_lifetime(lifetime: Duration) -> Duration {
 /// `nft list table inet <table>`, for `dnsfence ruleset`. An invalid firewall policy renders
 /// as comments only, saying why.
 pub fn render_nft(policy: &Policy) -> String {
-    match Layout::from_policy(policy) {
+    // The text names cgroups by path; their ids are only looked up when installing.
+    match Layout::from_policy_with(policy, &|_| Ok(0)) {
         Ok(layout) => layout.render(),
         Err(why) => format!("# dnsfence: no ruleset: {why}\n"),
     }
@@ -332,10 +334,18 @@ impl Firewall {
             .filter(|c| c.policy() == ruleset::Verdict::Drop)
             .map(|c| c.hook.name())
             .collect();
+        let contained = match &fw.contain {
+            Some(c) => format!(
+                "the contained agents only ({}; firewall.contain)",
+                c.summary()
+            ),
+            None => "everything on these hooks (no firewall.contain)".to_string(),
+        };
         Ok(Firewall {
             table,
             refresh,
             drop_hooks,
+            contained,
             on_exit: fw.on_exit,
             per_client: fw.per_client,
             control,
@@ -360,6 +370,12 @@ impl Firewall {
     /// The hooks whose chains drop what no rule accepts, in the order they were installed.
     pub fn drop_hooks(&self) -> &[&'static str] {
         &self.drop_hooks
+    }
+
+    /// Who meets the default-drop rules, for the start-up line: the agents `firewall.contain`
+    /// names, or everything.
+    pub fn contained(&self) -> &str {
+        &self.contained
     }
 
     /// Whether [`Firewall::shutdown`] leaves the table in place (`on_exit: keep`).

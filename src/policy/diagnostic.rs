@@ -112,6 +112,11 @@ impl Report {
         self.warnings.push(d);
     }
 
+    /// How many errors so far (a reader compares before and after to know it reported one).
+    pub(crate) fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
     pub(crate) fn has_errors(&self) -> bool {
         !self.errors.is_empty()
     }

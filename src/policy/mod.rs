@@ -36,8 +36,9 @@ pub use lint::MULTI_TENANT_SUFFIXES;
 pub use matcher::{RuleSet, RuleSetError};
 pub use schema::check_table_name;
 pub use validate::{
-    MAX_ADDRESSES_PER_ANSWER, MAX_LIFETIME, Problem, firewall_problems, limits_problems,
-    ttl_problems, upstream_timeout_problems,
+    MAX_ADDRESSES_PER_ANSWER, MAX_CGROUP_DEPTH, MAX_LIFETIME, Problem, check_cgroup_path,
+    check_interface_name, firewall_problems, limits_problems, ttl_problems,
+    upstream_timeout_problems,
 };
 
 use std::net::{IpAddr, SocketAddr};
@@ -443,6 +444,58 @@ pub struct FirewallPolicy {
     /// one client cannot fill a set for the others; `None`: the default share. Use
     /// [`FirewallPolicy::elements_per_client`].
     pub max_elements_per_client: Option<u32>,
+    /// Who the firewall contains (`firewall.contain`); `None`: every process and every packet
+    /// the hooks see, as before `contain` existed.
+    pub contain: Option<Contain>,
+}
+
+/// `firewall.contain`: the agents. Only their traffic meets the default-drop rules; the rest
+/// passes to the host's own firewall untouched. Processes on this host are told apart by the
+/// owner of their socket (`uids`, `gids`, `cgroups`: the `output` hook), agents routed through
+/// this host by where their packets come from (`interfaces`, `sources`: `forward`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contain {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    /// cgroup v2 paths relative to the cgroup2 mount, without leading or trailing `/`
+    /// (`system.slice/agent.service`); a socket in the cgroup or below it is contained.
+    pub cgroups: Vec<String>,
+    /// Interface names, an optional trailing `*` matching every name with that prefix.
+    pub interfaces: Vec<String>,
+    pub sources: Vec<IpNet>,
+}
+
+impl Contain {
+    /// Names processes on this host (the `output` hook can match them).
+    pub fn names_local_processes(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty() || !self.cgroups.is_empty()
+    }
+
+    /// Names agents routed through this host (the `forward` hook can match them).
+    pub fn names_routed_agents(&self) -> bool {
+        !self.interfaces.is_empty() || !self.sources.is_empty()
+    }
+
+    /// One line for logs: `uids 1000,1001; interfaces veth*`.
+    pub fn summary(&self) -> String {
+        fn list<T: std::fmt::Display>(name: &str, items: &[T]) -> Option<String> {
+            (!items.is_empty()).then(|| {
+                let items: Vec<String> = items.iter().map(T::to_string).collect();
+                format!("{name} {}", items.join(","))
+            })
+        }
+        [
+            list("uids", &self.uids),
+            list("gids", &self.gids),
+            list("cgroups", &self.cgroups),
+            list("interfaces", &self.interfaces),
+            list("sources", &self.sources),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ")
+    }
 }
 
 impl FirewallPolicy {
@@ -493,6 +546,7 @@ impl Default for FirewallPolicy {
             inbound: Vec::new(),
             max_addresses_per_answer: 32,
             max_elements_per_client: None,
+            contain: None,
         }
     }
 }

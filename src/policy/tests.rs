@@ -1328,3 +1328,87 @@ fn tls_upstreams_name_their_certificate_and_the_ca_file_must_hold_one() {
     ));
     assert!(errs[0].contains("holds no PEM certificate"), "{errs:?}");
 }
+
+#[test]
+fn contain_reads_every_selector_and_defaults_to_everything() {
+    assert_eq!(load("").firewall.contain, None);
+    let p = firewall_policy(
+        "  hooks: [output, forward]\n  contain:\n    uids: [1000, 0]\n    gids: [100]\n    \
+         cgroups: [\"/system.slice/agent.service/\"]\n    interfaces: [veth*, br-agents]\n    \
+         sources: [10.77.0.0/24, \"fd77::/64\"]\n",
+    )
+    .unwrap();
+    let c = p.firewall.contain.unwrap();
+    assert_eq!(c.uids, [1000, 0]);
+    assert_eq!(c.gids, [100]);
+    assert_eq!(c.cgroups, ["system.slice/agent.service"]);
+    assert_eq!(c.interfaces, ["veth*", "br-agents"]);
+    assert_eq!(c.sources.len(), 2);
+    assert_eq!(
+        c.summary(),
+        "uids 1000,0; gids 100; cgroups system.slice/agent.service; interfaces veth*,br-agents; \
+         sources 10.77.0.0/24,fd77::/64"
+    );
+}
+
+#[test]
+fn contain_errors_name_file_line_and_column() {
+    for (section, expected) in [
+        (
+            "  contain: {uids: [1000, 1000]}\n",
+            "policy.yaml:4:26: firewall.contain.uids: 1000 is listed twice",
+        ),
+        (
+            "  contain: {uids: [-1]}\n",
+            "policy.yaml:4:20: firewall.contain.uids is -1, out of range; write a number from 0 to 4294967294",
+        ),
+        (
+            "  contain: {uids: [1], interfaces: [\"ve*th\"]}\n",
+            "policy.yaml:4:37: firewall.contain.interfaces: interface name \"ve*th\" contains '*'",
+        ),
+        (
+            "  contain: {uids: [1], interfaces: [\"*\"]}\n",
+            "policy.yaml:4:37: firewall.contain.interfaces: \"*\" matches every interface",
+        ),
+        (
+            "  contain: {uids: [1], interfaces: [\"a-very-long-interface\"]}\n",
+            "policy.yaml:4:37: firewall.contain.interfaces: interface name \"a-very-long-interface\" is longer than 15 bytes",
+        ),
+        (
+            "  contain: {cgroups: [\"a/../b\"]}\n",
+            "policy.yaml:4:23: firewall.contain.cgroups: cgroup \"a/../b\" has the component \"..\"",
+        ),
+        (
+            "  contain: {cgroups: [\"/\"]}\n",
+            "policy.yaml:4:23: firewall.contain.cgroups: cgroup \"/\" is the root cgroup",
+        ),
+        (
+            "  contain: {uids: [1], sources: [10.0.0.1/8]}\n",
+            "policy.yaml:4:34: firewall.contain.sources: \"10.0.0.1/8\" has host bits set",
+        ),
+        (
+            "  contain: {}\n",
+            "policy.yaml:4:12: firewall.contain names no one",
+        ),
+        (
+            "  contain: {interfaces: [veth*]}\n",
+            "policy.yaml:4:12: firewall.hooks has output, but firewall.contain names no process on this host",
+        ),
+        (
+            "  hooks: [forward]\n  contain: {uids: [1000]}\n",
+            "policy.yaml:5:12: firewall.hooks has forward, but firewall.contain names no routed agent",
+        ),
+        (
+            "  hooks: [forward]\n  contain: {sources: [0.0.0.0/0]}\n",
+            "policy.yaml:5:12: firewall.contain.sources \"0.0.0.0/0\" is every address",
+        ),
+        (
+            "  contain: {users: [1000]}\n",
+            "policy.yaml:4:13: unknown key \"users\" in firewall.contain",
+        ),
+    ] {
+        let errs = firewall_errors(section);
+        assert_eq!(errs.len(), 1, "{section}: {errs:#?}");
+        assert!(errs[0].starts_with(expected), "{section}\n{}", errs[0]);
+    }
+}

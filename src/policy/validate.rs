@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::schema::check_table_name;
-use super::{FirewallPolicy, Limits, TtlPolicy};
+use super::{Contain, FirewallPolicy, Hook, Limits, TtlPolicy};
 
 /// The longest lifetime an admitted address gets (`ttl.max + ttl.grace`). An element without
 /// a timeout would be permanent; a week is far beyond any useful DNS TTL.
@@ -31,6 +31,144 @@ pub const TCP_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
 /// The most addresses of one family an answer may have admitted: a DNS message over TCP holds
 /// at most about 4,096 A records, so nothing larger can ever matter.
 pub const MAX_ADDRESSES_PER_ANSWER: u32 = 4096;
+
+/// The deepest cgroup `firewall.contain.cgroups` may name (path components below the root).
+pub const MAX_CGROUP_DEPTH: usize = 32;
+/// The longest interface name Linux takes (`IFNAMSIZ` - 1).
+const MAX_IFNAME: usize = 15;
+
+/// The one rule for `firewall.contain.interfaces` entries: a Linux interface name (1 to 15
+/// bytes, no `/`, `:` or white space), or a prefix followed by one `*` (`veth*`).
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    let hint = "write an interface name such as \"eth1\", or a prefix and a trailing \"*\" \
+                such as \"veth*\"";
+    let stem = name.strip_suffix('*').unwrap_or(name);
+    if stem.is_empty() {
+        return Err(if name.is_empty() {
+            format!("an empty interface name; {hint}")
+        } else {
+            "\"*\" matches every interface, so it contains everything; remove \
+             firewall.contain to contain everything, or name the agents' interfaces"
+                .to_string()
+        });
+    }
+    if name.len() > MAX_IFNAME {
+        return Err(format!(
+            "interface name {name:?} is longer than {MAX_IFNAME} bytes, which Linux never \
+             names an interface; {hint}"
+        ));
+    }
+    let bad = stem.chars().find(|c| {
+        *c == '/' || *c == ':' || *c == '*' || *c == '"' || c.is_whitespace() || c.is_control()
+    });
+    if let Some(c) = bad {
+        return Err(format!(
+            "interface name {name:?} contains {c:?} (\"*\" only at the end, no \"/\", \":\", \
+             quote or space); {hint}"
+        ));
+    }
+    if stem == "." || stem == ".." {
+        return Err(format!("{name:?} is not an interface name; {hint}"));
+    }
+    Ok(())
+}
+
+/// The one rule for `firewall.contain.cgroups` entries: a cgroup v2 path below the root, as
+/// `/sys/fs/cgroup/<path>` would name it (`system.slice/agent.service`); returns it without
+/// leading or trailing `/`.
+pub fn check_cgroup_path(path: &str) -> Result<String, String> {
+    let hint = "write a cgroup v2 path below the root, such as \"system.slice/agent.service\"";
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!(
+            "cgroup {path:?} is the root cgroup, which holds every process: remove \
+             firewall.contain to contain everything, or {hint}"
+        ));
+    }
+    let parts: Vec<&str> = trimmed.split('/').collect();
+    if let Some(bad) = parts
+        .iter()
+        .find(|p| p.is_empty() || **p == "." || **p == ".." || p.contains(['\0', '"', '\n']))
+    {
+        return Err(format!(
+            "cgroup {path:?} has the component {bad:?} (empty, \".\", \"..\", a quote or \
+             a control character); {hint}"
+        ));
+    }
+    if parts.len() > MAX_CGROUP_DEPTH {
+        return Err(format!(
+            "cgroup {path:?} is {} levels deep, more than {MAX_CGROUP_DEPTH}; {hint}",
+            parts.len()
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Every problem of `firewall.contain` (empty when it is absent).
+fn contain_problems(fw: &FirewallPolicy, out: &mut Vec<Problem>) {
+    let Some(c): Option<&Contain> = fw.contain.as_ref() else {
+        return;
+    };
+    let key = "firewall.contain";
+    if !c.names_local_processes() && !c.names_routed_agents() {
+        out.push(problem(
+            key,
+            "firewall.contain names no one, so nothing would be filtered; list the agents \
+             (uids, gids, cgroups, interfaces or sources), or remove firewall.contain to \
+             contain everything",
+        ));
+        return;
+    }
+    if fw.hooks.contains(&Hook::Output) && !c.names_local_processes() {
+        out.push(problem(
+            key,
+            "firewall.hooks has output, but firewall.contain names no process on this host \
+             (interfaces and sources only match routed traffic), so the output hook would \
+             contain nothing; add uids, gids or cgroups, or remove output from hooks",
+        ));
+    }
+    if fw.hooks.contains(&Hook::Forward) && !c.names_routed_agents() {
+        out.push(problem(
+            key,
+            "firewall.hooks has forward, but firewall.contain names no routed agent (uids, \
+             gids and cgroups only match processes on this host), so the forward hook would \
+             contain nothing; add interfaces or sources, or remove forward from hooks",
+        ));
+    }
+    for name in &c.interfaces {
+        if let Err(e) = check_interface_name(name) {
+            out.push(problem(key, format!("firewall.contain.interfaces: {e}")));
+        }
+    }
+    for path in &c.cgroups {
+        match check_cgroup_path(path) {
+            Ok(p) if p == *path => {}
+            Ok(p) => out.push(problem(
+                key,
+                format!("firewall.contain.cgroups: write {path:?} as {p:?}"),
+            )),
+            Err(e) => out.push(problem(key, format!("firewall.contain.cgroups: {e}"))),
+        }
+    }
+    if c.uids.contains(&u32::MAX) || c.gids.contains(&u32::MAX) {
+        out.push(problem(
+            key,
+            "firewall.contain: 4294967295 is (uid_t)-1, which no socket is owned by; write a \
+             real uid or gid",
+        ));
+    }
+    for net in &c.sources {
+        if net.prefix_len() == 0 {
+            out.push(problem(
+                key,
+                format!(
+                    "firewall.contain.sources \"{net}\" is every address of its family, so \
+                     it contains everything routed; name the agents' networks"
+                ),
+            ));
+        }
+    }
+}
 
 /// One thing wrong with a built policy: the key it concerns (`firewall.set_size`) and a
 /// message that reads "what is wrong; what would be right".
@@ -82,6 +220,7 @@ pub fn firewall_problems(fw: &FirewallPolicy) -> Vec<Problem> {
              apart; write a nonzero 32-bit number such as 0x0d5f",
         ));
     }
+    contain_problems(fw, &mut out);
     let per_answer = fw.max_addresses_per_answer;
     if per_answer == 0 || per_answer > MAX_ADDRESSES_PER_ANSWER {
         out.push(problem(

@@ -29,6 +29,10 @@ const NFTA_LIMIT_TYPE: u16 = 4;
 const NFTA_LIMIT_FLAGS: u16 = 5;
 const NFT_LIMIT_PKTS: u32 = 0;
 const NFTA_LOG_PREFIX: u16 = 2;
+const NFTA_SOCKET_KEY: u16 = 1;
+const NFTA_SOCKET_DREG: u16 = 2;
+const NFTA_SOCKET_LEVEL: u16 = 3;
+const NFT_SOCKET_CGROUPV2: u32 = 3;
 
 fn be32(v: u32) -> Vec<u8> {
     v.to_be_bytes().to_vec()
@@ -49,6 +53,9 @@ fn meta_key(k: MetaKey) -> nft::MetaKey {
         MetaKey::NfProto => nft::MetaKey::Nfproto,
         MetaKey::L4Proto => nft::MetaKey::L4Proto,
         MetaKey::SkUid => nft::MetaKey::SocketUserId,
+        MetaKey::SkGid => nft::MetaKey::SocketGroupId,
+        MetaKey::IifName => nft::MetaKey::Iifname,
+        MetaKey::OifName => nft::MetaKey::Oifname,
     }
 }
 
@@ -103,6 +110,14 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
             vec![
                 DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_DIRECTION)),
                 DefaultNla::new(NFTA_CT_DREG, be32(1)),
+            ],
+        ),
+        Expr::SocketCgroupV2 { level } => raw(
+            "socket",
+            vec![
+                DefaultNla::new(NFTA_SOCKET_KEY, be32(NFT_SOCKET_CGROUPV2)),
+                DefaultNla::new(NFTA_SOCKET_DREG, be32(1)),
+                DefaultNla::new(NFTA_SOCKET_LEVEL, be32(*level)),
             ],
         ),
         Expr::FibSaddrIifOifPresent => raw(

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use super::contain::{CgroupResolver, Contained, cgroup_id};
 use super::keys::normalize_ip;
 use super::model::{
     Chain, ChainHook, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef, Verdict,
@@ -19,7 +20,7 @@ use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 
 /// Truncates host bits and turns an IPv4-mapped prefix (at least /96) into its IPv4 prefix.
-fn normalize_net(net: IpNet) -> IpNet {
+pub(super) fn normalize_net(net: IpNet) -> IpNet {
     let net = net.trunc();
     if let IpNet::V6(v6) = net
         && let Some(v4) = v6.addr().to_ipv4_mapped()
@@ -81,11 +82,17 @@ struct Parts {
     cidrs: Vec<IpNet>,
     /// Ports that outside hosts may open connections to, on sockets of any user.
     inbound: Vec<(Proto, u16)>,
+    /// `firewall.contain`; `None`: everything is contained.
+    contain: Option<Contained>,
 }
 
 impl Parts {
-    fn of(policy: &Policy) -> Parts {
+    fn of(policy: &Policy, resolve: CgroupResolver<'_>) -> Result<Parts, String> {
         let fw = &policy.firewall;
+        let contain = match &fw.contain {
+            Some(c) => Some(Contained::of(c, resolve)?),
+            None => None,
+        };
         let listens = policy
             .listen
             .iter()
@@ -105,7 +112,8 @@ impl Parts {
                 cidrs.push(net);
             }
         }
-        Parts {
+        Ok(Parts {
+            contain,
             mark: fw.mark,
             per_client: fw.per_client,
             log_denied: fw.log_denied,
@@ -123,7 +131,24 @@ impl Parts {
                     (proto, i.port)
                 })
                 .collect(),
-        }
+        })
+    }
+
+    /// The gate of `output`: what no contained process sent passes untouched.
+    fn local_gate(&self) -> Vec<Rule> {
+        self.contain
+            .as_ref()
+            .and_then(Contained::local_gate)
+            .into_iter()
+            .collect()
+    }
+
+    /// The gate of the routed chains (`both_ways` in `forward`).
+    fn routed_gate(&self, both_ways: bool) -> Vec<Rule> {
+        self.contain
+            .as_ref()
+            .map(|c| c.routed_gate(both_ways))
+            .unwrap_or_default()
     }
 
     /// dnsfence's own marked queries to an upstream address and port.
@@ -259,12 +284,12 @@ impl Parts {
     /// The source check on every packet before anything else sees it (`prerouting`, priority
     /// raw: before conntrack, routing and any local socket).
     fn prerouting_chain(&self) -> Chain {
+        let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
+        rules.extend(self.routed_gate(false));
+        rules.push(rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop));
         Chain {
             hook: ChainHook::Prerouting,
-            rules: vec![
-                rule(vec![Match::IifLo], Verdict::Accept),
-                rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop),
-            ],
+            rules,
         }
     }
 
@@ -302,7 +327,8 @@ impl Parts {
 
     /// Agents on this host.
     fn output_chain(&self) -> Chain {
-        let mut rules = self.upstream_accept();
+        let mut rules = self.local_gate();
+        rules.extend(self.upstream_accept());
         rules.extend(self.upstream_drop());
         // DNS to dnsfence's own listen addresses (locally destined packets leave through lo),
         // then no other DNS anywhere: on loopback not even to the listen ports (a local stub
@@ -337,6 +363,7 @@ impl Parts {
     /// The gateway itself, when agents are routed through it.
     fn input_chain(&self) -> Chain {
         let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
+        rules.extend(self.routed_gate(false));
         rules.extend(self.listen_accept(true));
         rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.push(Self::established());
@@ -350,7 +377,8 @@ impl Parts {
 
     /// Agents in namespaces or containers routed through this host.
     fn forward_chain(&self) -> Chain {
-        let mut rules = self.upstream_drop();
+        let mut rules = self.routed_gate(true);
+        rules.extend(self.upstream_drop());
         rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.extend(Self::neighbour_discovery_drop());
         rules.push(Self::established());
@@ -365,11 +393,21 @@ impl Parts {
 }
 
 impl Layout {
-    /// Validates the firewall part of `policy` and builds the layout.
+    /// Validates the firewall part of `policy` and builds the layout, looking up the ids of
+    /// the cgroups it contains (a missing cgroup is an error).
     pub(crate) fn from_policy(policy: &Policy) -> Result<Layout, String> {
+        Layout::from_policy_with(policy, &cgroup_id)
+    }
+
+    /// [`Layout::from_policy`] with another way to find cgroup ids (rendering text needs
+    /// none: it shows the paths).
+    pub(crate) fn from_policy_with(
+        policy: &Policy,
+        resolve: CgroupResolver<'_>,
+    ) -> Result<Layout, String> {
         let fw: &FirewallPolicy = &policy.firewall;
         validate(fw)?;
-        let parts = Parts::of(policy);
+        let parts = Parts::of(policy, resolve)?;
         let mut chains = Vec::new();
         let forward = fw.hooks.contains(&Hook::Forward);
         // Packets from other hosts reach dnsfence (or are routed by this host): check every

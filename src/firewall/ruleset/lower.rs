@@ -37,6 +37,9 @@ pub(crate) enum MetaKey {
     NfProto,
     L4Proto,
     SkUid,
+    SkGid,
+    IifName,
+    OifName,
 }
 
 /// `payload` bases (`enum nft_payload_bases`).
@@ -78,6 +81,8 @@ pub(crate) enum Expr {
     CtState,
     /// `[ ct load direction => reg 1 ]`
     CtDirection,
+    /// `[ socket load cgroupv2 => reg 1 , level N ]`
+    SocketCgroupV2 { level: u32 },
     /// `[ fib saddr . iif oif present => reg 1 ]`
     FibSaddrIifOifPresent,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
@@ -86,6 +91,49 @@ pub(crate) enum Expr {
     Log { prefix: &'static str },
     /// `[ immediate reg 0 accept|drop ]`
     Verdict(Verdict),
+}
+
+fn cmp_neq(data: impl Into<Vec<u8>>) -> Expr {
+    Expr::Cmp {
+        neq: true,
+        data: data.into(),
+    }
+}
+
+/// An interface name as `meta iifname` compares it: the whole `IFNAMSIZ` (16) bytes padded
+/// with NUL, or for `prefix*` only the prefix's bytes.
+fn ifname_data(name: &str) -> Vec<u8> {
+    match name.strip_suffix('*') {
+        Some(prefix) => prefix.as_bytes().to_vec(),
+        None => {
+            let mut data = name.as_bytes().to_vec();
+            data.resize(16, 0);
+            data
+        }
+    }
+}
+
+/// An address or prefix compared for (in)equality, as nft encodes it: the prefix bytes only
+/// when the prefix is byte-aligned, else the whole address masked.
+fn net_cmp(out: &mut Vec<Expr>, offset: u32, net: &IpNet, neq: bool) {
+    let f = Family::of(net.addr());
+    let prefix = u32::from(net.prefix_len());
+    if prefix > 0 && prefix % 8 == 0 {
+        let len = prefix / 8;
+        out.push(network(offset, len, REG1));
+        let mut data = octets(net.addr());
+        data.truncate(len as usize);
+        out.push(Expr::Cmp { neq, data });
+    } else {
+        out.push(network(offset, f.addr_len(), REG1));
+        let mask = mask_octets(net);
+        let xor = vec![0; mask.len()];
+        out.push(Expr::Bitwise { mask, xor });
+        out.push(Expr::Cmp {
+            neq,
+            data: octets(net.network()),
+        });
+    }
 }
 
 fn cmp_eq(data: impl Into<Vec<u8>>) -> Expr {
@@ -154,25 +202,43 @@ impl Match {
             Match::NfProto(f) => {
                 out.push(meta(MetaKey::NfProto));
                 out.push(cmp_eq([f.nfproto()]));
+                // nft counts an explicit family check as the dependency of later addresses.
+                *known = Some(*f);
             }
             Match::Daddr(net) => {
                 let f = Family::of(net.addr());
                 depend(out, known, f);
-                let prefix = u32::from(net.prefix_len());
-                if prefix > 0 && prefix % 8 == 0 {
-                    // nft loads just the prefix bytes when the prefix is byte-aligned.
-                    let len = prefix / 8;
-                    out.push(network(f.daddr_offset(), len, REG1));
-                    let mut data = octets(net.addr());
-                    data.truncate(len as usize);
-                    out.push(cmp_eq(data));
-                } else {
-                    out.push(network(f.daddr_offset(), f.addr_len(), REG1));
-                    let mask = mask_octets(net);
-                    let xor = vec![0; mask.len()];
-                    out.push(Expr::Bitwise { mask, xor });
-                    out.push(cmp_eq(octets(net.network())));
-                }
+                net_cmp(out, f.daddr_offset(), net, false);
+            }
+            Match::SaddrNotIn(net) => {
+                let f = Family::of(net.addr());
+                depend(out, known, f);
+                net_cmp(out, f.saddr_offset(), net, true);
+            }
+            Match::DaddrNotIn(net) => {
+                let f = Family::of(net.addr());
+                depend(out, known, f);
+                net_cmp(out, f.daddr_offset(), net, true);
+            }
+            Match::SkUidNot(u) => {
+                out.push(meta(MetaKey::SkUid));
+                out.push(cmp_neq(u.to_ne_bytes()));
+            }
+            Match::SkGidNot(g) => {
+                out.push(meta(MetaKey::SkGid));
+                out.push(cmp_neq(g.to_ne_bytes()));
+            }
+            Match::CgroupNot { level, id, .. } => {
+                out.push(Expr::SocketCgroupV2 { level: *level });
+                out.push(cmp_neq(id.to_ne_bytes()));
+            }
+            Match::IifNameNot(name) => {
+                out.push(meta(MetaKey::IifName));
+                out.push(cmp_neq(ifname_data(name)));
+            }
+            Match::OifNameNot(name) => {
+                out.push(meta(MetaKey::OifName));
+                out.push(cmp_neq(ifname_data(name)));
             }
             Match::Saddr(ip) => {
                 let f = Family::of(*ip);

@@ -11,7 +11,8 @@
 //!   The netlink module only serialises these.
 //!
 //! Parts, one concern each: `model` (the IR: families, matches, rules, chains, sets),
-//! `build` (validation and one builder per base chain), `text` (nft text), `lower` (netlink
+//! `build` (validation and one builder per base chain), `contain` (the gate that hands
+//! everything but the agents' traffic on to the host's own rules), `text` (nft text), `lower` (netlink
 //! expressions) and `keys` (the byte keys of set elements).
 //!
 //! Both renderings come from one value, so what is reviewed and what is installed cannot drift;
@@ -19,6 +20,11 @@
 //! installing through netlink in another, and comparing the kernel's bytecode of both.
 //!
 //! # Why the rules are in this order
+//!
+//! With `firewall.contain`, each chain first accepts what is not an agent's (see `contain`:
+//! on `output` the socket's owner, on the other chains the interface and address; after
+//! `iif "lo" accept` where that comes first). Everything below applies to the agents' packets
+//! only; without `contain`, to every packet the hook sees.
 //!
 //! The `prerouting` chain (priority `raw`, policy accept; present with `forward`, or when
 //! dnsfence listens on a non-loopback address) sees every packet that enters the host before
@@ -83,6 +89,7 @@
 //! and loading an IPv4 address from an IPv6 header would compare garbage.
 
 mod build;
+mod contain;
 mod keys;
 mod lower;
 mod model;

@@ -203,6 +203,22 @@ pub(crate) enum Match {
     CtDirectionReply,
     /// `meta skuid != 0`: sent by a socket of a user other than root.
     SkUidNotRoot,
+    /// `meta skuid != U`: a socket of another user (or none: the match then fails).
+    SkUidNot(u32),
+    /// `meta skgid != G`
+    SkGidNot(u32),
+    /// `socket cgroupv2 level N != "path"`: a socket outside the cgroup (and below it). The
+    /// kernel compares the cgroup's id, the inode number of its directory, which is looked up
+    /// when the rule is built (`id`); the path is for people.
+    CgroupNot { level: u32, path: String, id: u64 },
+    /// `iifname != "name"`, or a prefix with `*`.
+    IifNameNot(String),
+    /// `oifname != "name"`, or a prefix with `*`.
+    OifNameNot(String),
+    /// `ip saddr != …` / `ip6 saddr != …`, an address or a prefix.
+    SaddrNotIn(IpNet),
+    /// `ip daddr != …` / `ip6 daddr != …`
+    DaddrNotIn(IpNet),
     /// `limit rate N/second`
     Limit,
     /// `log prefix "…"`

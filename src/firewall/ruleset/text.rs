@@ -91,6 +91,21 @@ impl Match {
             Match::HopLimit255 => "ip6 hoplimit 255".to_string(),
             Match::CtDirectionReply => "ct direction reply".to_string(),
             Match::SkUidNotRoot => "meta skuid != 0".to_string(),
+            Match::SkUidNot(u) => format!("meta skuid != {u}"),
+            Match::SkGidNot(g) => format!("meta skgid != {g}"),
+            Match::CgroupNot { level, path, .. } => {
+                format!("socket cgroupv2 level {level} != \"{path}\"")
+            }
+            Match::IifNameNot(name) => format!("iifname != \"{name}\""),
+            Match::OifNameNot(name) => format!("oifname != \"{name}\""),
+            Match::SaddrNotIn(net) => {
+                let f = Family::of(net.addr());
+                format!("{} saddr != {}", f.header(), addr_text(net))
+            }
+            Match::DaddrNotIn(net) => {
+                let f = Family::of(net.addr());
+                format!("{} daddr != {}", f.header(), addr_text(net))
+            }
             Match::Limit => format!("limit rate {LOG_RATE_PER_SECOND}/second"),
             Match::Log => format!("log prefix \"{LOG_PREFIX}\""),
         }

@@ -7,7 +7,7 @@ use super::super::lint;
 use super::super::raw::{Node, Value};
 use super::super::read;
 use super::super::validate;
-use super::super::{FirewallPolicy, Hook, InboundPort, OnExit, Transport};
+use super::super::{Contain, FirewallPolicy, Hook, InboundPort, OnExit, Transport};
 
 const FIREWALL_KEYS: &[&str] = &[
     "enabled",
@@ -22,7 +22,10 @@ const FIREWALL_KEYS: &[&str] = &[
     "inbound",
     "max_addresses_per_answer",
     "max_elements_per_client",
+    "contain",
 ];
+
+const CONTAIN_KEYS: &[&str] = &["uids", "gids", "cgroups", "interfaces", "sources"];
 
 /// The longest nftables table name a policy may use. The kernel takes longer ones, but the
 /// ruleset derives chain and set names from it and prints it for `nft`; 32 keeps all of that
@@ -153,8 +156,126 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
             );
         }
     }
+    if let Some(node) = f.get("contain") {
+        fw.contain = contain(r, node);
+    }
     super::report(r, &f, validate::firewall_problems(&fw));
     fw
+}
+
+/// `firewall.contain`: each entry checked where it is written; what concerns the whole (no
+/// one named, a hook with nothing to match) is `validate`'s, reported at `contain`. After an
+/// entry's error it is `None`, so the whole is not judged on what is left.
+fn contain(r: &mut Report, node: &Node) -> Option<Contain> {
+    let errors_before = r.error_count();
+    let c = contain_entries(r, node)?;
+    (r.error_count() == errors_before).then_some(c)
+}
+
+fn contain_entries(r: &mut Report, node: &Node) -> Option<Contain> {
+    let f = read::fields(r, node, "firewall.contain", CONTAIN_KEYS)?;
+    let mut c = Contain::default();
+    if let Some(n) = f.get("uids") {
+        c.uids = ids(r, n, "firewall.contain.uids");
+    }
+    if let Some(n) = f.get("gids") {
+        c.gids = ids(r, n, "firewall.contain.gids");
+    }
+    if let Some(n) = f.get("cgroups") {
+        c.cgroups = texts(
+            r,
+            n,
+            "firewall.contain.cgroups",
+            validate::check_cgroup_path,
+        );
+    }
+    if let Some(n) = f.get("interfaces") {
+        c.interfaces = texts(r, n, "firewall.contain.interfaces", |t| {
+            validate::check_interface_name(t).map(|()| t.to_string())
+        });
+    }
+    if let Some(n) = f.get("sources") {
+        let mut seen: HashMap<ipnet::IpNet, Pos> = HashMap::new();
+        for (pos, net) in read::cidrs(r, n, "firewall.contain.sources") {
+            if let Some(first) = seen.insert(net, pos) {
+                r.error(
+                    pos,
+                    format!(
+                        "firewall.contain.sources: \"{net}\" is listed twice (also on line {}); \
+                         remove one",
+                        first.line
+                    ),
+                );
+            } else {
+                c.sources.push(net);
+            }
+        }
+    }
+    Some(c)
+}
+
+/// A list of uids or gids (0 to 4294967294), each once.
+fn ids(r: &mut Report, node: &Node, what: &str) -> Vec<u32> {
+    let Some(items) = read::list(r, node, what) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut seen: HashMap<u32, Pos> = HashMap::new();
+    for item in items {
+        let Some(n) = read::integer(r, item, what, 0, u64::from(u32::MAX - 1)) else {
+            continue;
+        };
+        let Ok(id) = u32::try_from(n) else { continue };
+        if let Some(first) = seen.insert(id, item.pos) {
+            r.error(
+                item.pos,
+                format!(
+                    "{what}: {id} is listed twice (also on line {}); remove one",
+                    first.line
+                ),
+            );
+        } else {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// A list of strings, each checked (and normalized) by `check`, each once.
+fn texts(
+    r: &mut Report,
+    node: &Node,
+    what: &str,
+    check: impl Fn(&str) -> Result<String, String>,
+) -> Vec<String> {
+    let Some(items) = read::list(r, node, what) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    for item in items {
+        let Some(text) = read::text(r, item, what) else {
+            continue;
+        };
+        match check(text) {
+            Err(e) => r.error(item.pos, format!("{what}: {e}")),
+            Ok(value) => {
+                if let Some(first) = seen.insert(value.clone(), item.pos) {
+                    r.error(
+                        item.pos,
+                        format!(
+                            "{what}: {} is listed twice (also on line {}); remove one",
+                            quote(text),
+                            first.line
+                        ),
+                    );
+                } else {
+                    out.push(value);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `firewall.inbound`: ports outside hosts may open connections to, as `"8080/tcp"`.
