@@ -8,7 +8,7 @@ mod common;
 
 use std::io::ErrorKind;
 use std::io::Read as _;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
@@ -678,4 +678,108 @@ fn a_client_beyond_its_share_of_queries_in_flight_is_refused_and_another_is_answ
     // With its queries answered, agent1 has its share back.
     let again = lab.a1().resolve("n3.slow.test", RecordType::A);
     assert_eq!(addresses(&again), ["198.51.100.13"], "{again:?}");
+}
+
+/// The DNS-over-TLS upstream of the test below, in a namespace of its own behind `inet` (every
+/// address of `inet` already has the lab's echo service on TCP 853).
+const DOT_UPSTREAM: &str = "192.0.2.53:853";
+
+/// A host at 192.0.2.53 behind `inet`, serving DNS over TLS on port 853 with a certificate
+/// for `dns.test` from a test CA; returns the namespace, the server and the CA in PEM.
+fn dot_upstream(lab: &Lab) -> (Netns, common::Upstream, String) {
+    let dot = Netns::create(&lab.gw.name().replace("-gw", "-dot"));
+    dot.sysctl("net.ipv6.conf.all.accept_dad", "0");
+    lab.inet.sysctl("net.ipv4.ip_forward", "1");
+    lab.inet.ip(&[
+        "link",
+        "add",
+        "to-dot",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "to-inet",
+        "netns",
+        dot.name(),
+    ]);
+    lab.inet
+        .ip(&["addr", "add", "192.0.2.9/30", "dev", "to-dot"]);
+    lab.inet.ip(&["link", "set", "to-dot", "up"]);
+    lab.inet.ip(&[
+        "route",
+        "add",
+        "192.0.2.53/32",
+        "via",
+        "192.0.2.10",
+        "dev",
+        "to-dot",
+    ]);
+    dot.ip(&["addr", "add", "192.0.2.10/30", "dev", "to-inet"]);
+    dot.ip(&["addr", "add", "192.0.2.53/32", "dev", "lo"]);
+    dot.ip(&["link", "set", "to-inet", "up"]);
+    dot.ip(&["route", "add", "default", "via", "192.0.2.9"]);
+    let (ca_pem, config) = common::upstream::tls_server("dns.test");
+    let server = dot.run(move || {
+        let upstream = common::Upstream::start_at(sa("192.0.2.53", 53));
+        upstream.serve_tls_at(DOT_UPSTREAM.parse().unwrap(), config);
+        upstream
+    });
+    (dot, server, ca_pem)
+}
+
+#[test]
+fn a_tls_upstream_passes_the_ruleset_while_the_agents_own_dot_to_it_is_dropped() {
+    if !require_root("a_tls_upstream_passes_the_ruleset_while_the_agents_own_dot_to_it_is_dropped")
+    {
+        return;
+    }
+    let lab = Lab::new("dotup");
+    let (_dot, server, ca_pem) = dot_upstream(&lab);
+    server.a("api.allowed.test", "198.51.100.10", 300);
+    let dot: SocketAddr = DOT_UPSTREAM.parse().unwrap();
+    // Control, before any ruleset: agent1 and the gateway reach the DoT server themselves.
+    assert_eq!(lab.a1().probe(dot, CONNECT_OK), Reach::Connected);
+    assert_eq!(lab.gw_host().probe(dot, CONNECT_OK), Reach::Connected);
+    server.clear_seen();
+
+    let ca_path = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let yaml = policy(&lab, &["api.allowed.test"]).replace(
+        &format!("upstreams: [\"{}\"]\n", addr::UPSTREAM),
+        &format!(
+            "upstreams: [\"tls://{DOT_UPSTREAM}#dns.test\"]\nupstream_tls_ca: \"{}\"\n",
+            ca_path.display()
+        ),
+    );
+    assert!(yaml.contains("tls://"), "{yaml}");
+    lab.start_fence(&yaml);
+
+    // dnsfence's own DoT connection (marked) passes the "DoT to anyone" drop: answered over TLS.
+    let reply = lab.a1().resolve("api.allowed.test", RecordType::A);
+    assert_eq!(addresses(&reply), ["198.51.100.10"], "{reply:?}");
+    let seen = server.seen();
+    assert!(!seen.is_empty() && seen.iter().all(|q| q.tcp), "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|q| q.peer.ip() == IpAddr::from(addr::GW_INET4)),
+        "the questions came from the gateway: {seen:?}"
+    );
+    // The answer's address is admitted and reachable; an address nobody answered is not.
+    assert_eq!(
+        lab.a1().probe(sa("198.51.100.10", 80), CONNECT_OK),
+        Reach::Connected
+    );
+    assert!(
+        lab.a1()
+            .probe(sa("198.51.100.20", 80), BLOCKED_AFTER)
+            .is_blocked()
+    );
+    // The agent's own port-853 connection to the same upstream is dropped, routed (agent1)
+    // and from the gateway host without dnsfence's mark; the server saw nothing of them.
+    server.clear_seen();
+    assert!(lab.a1().probe(dot, BLOCKED_AFTER).is_blocked());
+    assert!(lab.gw_host().probe(dot, BLOCKED_AFTER).is_blocked());
+    // And dnsfence still asks over its kept-alive connection.
+    let reply = lab.a1().resolve("api.allowed.test", RecordType::A);
+    assert_eq!(addresses(&reply), ["198.51.100.10"], "{reply:?}");
 }

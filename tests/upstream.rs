@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::upstream::SeenQuery;
+use common::upstream::{SeenQuery, tls_server};
 use common::*;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -483,31 +483,6 @@ fn a_tcp_upstream_gets_pipelined_questions_on_one_connection() {
     assert!(seen.iter().all(|q| q.tcp), "UDP used: {seen:?}");
     assert_eq!(seen.len(), 10, "one query per question: {seen:?}");
     assert!(connections.len() <= 2, "{connections:?}");
-}
-
-/// A test CA, and a server certificate for `name` it signed: (CA PEM, TLS server config).
-fn tls_server(name: &str) -> (String, std::sync::Arc<rustls::ServerConfig>) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "dnsfence test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![name.to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-    (ca.pem(), std::sync::Arc::new(config))
 }
 
 /// A `tls://` upstream: answers come over TLS from a server whose certificate carries the name

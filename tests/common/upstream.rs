@@ -237,7 +237,14 @@ impl Upstream {
     /// Serves the same zone over DNS over TLS with `config`, on a new loopback port; queries
     /// are recorded as TCP ones. Each connection is served by a thread, queries in order.
     pub fn serve_tls(&self, config: Arc<rustls::ServerConfig>) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tls listener");
+        self.serve_tls_at("127.0.0.1:0".parse().unwrap(), config)
+    }
+
+    /// Like [`serve_tls`](Self::serve_tls) on `addr` (bound in the calling thread's network
+    /// namespace).
+    pub fn serve_tls_at(&self, addr: SocketAddr, config: Arc<rustls::ServerConfig>) -> SocketAddr {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tls listener {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let (zone, seen, behaviour, stop) = self.shared();
@@ -535,4 +542,29 @@ fn respond(
         bytes = truncated.to_vec().ok()?;
     }
     Some(bytes)
+}
+
+/// A test CA, and a server certificate for `name` it signed: (CA PEM, TLS server config).
+pub fn tls_server(name: &str) -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "dnsfence test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (ca.pem(), Arc::new(config))
 }
