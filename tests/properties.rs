@@ -189,6 +189,7 @@ fn random_names_reach_the_upstream_only_when_the_reference_matcher_allows_them()
         ..Config::default()
     });
     let sent_all = std::sync::Mutex::new(HashSet::<Vec<Vec<u8>>>::new());
+    let allowed_sent = std::sync::Mutex::new(HashSet::<Vec<Vec<u8>>>::new());
     let counter = std::sync::atomic::AtomicU16::new(0);
     let allowed_cases = std::sync::atomic::AtomicUsize::new(0);
     let parseable_cases = std::sync::atomic::AtomicUsize::new(0);
@@ -220,15 +221,25 @@ fn random_names_reach_the_upstream_only_when_the_reference_matcher_allows_them()
                 allowed_cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
 
-            // Whatever reached the upstream is the name sent, and an allowed one.
+            // Whatever reached the upstream is the name sent, and an allowed one. On a loaded
+            // machine a retransmit of an earlier allowed case can reach the upstream after that
+            // case was answered (and after clear_seen): such a name was allowed then and is not
+            // a leak; a name never allowed is one.
+            if allowed {
+                allowed_sent.lock().unwrap().insert(lower(&labels));
+            }
             let seen = upstream.seen();
-            prop_assert!(seen.len() <= 1, "{seen:?}");
+            let mut seen_current = 0;
             for q in &seen {
-                prop_assert_eq!(
-                    lower(&q.labels),
-                    lower(&labels),
-                    "the upstream saw another name"
-                );
+                if lower(&q.labels) != lower(&labels) {
+                    prop_assert!(
+                        allowed_sent.lock().unwrap().contains(&lower(&q.labels)),
+                        "the upstream saw a name that no allowed case sent: {:?}",
+                        q.name
+                    );
+                    continue;
+                }
+                seen_current += 1;
                 prop_assert_eq!(u16::from(q.qtype), qtype);
                 prop_assert!(
                     allowed,
@@ -237,6 +248,8 @@ fn random_names_reach_the_upstream_only_when_the_reference_matcher_allows_them()
                     qtype
                 );
             }
+            // The first send and, under load, its retransmits (same ID, same case).
+            prop_assert!(seen_current <= 3, "{seen:?}");
             if allowed {
                 // Forwarded (or answered from the cache of an earlier, differently cased query):
                 // the upstream's NXDOMAIN with its SOA.
