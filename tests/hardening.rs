@@ -1608,7 +1608,11 @@ fn misbehaving_upstreams_give_servfail_within_the_bound() {
                         let took = started.elapsed();
                         if reply.metadata.response_code != ResponseCode::ServFail
                             || !reply.answers.is_empty()
-                            || took > Duration::from_millis(1800)
+                            // upstream_timeout is 1 s; the margin absorbs eleven servers
+                            // started at once on a loaded 2-core machine (1.88 s seen once
+                            // against a 1.8 s bound), and still fails a resolver that waits
+                            // for the client to give up.
+                            || took > Duration::from_millis(2500)
                         {
                             failures.push(format!(
                                 "{behaviour:?} over {transport}: {} with {:?} after {took:?}",
