@@ -16,11 +16,14 @@
 //! On top of these, [`adopt`] turns query logs into policy (audit mode, `suggest`, `replay`),
 //! [`metrics`] exports counters and health, and [`health`] holds the readiness that the metrics
 //! endpoint (and the control socket, and systemd) report.
+//! [`explain`] reads the packets the firewall dropped (an NFLOG group) and explains each from
+//! the admission history in the query log.
 //! [`control`] changes the policy while dnsfence runs (reload, revocation, temporary grants,
 //! the control socket and `dnsfence ctl`).
 
 pub mod adopt;
 pub mod control;
+pub mod explain;
 pub mod firewall;
 pub mod health;
 pub mod metrics;

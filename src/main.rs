@@ -13,6 +13,7 @@ use dnsfence::adopt::{audit, logfile, replay, suggest, why};
 use dnsfence::control::socket::ControlSocket;
 use dnsfence::control::source::{Overrides, PolicySource};
 use dnsfence::control::{self, Control, Trigger};
+use dnsfence::explain::{DropExplainer, Explainer};
 use dnsfence::firewall::{self, Firewall};
 use dnsfence::health::Readiness;
 use dnsfence::metrics::{Metrics, serve_metrics};
@@ -105,22 +106,33 @@ Operational messages go to stderr; set DNSFENCE_LOG (e.g. DNSFENCE_LOG=debug) to
         #[arg(default_value = "A")]
         qtype: String,
     },
-    /// Why may (or may not) a client reach an address? From query logs: which names resolved
-    /// to it, for whom, when, and until when the firewall admitted it. Exit 0 when some name
-    /// resolved to it, 1 when none did (a hard-coded address), 2 for an error.
+    /// Why may (or may not) a client reach an address? Which names resolved to it, for whom,
+    /// when, and until when the firewall admitted it: from the running server (its control
+    /// socket), or offline from query logs (--log). Exit 0 when some name resolved to it, 1
+    /// when none did (a hard-coded address), 2 for an error.
     #[command(after_help = "Examples:
+  dnsfence why 198.51.100.20
+  dnsfence why 198.51.100.20 --client 10.200.0.7 --policy /etc/dnsfence/agent.yaml
   dnsfence why 198.51.100.20 --log /var/log/dnsfence/queries.jsonl
-  dnsfence why 198.51.100.20 --client 10.200.0.7 --log queries.jsonl --policy agent.yaml")]
+  dnsfence why 198.51.100.20 --client 10.200.0.7 --log queries.jsonl --policy agent.yaml
+
+Without --log the running server answers, over --socket PATH, else the policy's
+control.socket (--policy FILE), else /run/dnsfence/control.sock; it also says how a dropped
+packet to the address would be explained (never-resolved, expired, revoked, other-client).")]
     Why {
         /// The destination address in question.
         ip: IpAddr,
         /// Only answers given to this client.
         #[arg(long, value_name = "IP")]
         client: Option<IpAddr>,
-        /// Query log to read; repeat for several.
-        #[arg(long, value_name = "FILE", required = true)]
+        /// Query log to read instead of asking the server; repeat for several.
+        #[arg(long, value_name = "FILE", conflicts_with = "socket")]
         log: Vec<PathBuf>,
-        /// The policy in force, for the firewall's lifetimes (ttl.min, ttl.max, ttl.grace).
+        /// The running server's control socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// With --log: the policy in force, for the firewall's lifetimes (ttl.min, ttl.max,
+        /// ttl.grace). Without: take the socket path from its control.socket.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
     },
@@ -322,8 +334,15 @@ fn main() -> ExitCode {
             ip,
             client,
             log,
+            socket,
             policy,
-        } => why_reachable(ip, client, &log, policy.as_deref()),
+        } => {
+            if log.is_empty() {
+                why_live(ip, client, socket, policy)
+            } else {
+                why_reachable(ip, client, &log, policy.as_deref())
+            }
+        }
         Command::Ruleset { policy } => match load_policy(&policy) {
             Ok(policy) => {
                 print!("{}", firewall::render_nft(&policy));
@@ -526,6 +545,54 @@ fn replay(logs: &[PathBuf], path: &Path) -> ExitCode {
     }
 }
 
+/// `why` answered by the running server.
+fn why_live(
+    ip: IpAddr,
+    client: Option<IpAddr>,
+    socket: Option<PathBuf>,
+    policy: Option<PathBuf>,
+) -> ExitCode {
+    let socket = match (socket, policy) {
+        (Some(socket), _) => socket,
+        (None, Some(policy)) => match Policy::load(&policy) {
+            Ok(policy) => policy.control.socket,
+            Err(error) => {
+                eprintln!("dnsfence why: cannot take the socket path from the policy:\n{error}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    };
+    let path = match client {
+        Some(client) => format!("/v1/why/{ip}/{client}"),
+        None => format!("/v1/why/{ip}"),
+    };
+    let answer = match control::client::call(&socket, "GET", &path, None) {
+        control::client::Answer::Done(answer) => answer,
+        control::client::Answer::Refused(status, body) => {
+            eprintln!(
+                "dnsfence why: {} (HTTP {status})",
+                body["error"].as_str().unwrap_or("request failed")
+            );
+            return ExitCode::from(2);
+        }
+        control::client::Answer::Unreachable(message) => {
+            eprintln!("dnsfence why: {message}; or read query logs with --log FILE");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", why::report_live(&answer));
+    let known = answer["admissions"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+        || answer["revoked"].as_array().is_some_and(|a| !a.is_empty());
+    if known {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn why_reachable(
     ip: IpAddr,
     client: Option<IpAddr>,
@@ -674,6 +741,16 @@ fn serve(
         None => None,
     };
 
+    // Bound before the ruleset logs to it; in this thread's (dnsfence's) network namespace.
+    let drop_reader = match policy.firewall.nflog_group {
+        Some(group) if policy.firewall.enabled => Some(
+            DropExplainer::open(group)
+                .map_err(|error| format!("firewall.log_denied: nflog: {error}"))?,
+        ),
+        _ => None,
+    };
+    let mut drop_explainer: Option<DropExplainer> = None;
+
     // The firewall goes up before the first query can be answered.
     let firewall = if policy.firewall.enabled {
         let firewall = Firewall::install(&policy).map_err(|error| format!("firewall: {error}"))?;
@@ -732,6 +809,17 @@ fn serve(
         if let Some((_, metrics)) = &metrics {
             metrics.attach_control(control.clone());
         }
+        if let Some(reader) = drop_reader {
+            let explainer =
+                Explainer::new(pipeline.clone(), log.clone(), policy.firewall.per_client);
+            if let Some((_, metrics)) = &metrics {
+                metrics.attach_drops(explainer.counts());
+            }
+            drop_explainer = Some(
+                DropExplainer::start(reader, explainer)
+                    .map_err(|error| format!("cannot start the drop reader: {error}"))?,
+            );
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();
@@ -779,6 +867,9 @@ fn serve(
         served
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Some(explainer) = drop_explainer {
+        explainer.stop();
+    }
     writer.finish();
     if let Some(firewall) = firewall {
         let kept = firewall.keeps_table().then(|| {

@@ -314,6 +314,12 @@ fn installed_ruleset_equals_rendered_text() {
             });
             p
         }),
+        ("nfl", {
+            // Drops logged to an NFLOG group, DNS drops included.
+            let mut p = policy("dnsf_nfl", vec![Hook::Output, Hook::Forward], false);
+            p.firewall.nflog_group = Some(7);
+            p
+        }),
         ("min", {
             let mut p = policy("m", vec![Hook::Forward], false);
             p.listen.clear();

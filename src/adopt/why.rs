@@ -135,6 +135,66 @@ pub fn report(
     out
 }
 
+/// The running server's answer (`GET /v1/why/IP[/CLIENT]`) in words.
+pub fn report_live(answer: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let ip = text(&answer["ip"]);
+    let whom = answer["client"]
+        .as_str()
+        .map_or_else(|| "any client".to_owned(), str::to_owned);
+    let mut out = String::new();
+    let explanation = answer["explanation"].as_str();
+    let _ = match explanation {
+        None => writeln!(out, "{ip}: admitted now for {whom}"),
+        Some(e) => {
+            let meaning = match e {
+                "never-resolved" => {
+                    "dnsfence never handed it out (as far as it remembers): a connection to it \
+                     is to an address the program knew by itself (hard-coded, or from \
+                     elsewhere), and the firewall drops it"
+                }
+                "expired" => {
+                    "every admission has expired: a program still using it ignores the TTL"
+                }
+                "revoked" => "a reload or the end of a grant took it back",
+                "other-client" => "admitted for other clients only (per_client)",
+                _ => "",
+            };
+            writeln!(out, "{ip}: not admitted for {whom} ({e}): {meaning}")
+        }
+    };
+    for a in answer["admissions"].as_array().into_iter().flatten() {
+        let state = if a["live"].as_bool() == Some(true) {
+            format!("admitted until {}", text(&a["until"]))
+        } else {
+            format!("expired at {}", text(&a["until"]))
+        };
+        let grant = a["grant"]
+            .as_str()
+            .map(|g| format!(", grant {g}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {} for {} ({}, group {}, rule {}{grant}): {state}",
+            text(&a["name"]),
+            text(&a["client"]),
+            text(&a["qtype"]),
+            text(&a["group"]),
+            text(&a["rule"]),
+        );
+    }
+    for r in answer["revoked"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {} for {}: revoked at {}",
+            text(&r["name"]),
+            text(&r["client"]),
+            text(&r["revoked_at"]),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -462,6 +462,69 @@ impl Control {
         }
     }
 
+    /// `GET /v1/why/IP[/CLIENT]`: what the running server knows of `ip` (which names
+    /// resolved to it, for whom, until when, what was revoked), and how a dropped packet from
+    /// `client` to it would be explained (the same judgement as the drop lines).
+    pub fn why(&self, ip: IpAddr, client: Option<IpAddr>) -> serde_json::Value {
+        let ip = ip.to_canonical();
+        let now = Instant::now();
+        let history = self.pipeline.admitted().history(ip);
+        let per_client = self.pipeline.admitter().is_some_and(|a| a.per_client());
+        let client = client.map(|c| c.to_canonical());
+        let verdict = crate::explain::judge(
+            &history,
+            client.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            None,
+            per_client && client.is_some(),
+            now,
+        );
+        let time = |at: Instant| {
+            humantime::format_rfc3339_seconds(crate::explain::wall_clock(at, now)).to_string()
+        };
+        let bare = |name: &hickory_proto::rr::Name| {
+            let name = name.to_string();
+            name.strip_suffix('.').unwrap_or(&name).to_owned()
+        };
+        let admissions: Vec<serde_json::Value> = history
+            .justifications
+            .iter()
+            .filter(|j| client.is_none_or(|c| c == j.client))
+            .map(|j| {
+                json!({
+                    "name": bare(&j.name),
+                    "client": j.client,
+                    "qtype": j.qtype.to_string(),
+                    "group": j.group.as_ref(),
+                    "rule": j.rule.as_ref(),
+                    "grant": j.grant.map(grant_label),
+                    "until": time(j.until),
+                    "live": j.until > now,
+                })
+            })
+            .collect();
+        let revoked: Vec<serde_json::Value> = history
+            .revoked
+            .iter()
+            .filter(|r| client.is_none_or(|c| c == r.why.client))
+            .map(|r| {
+                json!({
+                    "name": bare(&r.why.name),
+                    "client": r.why.client,
+                    "revoked_at": time(r.at),
+                })
+            })
+            .collect();
+        json!({
+            "ip": ip,
+            "client": client,
+            "admitted": verdict.explanation.is_none(),
+            "explanation": verdict.explanation.map(crate::explain::Explanation::as_str),
+            "names": verdict.names,
+            "admissions": admissions,
+            "revoked": revoked,
+        })
+    }
+
     /// `GET /v1/grants`.
     pub fn grants(&self) -> Vec<GrantView> {
         let now = Instant::now();

@@ -210,6 +210,21 @@ async fn route(control: &Control, peer: Peer, request: Request) -> (u16, serde_j
             Err(r) => refusal(r),
         },
         ("GET", "/v1/grants") => (200, json!({ "grants": control.grants() })),
+        ("GET", _) if path.starts_with("/v1/why/") => {
+            let mut parts = path.trim_start_matches("/v1/why/").split('/');
+            let ip = parts
+                .next()
+                .and_then(|p| p.parse::<std::net::IpAddr>().ok());
+            let client = parts.next().map(str::parse::<std::net::IpAddr>);
+            match (ip, client, parts.next()) {
+                (Some(ip), None, None) => (200, control.why(ip, None)),
+                (Some(ip), Some(Ok(client)), None) => (200, control.why(ip, Some(client))),
+                _ => (
+                    400,
+                    json!({ "error": format!("{path}: write /v1/why/IP or /v1/why/IP/CLIENT") }),
+                ),
+            }
+        }
         ("POST", "/v1/grants") => {
             let grant: GrantRequest = match serde_json::from_slice(&request.body) {
                 Ok(grant) => grant,
@@ -256,7 +271,7 @@ async fn route(control: &Control, peer: Peer, request: Request) -> (u16, serde_j
             json!({
                 "error": format!(
                     "no such endpoint {path}; try GET /v1/status, GET /v1/ready, POST /v1/reload, \
-                     GET|POST /v1/grants, DELETE /v1/grants/ID"
+                     GET|POST /v1/grants, DELETE /v1/grants/ID, GET /v1/why/IP[/CLIENT]"
                 )
             }),
         ),

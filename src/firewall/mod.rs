@@ -46,6 +46,7 @@ mod probe;
 mod ruleset;
 mod status;
 
+pub use netlink::{DropReader, DroppedPacket};
 pub use probe::TimeoutRefresh;
 pub use status::{
     ChainStatus, SetStatus, TableStatus, remove_table, running_servers, table_status,

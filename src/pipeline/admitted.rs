@@ -13,7 +13,7 @@
 //! more live elements); expired justifications are pruned when the map fills, at most once a
 //! second. Judging copies the entries out, so the hot path never waits for a reload's judging.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,8 @@ use hickory_proto::rr::{Name, RecordType};
 
 /// Justifications kept per address, at most.
 pub const MAX_JUSTIFICATIONS: usize = 16;
+/// Revoked justifications remembered (for explaining drops), the oldest forgotten first.
+pub const MAX_REVOKED: usize = 4096;
 /// Expired entries are pruned from a full index at most this often.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -51,8 +53,25 @@ pub struct Lost {
     pub all: bool,
 }
 
+/// A justification a reload or a grant's end took back, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedJustification {
+    pub addr: IpAddr,
+    pub why: Justification,
+    pub at: Instant,
+}
+
+/// Everything the index still knows about one address: its justifications (live and
+/// expired, until pruned) and those revoked (the last [`MAX_REVOKED`] of all addresses).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub justifications: Vec<Justification>,
+    pub revoked: Vec<RevokedJustification>,
+}
+
 struct Inner {
     by_addr: HashMap<IpAddr, Vec<Justification>>,
+    revoked: VecDeque<RevokedJustification>,
     next_prune: Instant,
 }
 
@@ -67,6 +86,7 @@ impl AdmittedIndex {
         AdmittedIndex {
             inner: Mutex::new(Inner {
                 by_addr: HashMap::new(),
+                revoked: VecDeque::new(),
                 next_prune: Instant::now(),
             }),
             max_addresses: max_addresses.max(1),
@@ -145,12 +165,23 @@ impl AdmittedIndex {
                 continue;
             };
             // Renewed meanwhile by a query under the new policy: that one justifies it now.
+            let before = list.len();
             list.retain(|k| {
                 !(k.client == j.client
                     && k.qtype == j.qtype
                     && k.name == j.name
                     && k.until <= j.until)
             });
+            if list.len() < before {
+                if inner.revoked.len() >= MAX_REVOKED {
+                    inner.revoked.pop_front();
+                }
+                inner.revoked.push_back(RevokedJustification {
+                    addr,
+                    why: j.clone(),
+                    at: now,
+                });
+            }
             match touched.iter_mut().find(|(a, _)| *a == addr) {
                 Some((_, clients)) if !clients.contains(&j.client) => clients.push(j.client),
                 Some(_) => {}
@@ -177,6 +208,24 @@ impl AdmittedIndex {
             }
         }
         lost
+    }
+
+    /// What the index knows about `addr` (canonical: IPv4-mapped as IPv4): for `why` and
+    /// for explaining a dropped packet.
+    pub fn history(&self, addr: IpAddr) -> History {
+        let addr = addr.to_canonical();
+        let Ok(inner) = self.inner.lock() else {
+            return History::default();
+        };
+        History {
+            justifications: inner.by_addr.get(&addr).cloned().unwrap_or_default(),
+            revoked: inner
+                .revoked
+                .iter()
+                .filter(|r| r.addr == addr)
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Addresses held, for status.

@@ -426,7 +426,12 @@ pub struct FirewallPolicy {
     /// Static destinations always allowed.
     pub allow_cidrs: Vec<IpNet>,
     pub per_client: bool,
+    /// Drops are logged (rate-limited): to the kernel log, or with `nflog_group` to that
+    /// NFLOG group, which dnsfence reads itself to explain each drop.
     pub log_denied: bool,
+    /// `log_denied: nflog`: the NFLOG group the drop rules log to (`firewall.nflog_group`,
+    /// default 0), read by dnsfence.
+    pub nflog_group: Option<u16>,
     pub on_exit: OnExit,
     /// Maximum number of elements in each allow set.
     pub set_size: u32,
@@ -540,6 +545,7 @@ impl Default for FirewallPolicy {
             allow_cidrs: Vec::new(),
             per_client: false,
             log_denied: true,
+            nflog_group: None,
             on_exit: OnExit::Keep,
             set_size: 65536,
             mark: 0x0d5f,

@@ -1412,3 +1412,36 @@ fn contain_errors_name_file_line_and_column() {
         assert!(errs[0].starts_with(expected), "{section}\n{}", errs[0]);
     }
 }
+
+#[test]
+fn log_denied_nflog_takes_a_group() {
+    let fw = |extra: &str| {
+        let text = format!(
+            "listen: [\"127.0.0.1:53\"]\nupstreams: [\"127.0.0.1:5300\"]\nallow: [a.test]\nfirewall:\n{extra}"
+        );
+        Policy::parse(&text, Path::new("p.yaml"))
+    };
+    let p = fw("  log_denied: nflog\n  nflog_group: 7\n").unwrap();
+    assert!(p.firewall.log_denied);
+    assert_eq!(p.firewall.nflog_group, Some(7));
+    let p = fw("  log_denied: nflog\n").unwrap();
+    assert_eq!(p.firewall.nflog_group, Some(0));
+    let p = fw("  log_denied: true\n").unwrap();
+    assert_eq!(p.firewall.nflog_group, None);
+    let e = fw("  log_denied: true\n  nflog_group: 7\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("p.yaml:6:16") && e.contains("log_denied: nflog"),
+        "{e}"
+    );
+    let e = fw("  log_denied: syslog\n").unwrap_err().to_string();
+    assert!(
+        e.contains("p.yaml:5:15") && e.contains("true (the kernel log), false or nflog"),
+        "{e}"
+    );
+    let e = fw("  log_denied: nflog\n  nflog_group: 70000\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("firewall.nflog_group"), "{e}");
+}

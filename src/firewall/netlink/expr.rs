@@ -28,6 +28,7 @@ const NFTA_LIMIT_BURST: u16 = 3;
 const NFTA_LIMIT_TYPE: u16 = 4;
 const NFTA_LIMIT_FLAGS: u16 = 5;
 const NFT_LIMIT_PKTS: u32 = 0;
+const NFTA_LOG_GROUP: u16 = 1;
 const NFTA_LOG_PREFIX: u16 = 2;
 const NFTA_SOCKET_KEY: u16 = 1;
 const NFTA_SOCKET_DREG: u16 = 2;
@@ -141,10 +142,17 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
                 DefaultNla::new(NFTA_LIMIT_FLAGS, be32(0)),
             ],
         ),
-        Expr::Log { prefix } => {
+        Expr::Log { prefix, group } => {
             let mut p = prefix.as_bytes().to_vec();
             p.push(0);
-            raw("log", vec![DefaultNla::new(NFTA_LOG_PREFIX, p)])
+            let mut attrs = vec![DefaultNla::new(NFTA_LOG_PREFIX, p)];
+            if let Some(group) = group {
+                attrs.insert(
+                    0,
+                    DefaultNla::new(NFTA_LOG_GROUP, group.to_be_bytes().to_vec()),
+                );
+            }
+            raw("log", attrs)
         }
         Expr::Verdict(v) => nft::Expressions::Immediate(vec![
             nft::Immediate::DestinationRegister(nft::Register::Verdict),

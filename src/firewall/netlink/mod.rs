@@ -11,6 +11,7 @@
 //! * `expr`: lowering the ruleset's [`Expr`](super::ruleset::Expr)s to netlink expressions;
 //! * `attrs`: walking raw netlink messages and attributes (replies, dumps, errors);
 //! * `dump`: reading a table, its chains, sets, rules and elements back from the kernel;
+//! * `nflog`: reading the NFLOG group the drop rules log to ([`DropReader`]);
 //! * `error`: what failed ([`Op`]) and how ([`NlError`]).
 //!
 //! Whether a table read back is the one we want is semantics, not transport: `super::compare`.
@@ -38,6 +39,7 @@ mod batch;
 mod dump;
 mod error;
 mod expr;
+mod nflog;
 mod socket;
 
 pub(crate) use attrs::{be32_of, u16_at};
@@ -45,6 +47,7 @@ pub(crate) use batch::Elem;
 pub(crate) use dump::{KernelRule, KernelTable, RawExpr};
 pub(crate) use error::{NlError, Op};
 pub(crate) use expr::raw_expressions;
+pub use nflog::{DropReader, DroppedPacket};
 pub(crate) use socket::NfSocket;
 
 /// The nf_tables subsystem number in the high byte of a message type.

@@ -76,7 +76,8 @@ fn validate(fw: &FirewallPolicy) -> Result<(), String> {
 struct Parts {
     mark: u32,
     per_client: bool,
-    log_denied: bool,
+    /// Log drops: `Some(None)` to the kernel log, `Some(Some(group))` to an NFLOG group.
+    log: Option<Option<u16>>,
     listens: BTreeSet<Listen>,
     upstreams: BTreeSet<(IpAddr, u16)>,
     cidrs: Vec<IpNet>,
@@ -116,7 +117,7 @@ impl Parts {
             contain,
             mark: fw.mark,
             per_client: fw.per_client,
-            log_denied: fw.log_denied,
+            log: fw.log_denied.then_some(fw.nflog_group),
             listens,
             upstreams,
             cidrs,
@@ -237,12 +238,23 @@ impl Parts {
 
     /// DNS (53) and DNS over TLS or QUIC (853) to anything that is not dnsfence: UDP and TCP,
     /// IPv4 and IPv6. Any admitted host that runs a resolver would otherwise be a DNS tunnel.
-    fn dns_drop(prefix: &[Match], ports: &BTreeSet<u16>) -> Vec<Rule> {
+    /// With an NFLOG group, each is logged first (rate-limited, in a rule of its own without
+    /// a verdict: a limit that fails must not skip the drop), so that dnsfence can explain
+    /// the drop as a DNS bypass.
+    fn dns_drop(&self, prefix: &[Match], ports: &BTreeSet<u16>) -> Vec<Rule> {
         let mut rules = Vec::new();
         for &port in ports {
             for p in Proto::BOTH {
                 let mut m = prefix.to_vec();
                 m.push(Match::Dport(p, port));
+                if let Some(Some(group)) = self.log {
+                    let mut logged = m.clone();
+                    logged.extend([Match::Limit, Match::Log(Some(group))]);
+                    rules.push(Rule {
+                        matches: logged,
+                        verdict: None,
+                    });
+                }
                 rules.push(rule(m, Verdict::Drop));
             }
         }
@@ -315,9 +327,9 @@ impl Parts {
     /// The optional rate-limited log, then drop.
     fn tail(&self) -> Vec<Rule> {
         let mut tail = Vec::new();
-        if self.log_denied {
+        if let Some(group) = self.log {
             tail.push(Rule {
-                matches: vec![Match::Limit, Match::Log],
+                matches: vec![Match::Limit, Match::Log(group)],
                 verdict: None,
             });
         }
@@ -345,8 +357,8 @@ impl Parts {
             .chain(self.listens.iter().map(|l| l.port))
             .filter(|p| !DNS_PORTS.contains(p))
             .collect();
-        rules.extend(Self::dns_drop(&[Match::OifLo], &loopback_dns));
-        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        rules.extend(self.dns_drop(&[Match::OifLo], &loopback_dns));
+        rules.extend(self.dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.push(rule(vec![Match::OifLo], Verdict::Accept));
         rules.extend(self.inbound());
         rules.push(Self::established());
@@ -365,7 +377,7 @@ impl Parts {
         let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
         rules.extend(self.routed_gate(false));
         rules.extend(self.listen_accept(true));
-        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        rules.extend(self.dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.push(Self::established());
         rules.extend(Self::neighbour_discovery());
         rules.extend(self.tail());
@@ -379,7 +391,7 @@ impl Parts {
     fn forward_chain(&self) -> Chain {
         let mut rules = self.routed_gate(true);
         rules.extend(self.upstream_drop());
-        rules.extend(Self::dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        rules.extend(self.dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.extend(Self::neighbour_discovery_drop());
         rules.push(Self::established());
         rules.extend(self.allow_sets());
@@ -506,6 +518,37 @@ mod tests {
         // A non-loopback listen address: the source check comes first.
         let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
         assert_eq!(names, ["prerouting", "output"]);
+    }
+
+    #[test]
+    fn nflog_logs_dns_drops_and_the_tail_to_the_group() {
+        let mut p = policy(vec![Hook::Output, Hook::Forward], false);
+        p.firewall.nflog_group = Some(7);
+        let l = Layout::from_policy(&p).unwrap();
+        for hook in [ChainHook::Output, ChainHook::Forward, ChainHook::Input] {
+            let rules = chain(&l, hook);
+            let log = "limit rate 10/second log prefix \"dnsfence drop \" group 7";
+            for dns in [
+                "udp dport 53",
+                "tcp dport 53",
+                "udp dport 853",
+                "tcp dport 853",
+            ] {
+                let logged = rules
+                    .iter()
+                    .position(|r| *r == format!("{dns} {log}"))
+                    .unwrap_or_else(|| panic!("{hook:?}: no logged {dns} in {rules:#?}"));
+                // The log rule has no verdict; the drop follows at once.
+                assert_eq!(rules[logged + 1], format!("{dns} drop"), "{hook:?}");
+            }
+            assert_eq!(rules[rules.len() - 2], log, "{hook:?}");
+            assert_eq!(rules.last().map(String::as_str), Some("drop"));
+        }
+        // Kernel log mode: DNS drops are not logged (unchanged), the tail is.
+        let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
+        let rules = chain(&l, ChainHook::Output);
+        assert!(!rules.iter().any(|r| r.contains("dport 53 limit")));
+        assert!(!rules.iter().any(|r| r.contains("group")));
     }
 
     #[test]

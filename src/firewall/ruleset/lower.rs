@@ -87,8 +87,11 @@ pub(crate) enum Expr {
     FibSaddrIifOifPresent,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
     Limit { rate: u64, burst: u32 },
-    /// `[ log prefix … ]`
-    Log { prefix: &'static str },
+    /// `[ log prefix … ]`, `[ log prefix … group N ]`
+    Log {
+        prefix: &'static str,
+        group: Option<u16>,
+    },
     /// `[ immediate reg 0 accept|drop ]`
     Verdict(Verdict),
 }
@@ -324,7 +327,10 @@ impl Match {
                 rate: LOG_RATE_PER_SECOND,
                 burst: LOG_BURST,
             }),
-            Match::Log => out.push(Expr::Log { prefix: LOG_PREFIX }),
+            Match::Log(group) => out.push(Expr::Log {
+                prefix: LOG_PREFIX,
+                group: *group,
+            }),
         }
     }
 }

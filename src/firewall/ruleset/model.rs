@@ -221,8 +221,9 @@ pub(crate) enum Match {
     DaddrNotIn(IpNet),
     /// `limit rate N/second`
     Limit,
-    /// `log prefix "…"`
-    Log,
+    /// `log prefix "…"`, and with an NFLOG group `… group N` (dnsfence reads the group to
+    /// explain each drop).
+    Log(Option<u16>),
 }
 
 /// The verdict of a rule.

@@ -107,7 +107,8 @@ impl Match {
                 format!("{} daddr != {}", f.header(), addr_text(net))
             }
             Match::Limit => format!("limit rate {LOG_RATE_PER_SECOND}/second"),
-            Match::Log => format!("log prefix \"{LOG_PREFIX}\""),
+            Match::Log(None) => format!("log prefix \"{LOG_PREFIX}\""),
+            Match::Log(Some(group)) => format!("log prefix \"{LOG_PREFIX}\" group {group}"),
         }
     }
 }

@@ -16,6 +16,7 @@ const FIREWALL_KEYS: &[&str] = &[
     "allow_cidrs",
     "per_client",
     "log_denied",
+    "nflog_group",
     "on_exit",
     "set_size",
     "mark",
@@ -47,6 +48,27 @@ pub fn check_table_name(name: &str) -> Result<(), String> {
              or \"_\", at most {MAX_TABLE_NAME} characters, such as \"dnsfence\"",
             quote(name)
         ))
+    }
+}
+
+/// `log_denied`: true (the kernel log), false, or nflog (read above).
+fn log_denied(r: &mut Report, node: &Node) -> Option<bool> {
+    match &node.value {
+        Value::Bool(b) => Some(*b),
+        other => {
+            let found = match other {
+                Value::Str(s) => quote(s),
+                _ => other.kind().to_owned(),
+            };
+            r.error(
+                node.pos,
+                format!(
+                    "firewall.log_denied must be true (the kernel log), false or nflog (an \
+                     NFLOG group dnsfence reads to explain each drop), found {found}"
+                ),
+            );
+            None
+        }
     }
 }
 
@@ -93,11 +115,32 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
     {
         fw.per_client = b;
     }
-    if let Some(b) = f
-        .get("log_denied")
-        .and_then(|n| read::boolean(r, n, "firewall.log_denied"))
-    {
-        fw.log_denied = b;
+    let nflog = match f.get("log_denied") {
+        Some(node) if matches!(&node.value, Value::Str(s) if s == "nflog") => {
+            fw.log_denied = true;
+            true
+        }
+        Some(node) => {
+            if let Some(b) = log_denied(r, node) {
+                fw.log_denied = b;
+            }
+            false
+        }
+        None => false,
+    };
+    let group = f.get("nflog_group").and_then(|node| {
+        let n = read::integer(r, node, "firewall.nflog_group", 0, u64::from(u16::MAX))?;
+        if !nflog {
+            r.error(
+                node.pos,
+                "firewall.nflog_group is only read with log_denied: nflog; add \
+                 `log_denied: nflog` or remove nflog_group",
+            );
+        }
+        u16::try_from(n).ok()
+    });
+    if nflog {
+        fw.nflog_group = Some(group.unwrap_or(0));
     }
     if let Some(v) = f.get("on_exit").and_then(|n| {
         read::choice(
