@@ -1,18 +1,29 @@
-//! In-process costs of the query path's CPU-bound stages: the policy decision, the answer
-//! filter (CNAME chain, TTL clamp, address guard) and the address guard alone.
+//! In-process costs of the query path: the policy decision, the answer filter (CNAME chain, TTL
+//! clamp, address guard), the address guard alone, and one whole UDP query through the server's
+//! handler (parse, pipeline, encode, log record) for a cache hit and for a denial.
 //!
 //! Whole-server throughput (sockets, upstream, netlink) is measured by `benches/load.sh`.
 //! Run briefly: `cargo bench --bench pipeline -- --warm-up-time 1 --measurement-time 2`
+//!
+//! Instructions per query, repeatable on a busy machine (the benchmark binary runs N queries of
+//! one kind and nothing else when `CALLGRIND` is set):
+//! `CALLGRIND=hit CALLGRIND_QUERIES=10000 valgrind --tool=callgrind --toggle-collect='*one_query*' target/release/deps/pipeline-*[^.d]`
 
 use std::hint::black_box;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
+use std::sync::Arc;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use dnsfence::pipeline::address_guard::AddressGuard;
 use dnsfence::pipeline::answer_filter::{AnswerContext, filter_answer};
 use dnsfence::pipeline::decision::{Decision, decide};
-use dnsfence::policy::{HintMode, Policy};
+use dnsfence::pipeline::upstream::Upstreams;
+use dnsfence::pipeline::{Generation, Pipeline, Transport};
+use dnsfence::policy::{HintMode, LogTarget, Policy};
+use dnsfence::querylog::QueryLog;
+use dnsfence::server::Handler;
+use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::rdata::{A, CNAME};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -122,5 +133,142 @@ fn answer_filter(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decision, answer_filter);
-criterion_main!(benches);
+// ---- the whole answering path of one UDP query, in process --------------------------------------
+
+/// A loopback upstream that answers every A question with 11.0.0.1 (TTL 3600), for as long as
+/// the benchmark runs; only the first query of each name reaches it (the rest are cache hits).
+fn start_upstream() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the upstream");
+    let addr = socket.local_addr().expect("upstream address");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((len, peer)) = socket.recv_from(&mut buf) {
+            let Ok(query) = Message::from_vec(buf.get(..len).unwrap_or_default()) else {
+                continue;
+            };
+            let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+            reply.metadata.recursion_available = true;
+            reply.queries = query.queries.clone();
+            for q in &query.queries {
+                reply.answers.push(Record::from_rdata(
+                    q.name().clone(),
+                    3600,
+                    RData::A(A::new(11, 0, 0, 1)),
+                ));
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = socket.send_to(&bytes, peer);
+            }
+        }
+    });
+    addr
+}
+
+/// A handler over a real pipeline (firewall off) and a query log written to /dev/null by its
+/// own thread, as `dnsfence serve` builds it.
+fn handler(runtime: &tokio::runtime::Runtime) -> Handler {
+    let upstream = start_upstream();
+    let yaml = format!(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{upstream}\"]\nallow: [\"**.bench.test\"]\n\
+         limits: {{client_qps: 0}}\nfirewall: {{enabled: false}}\n"
+    );
+    let policy = Arc::new(Policy::parse(&yaml, Path::new("bench.yaml")).expect("bench policy"));
+    let upstreams = runtime
+        .block_on(async {
+            Upstreams::new(
+                &policy.upstreams,
+                &policy.upstream_options,
+                policy.upstream_timeout,
+                0,
+            )
+        })
+        .expect("upstreams");
+    let pipeline = Pipeline::new(Generation::new(policy, "00"), upstreams, None);
+    let (log, writer) =
+        QueryLog::open(&LogTarget::File("/dev/null".into())).expect("query log to /dev/null");
+    // The writer thread lives as long as the benchmark process.
+    std::mem::forget(writer);
+    Handler::new(Arc::new(pipeline), log)
+}
+
+fn query_bytes(name: &str) -> Vec<u8> {
+    let mut message = Message::query();
+    message.metadata.id = 0x4242;
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(
+        Name::from_ascii(name).expect("name"),
+        RecordType::A,
+    ));
+    message.to_vec().expect("query")
+}
+
+/// One query through the handler, as a UDP front end runs it: answer, then log.
+#[inline(never)]
+fn one_query(
+    runtime: &tokio::runtime::Runtime,
+    handler: &Handler,
+    message: &[u8],
+    reply: &mut Vec<u8>,
+) -> usize {
+    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("peer");
+    runtime.block_on(async {
+        let pending = handler
+            .answer(message.to_vec(), peer, Transport::Udp, reply)
+            .await;
+        handler.finish(pending, Ok(()));
+    });
+    reply.len()
+}
+
+/// `CALLGRIND=hit|denied`: `CALLGRIND_QUERIES` (10,000) queries of one kind and nothing else,
+/// for `valgrind --tool=callgrind --toggle-collect='*one_query*'` (instructions per query: the
+/// collected total over the count).
+fn callgrind(which: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let handler = handler(&runtime);
+    let hit = query_bytes("api.bench.test.");
+    let denied = query_bytes("exfil-0123456789abcdef.evil.example.");
+    let mut reply = Vec::new();
+    assert!(one_query(&runtime, &handler, &hit, &mut reply) > hit.len());
+    let count: usize = std::env::var("CALLGRIND_QUERIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let message = if which == "denied" { &denied } else { &hit };
+    for _ in 0..count {
+        black_box(one_query(&runtime, &handler, message, &mut reply));
+    }
+}
+
+fn handler_paths(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let handler = handler(&runtime);
+    let hit = query_bytes("api.bench.test.");
+    let denied = query_bytes("exfil-0123456789abcdef.evil.example.");
+    let mut reply = Vec::new();
+    // Fills the cache: every later `hit` is answered from it.
+    assert!(one_query(&runtime, &handler, &hit, &mut reply) > hit.len());
+    c.bench_function("handler/udp_cache_hit", |b| {
+        b.iter(|| one_query(&runtime, &handler, black_box(&hit), &mut reply))
+    });
+    c.bench_function("handler/udp_denied", |b| {
+        b.iter(|| one_query(&runtime, &handler, black_box(&denied), &mut reply))
+    });
+}
+
+criterion_group!(benches, decision, answer_filter, handler_paths);
+
+fn main() {
+    if let Ok(which) = std::env::var("CALLGRIND") {
+        callgrind(&which);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

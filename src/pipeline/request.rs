@@ -10,6 +10,8 @@ use hickory_proto::op::{OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 
+use super::decision::DenyReason;
+
 /// The one question of an acceptable query.
 #[derive(Debug, Clone)]
 pub struct Question {
@@ -30,6 +32,15 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// The reason the query log and the metrics give for it.
+    pub fn deny_reason(self) -> DenyReason {
+        match self {
+            Rejection::OpCode => DenyReason::Opcode,
+            Rejection::Malformed => DenyReason::Malformed,
+            Rejection::Class => DenyReason::Qtype,
+        }
+    }
+
     pub fn rcode(self) -> ResponseCode {
         match self {
             Rejection::OpCode => ResponseCode::NotImp,

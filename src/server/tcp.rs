@@ -1,8 +1,9 @@
 //! DNS over TCP, with the limits a hostile client cannot talk its way around.
 //!
 //! hickory-server's own TCP listener accepts any number of connections and answers the queries
-//! of one connection strictly one after another, with only an idle timeout. This front end keeps
-//! hickory's request and handler types and adds what a resolver facing an adversary needs:
+//! of one connection strictly one after another, with only an idle timeout. This front end
+//! hands each message to the [`Handler`](super::Handler) and adds what a resolver facing an
+//! adversary needs:
 //! - a cap on open connections (beyond it, new ones are closed at once, so the listen backlog
 //!   never fills with attackers' connections);
 //! - an idle timeout between messages and a separate, short deadline for the rest of a message
@@ -16,10 +17,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hickory_proto::rr::Record;
-use hickory_server::net::NetError;
-use hickory_server::server::{ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,6 +25,7 @@ use super::Handler;
 use crate::pipeline::Transport;
 use crate::pipeline::limits::client_key;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::task::TaskTracker;
 
 /// Length of a DNS header; a shorter message is not a message.
 const HEADER_LEN: usize = 12;
@@ -60,6 +58,7 @@ pub async fn serve_tcp(
     listener: TcpListener,
     handler: Arc<Handler>,
     limits: TcpLimits,
+    tasks: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -94,8 +93,9 @@ pub async fn serve_tcp(
         };
         let handler = handler.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, handler, limits, shutdown).await;
+        let connection_tasks = tasks.clone();
+        tasks.spawn(async move {
+            serve_connection(stream, peer, handler, limits, connection_tasks, shutdown).await;
             drop(client_slot);
             drop(permit);
         });
@@ -145,6 +145,7 @@ async fn serve_connection(
     peer: SocketAddr,
     handler: Arc<Handler>,
     limits: TcpLimits,
+    tasks: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -206,11 +207,23 @@ async fn serve_connection(
         };
         let handler = handler.clone();
         let replies = replies.clone();
-        tokio::spawn(async move {
-            let responder = TcpResponder { replies };
-            handler
-                .handle_wire(message, peer, Transport::Tcp, responder)
+        tasks.spawn(async move {
+            let mut reply = Vec::with_capacity(512);
+            let pending = handler
+                .answer(message, peer, Transport::Tcp, &mut reply)
                 .await;
+            let sent = if reply.is_empty() {
+                Ok(())
+            } else {
+                match frame(&reply) {
+                    Some(framed) => replies
+                        .send(framed)
+                        .await
+                        .map_err(|_| "TCP connection closed".to_owned()),
+                    None => Err("response longer than 65535 bytes".to_owned()),
+                }
+            };
+            handler.finish(pending, sent);
             drop(permit);
         });
     }
@@ -222,34 +235,5 @@ async fn serve_connection(
             .is_err()
     {
         writer_task.abort();
-    }
-}
-
-/// Encodes a response and queues it for the connection's writer.
-#[derive(Clone)]
-struct TcpResponder {
-    replies: mpsc::Sender<Vec<u8>>,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for TcpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (bytes, info) = super::encode(response, u16::MAX)?;
-        let framed = frame(&bytes).ok_or(NetError::from("response longer than 65535 bytes"))?;
-        self.replies
-            .send(framed)
-            .await
-            .map_err(|_| NetError::from("TCP connection closed"))?;
-        Ok(info)
     }
 }

@@ -1,20 +1,17 @@
 //! DNS over UDP: one receive loop per socket, one task per datagram, a bound on both.
 //!
-//! Each datagram becomes a task that runs the [`Handler`](super::Handler); the number of such
-//! tasks is capped, and a datagram arriving when every slot is taken is dropped (the client
-//! retries, as it would after any loss) instead of queueing memory without bound. Replies are
-//! encoded against the smaller of the client's EDNS buffer and 1232 bytes (512 without EDNS), so
-//! a large answer is truncated with TC, never fragmented.
+//! Each datagram becomes a task (tracked, so that shutdown waits for it) that asks the
+//! [`Handler`](super::Handler) for the reply bytes and sends them; the number of such tasks is
+//! capped, and a datagram arriving when every slot is taken is dropped (the client retries, as
+//! it would after any loss) instead of queueing memory without bound. Replies are encoded
+//! against the smaller of the client's EDNS buffer and 1232 bytes (512 without EDNS), so a large
+//! answer is truncated with TC, never fragmented.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hickory_proto::rr::Record;
-use hickory_server::net::NetError;
-use hickory_server::server::{ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
 
 use super::Handler;
 use crate::pipeline::Transport;
@@ -29,6 +26,7 @@ const MAX_DATAGRAM: usize = 65_535;
 pub async fn serve_udp(
     socket: Arc<UdpSocket>,
     handler: Arc<Handler>,
+    tasks: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
@@ -53,49 +51,25 @@ pub async fn serve_udp(
             tracing::debug!(%peer, "UDP overload: datagram dropped");
             continue;
         };
-        let message = buf[..len].to_vec();
+        let message = buf.get(..len).unwrap_or_default().to_vec();
         let handler = handler.clone();
         let socket = socket.clone();
-        tokio::spawn(async move {
-            let responder = UdpResponder { socket, peer };
-            handler
-                .handle_wire(message, peer, Transport::Udp, responder)
+        tasks.spawn(async move {
+            let mut reply = Vec::with_capacity(512);
+            let pending = handler
+                .answer(message, peer, Transport::Udp, &mut reply)
                 .await;
+            let sent = if reply.is_empty() {
+                Ok(())
+            } else {
+                socket
+                    .send_to(&reply, peer)
+                    .await
+                    .map(drop)
+                    .map_err(|error| format!("UDP send to {peer}: {error}"))
+            };
+            handler.finish(pending, sent);
             drop(permit);
         });
-    }
-}
-
-/// Encodes a response within the client's size and sends it back.
-#[derive(Clone)]
-struct UdpResponder {
-    socket: Arc<UdpSocket>,
-    peer: SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        // The response carries dnsfence's own EDNS, whose payload size is already the smaller
-        // of the client's and ours; without EDNS, RFC 1035's 512 bytes.
-        let max_size = response
-            .edns()
-            .map_or(512, |edns| edns.max_payload().max(512));
-        let (bytes, info) = super::encode(response, max_size)?;
-        self.socket
-            .send_to(&bytes, self.peer)
-            .await
-            .map_err(|error| NetError::from(format!("UDP send to {}: {error}", self.peer)))?;
-        Ok(info)
     }
 }
