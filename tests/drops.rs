@@ -1,7 +1,8 @@
 //! Why was it dropped? In real namespaces, with `firewall.log_denied: nflog`: connects the
 //! firewall drops (to a never-resolved address, to an expired one, to port 53 of an admitted
 //! host) each give exactly one explained `drop` line in the query log, even under a burst, and
-//! `dnsfence why` (live, over the control socket, and offline from the log) agrees.
+//! `dnsfence why` (live, over the control socket, and offline from the log) agrees. A name a
+//! reload removed gives `revoked`; with per-client sets, another agent's address `other-client`.
 
 mod common;
 
@@ -177,4 +178,119 @@ metrics: {{listen: \"127.0.0.1:9153\"}}
         text.contains("expired at") && text.contains("stale.allowed.test"),
         "{text}"
     );
+}
+
+/// A policy for agent1's gateway address, with drops logged to NFLOG group 7.
+fn nflog_policy(lab: &Lab, allow: &[&str], per_client: bool) -> String {
+    format!(
+        "listen: [\"10.77.0.1:53\"]
+upstreams: [\"{upstream}\"]
+allow: [{allow}]
+firewall:
+  enabled: true
+  table: {table}
+  hooks: [output, forward]
+  on_exit: remove
+  per_client: {per_client}
+  log_denied: nflog
+  nflog_group: 7
+revoke: {{connections: cut}}
+control:
+  socket: \"{socket}\"
+",
+        upstream = addr::UPSTREAM,
+        allow = allow.join(", "),
+        table = lab.table(),
+        socket = lab.dir.path().join("control.sock").display(),
+    )
+}
+
+#[test]
+fn a_name_a_reload_removed_is_explained_as_revoked() {
+    if !require_root("a_name_a_reload_removed_is_explained_as_revoked") {
+        return;
+    }
+    let lab = Lab::new("droprev");
+    lab.upstream.a("gone.allowed.test", "198.51.100.20", 300);
+    lab.start_fence(&nflog_policy(
+        &lab,
+        &["gone.allowed.test", "kept.allowed.test"],
+        false,
+    ));
+    let a1 = lab.a1();
+    assert_eq!(
+        addresses(&a1.resolve("gone.allowed.test", RecordType::A)),
+        ["198.51.100.20"]
+    );
+    assert_eq!(
+        a1.probe(sa("198.51.100.20", 443), CONNECT_OK),
+        Reach::Connected
+    );
+    let tmp = lab.dir.path().join(".policy.tmp");
+    std::fs::write(&tmp, nflog_policy(&lab, &["kept.allowed.test"], false)).unwrap();
+    std::fs::rename(&tmp, lab.policy_path()).unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(lab.fence_pid().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.log(0).iter().any(|l| l["event"] == "revoke") {
+        assert!(
+            Instant::now() < deadline,
+            "no revoke event\n{}",
+            lab.fence_stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    burst(&lab, sa("198.51.100.20", 443));
+    let lines = drops_to(&lab, "198.51.100.20");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["explanation"], "revoked", "{}", lines[0]);
+    assert_eq!(lines[0]["names"], serde_json::json!(["gone.allowed.test"]));
+    assert!(lines[0]["revoked_at"].is_string(), "{}", lines[0]);
+    let socket = lab.dir.path().join("control.sock").display().to_string();
+    let (code, text) = why(&["198.51.100.20", "--socket", &socket]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("(revoked)") && text.contains("gone.allowed.test"),
+        "{text}"
+    );
+}
+
+#[test]
+fn with_per_client_sets_another_agents_address_is_other_client() {
+    if !require_root("with_per_client_sets_another_agents_address_is_other_client") {
+        return;
+    }
+    let lab = Lab::new("dropoc");
+    lab.upstream.a("mine.allowed.test", "198.51.100.21", 300);
+    lab.start_fence(&nflog_policy(&lab, &["mine.allowed.test"], true));
+    assert_eq!(
+        addresses(&lab.a1().resolve("mine.allowed.test", RecordType::A)),
+        ["198.51.100.21"]
+    );
+    // The control: the agent that asked reaches it.
+    assert_eq!(
+        lab.a1().probe(sa("198.51.100.21", 443), CONNECT_OK),
+        Reach::Connected
+    );
+    let targets = vec![sa("198.51.100.21", 443); BURST];
+    for reach in lab.a2().probe_all(&targets, BLOCKED_AFTER) {
+        assert!(
+            reach.is_blocked(),
+            "agent2 reached agent1's address: {reach:?}"
+        );
+    }
+    let lines = drops_to(&lab, "198.51.100.21");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["explanation"], "other-client", "{}", lines[0]);
+    assert_eq!(lines[0]["client"], addr::A2_4.to_string());
+    assert_eq!(lines[0]["names"], serde_json::json!(["mine.allowed.test"]));
+    assert_eq!(
+        lines[0]["admitted_for"],
+        serde_json::json!([addr::A1_4.to_string()])
+    );
+    let socket = lab.dir.path().join("control.sock").display().to_string();
+    let a2 = addr::A2_4.to_string();
+    let (code, text) = why(&["198.51.100.21", "--client", &a2, "--socket", &socket]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("(other-client)"), "{text}");
 }
