@@ -14,7 +14,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::netns::*;
-use common::require_root;
+use common::{addresses, require_root};
 use hickory_proto::rr::RecordType;
 
 /// The agent's uid in shape 1, and another unprivileged uid that is not contained.
@@ -147,17 +147,50 @@ fn shape_1_contains_only_the_named_uid_and_root_and_other_users_keep_full_egress
             lab.ruleset()
         );
     }
-    // So is their DNS: another resolver answers them directly.
+    // DNS: whatever server the agent asks, over UDP or TCP, dnsfence answers (transparent
+    // interception), while the others reach the server they asked. The other server answers
+    // the same name with another address, so the answer says who answered.
+    lab.other_dns4.a("api.allowed.test", "198.51.100.66", 300);
+    lab.other_dns4.clear_seen();
+    for tcp in [false, true] {
+        assert_eq!(
+            dig_as(&lab, AGENT_UID, OTHER_DNS, "api.allowed.test", tcp),
+            Ok(vec!["198.51.100.10".to_string()]),
+            "the contained uid's DNS to another server must be answered by dnsfence (tcp: {tcp})\n{}",
+            lab.ruleset()
+        );
+    }
+    assert!(
+        lab.other_dns4.seen().is_empty(),
+        "the contained uid's query reached the other server: {:?}",
+        lab.other_dns4.seen()
+    );
+    let asked = lab
+        .log(3)
+        .iter()
+        .filter(|l| l["qname"] == "api.allowed.test.")
+        .count();
+    assert!(
+        asked >= 3,
+        "dnsfence's log must show the intercepted queries ({asked})"
+    );
+    // A name the policy denies gets dnsfence's NXDOMAIN, not the other server's answer.
     lab.other_dns4.a("elsewhere.test", "198.51.100.66", 300);
     assert_eq!(
-        dig_as(&lab, OTHER_UID, OTHER_DNS, "elsewhere.test", false),
-        Ok(vec!["198.51.100.66".to_string()])
+        dig_as(&lab, AGENT_UID, OTHER_DNS, "elsewhere.test", false),
+        Ok(vec![])
     );
-    let theirs = dig_as(&lab, AGENT_UID, OTHER_DNS, "elsewhere.test", false);
-    assert!(
-        theirs.is_err(),
-        "the agent asked another resolver: {theirs:?}"
-    );
+    for uid in [0, OTHER_UID] {
+        assert_eq!(
+            dig_as(&lab, uid, OTHER_DNS, "api.allowed.test", false),
+            Ok(vec!["198.51.100.66".to_string()]),
+            "uid {uid} is not contained: its DNS goes where it sent it"
+        );
+    }
+    // What is not plain DNS is not rewritten: DNS over TLS stays dropped for the agent only.
+    let dot = connect_as(&lab, AGENT_UID, "198.51.100.99:853");
+    assert!(dot.is_err(), "the contained uid reached port 853");
+    assert_eq!(connect_as(&lab, OTHER_UID, "198.51.100.99:853"), Ok(()));
 }
 
 #[test]
@@ -201,6 +234,26 @@ fn shape_2_contains_the_agents_interface_and_leaves_other_namespaces_and_the_gat
         "agent1 reached the gateway's port: {reach:?}"
     );
 
+    // agent1's DNS to another server, UDP and TCP, is answered by dnsfence.
+    lab.other_dns4.a("api.allowed.test", "198.51.100.66", 300);
+    lab.other_dns4.clear_seen();
+    let other: SocketAddr = addr::OTHER_DNS4.parse().unwrap();
+    for tcp in [false, true] {
+        let reply = a1
+            .try_resolve(other, "api.allowed.test", RecordType::A, tcp)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "agent1's DNS to {other} (tcp: {tcp}): {e}\n{}",
+                    lab.ruleset()
+                )
+            });
+        assert_eq!(addresses(&reply), ["198.51.100.10"], "tcp: {tcp}");
+    }
+    assert!(
+        lab.other_dns4.seen().is_empty(),
+        "agent1's query reached the other server"
+    );
+
     // agent2 is not an agent: anywhere, the gateway's port, and its own choice of resolver.
     let a2 = lab.a2();
     assert_eq!(
@@ -211,11 +264,9 @@ fn shape_2_contains_the_agents_interface_and_leaves_other_namespaces_and_the_gat
         a2.run(move || tcp_probe(gw_from_a2, CONNECT_OK)),
         Reach::Connected
     );
-    lab.other_dns4.a("elsewhere.test", "198.51.100.66", 300);
-    let other: SocketAddr = addr::OTHER_DNS4.parse().unwrap();
     let reply = a2
-        .try_resolve(other, "elsewhere.test", RecordType::A, false)
+        .try_resolve(other, "api.allowed.test", RecordType::A, false)
         .expect("a non-agent namespace asks any resolver it likes");
-    assert_eq!(reply.answers.len(), 1, "{reply:?}");
+    assert_eq!(addresses(&reply), ["198.51.100.66"]);
     drop(ssh);
 }

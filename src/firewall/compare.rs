@@ -118,7 +118,7 @@ pub(crate) fn compare(layout: &Layout, k: &KernelTable) -> Result<(), String> {
             || got.priority != Some(want.priority())
             || got.has_device
             || got.policy != Some(want.policy().code())
-            || got.kind.as_deref() != Some("filter")
+            || got.kind.as_deref() != Some(want.kind.name())
         {
             return Err(format!(
                 "chain {} has another hook, priority, type or policy",

@@ -130,7 +130,7 @@ impl Batch {
                     nft::Hook::Priority(chain.priority() as u32),
                 ]),
                 nft::ChainAttribute::Policy(chain.policy().code()),
-                nft::ChainAttribute::Type("filter".to_string()),
+                nft::ChainAttribute::Type(chain.kind.name().to_string()),
             ],
         });
         self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewChain(chain.name()));

@@ -15,6 +15,18 @@ const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
 const NFT_CT_DIRECTION: u32 = 1;
+const NFT_CT_STATUS: u32 = 2;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_ADDR_MAX: u16 = 4;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_REG_PROTO_MAX: u16 = 6;
+const NFTA_NAT_FLAGS: u16 = 7;
+const NFT_NAT_DNAT: u32 = 1;
+/// `NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED`: what the kernel sets (and dumps)
+/// for a nat expression with an address and a port, sent as is so the dump compares equal.
+const NAT_FLAGS_ADDR_AND_PORT: u32 = 1 | 2;
 const NFTA_FIB_DREG: u16 = 1;
 const NFTA_FIB_RESULT: u16 = 2;
 const NFTA_FIB_FLAGS: u16 = 3;
@@ -154,6 +166,29 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
             }
             raw("log", attrs)
         }
+        Expr::CtStatus => raw(
+            "ct",
+            vec![
+                DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_STATUS)),
+                DefaultNla::new(NFTA_CT_DREG, be32(1)),
+            ],
+        ),
+        Expr::Immediate { dreg, data } => nft::Expressions::Immediate(vec![
+            nft::Immediate::DestinationRegister(nft::Register::from(*dreg)),
+            nft::Immediate::Data(nft::DataAttribute::Value(data.clone())),
+        ]),
+        Expr::Dnat { family } => raw(
+            "nat",
+            vec![
+                DefaultNla::new(NFTA_NAT_TYPE, be32(NFT_NAT_DNAT)),
+                DefaultNla::new(NFTA_NAT_FAMILY, be32(u32::from(family.nfproto()))),
+                DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, be32(1)),
+                DefaultNla::new(NFTA_NAT_REG_ADDR_MAX, be32(1)),
+                DefaultNla::new(NFTA_NAT_REG_PROTO_MIN, be32(2)),
+                DefaultNla::new(NFTA_NAT_REG_PROTO_MAX, be32(2)),
+                DefaultNla::new(NFTA_NAT_FLAGS, be32(NAT_FLAGS_ADDR_AND_PORT)),
+            ],
+        ),
         Expr::Verdict(v) => nft::Expressions::Immediate(vec![
             nft::Immediate::DestinationRegister(nft::Register::Verdict),
             nft::Immediate::Data(nft::DataAttribute::Verdict(vec![

@@ -5,14 +5,15 @@
 //! in the order the module documentation of `ruleset` explains.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net};
 
 use super::contain::{CgroupResolver, Contained, cgroup_id};
 use super::keys::normalize_ip;
 use super::model::{
-    Chain, ChainHook, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef, Verdict,
+    Chain, ChainHook, ChainKind, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef,
+    Verdict,
 };
 use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 
@@ -40,6 +41,7 @@ fn rule(matches: Vec<Match>, verdict: Verdict) -> Rule {
     Rule {
         matches,
         verdict: Some(verdict),
+        dnat: None,
     }
 }
 
@@ -152,6 +154,119 @@ impl Parts {
             .unwrap_or_default()
     }
 
+    /// Where the `output` nat chain sends a local process's DNS, per family: the first
+    /// loopback listen address of that family (a wildcard one counts as `127.0.0.1`/`::1`).
+    fn local_intercept_targets(&self) -> Vec<SocketAddr> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter_map(|family| {
+                self.listens
+                    .iter()
+                    .filter(|l| Family::of(l.ip) == family)
+                    .find_map(|l| {
+                        if l.ip.is_loopback() {
+                            Some(SocketAddr::new(l.ip, l.port))
+                        } else if l.ip.is_unspecified() {
+                            let lo = match family {
+                                Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                                Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                            };
+                            Some(SocketAddr::new(lo, l.port))
+                        } else {
+                            None
+                        }
+                    })
+            })
+            .collect()
+    }
+
+    /// Where the `prerouting` nat chain sends a routed agent's DNS, per family: the first
+    /// listen address of that family that is neither loopback (the kernel drops packets
+    /// routed to loopback) nor a wildcard (no address to write).
+    fn routed_intercept_targets(&self) -> Vec<SocketAddr> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter_map(|family| {
+                self.listens
+                    .iter()
+                    .find(|l| {
+                        Family::of(l.ip) == family && !l.ip.is_loopback() && !l.ip.is_unspecified()
+                    })
+                    .map(|l| SocketAddr::new(l.ip, l.port))
+            })
+            .collect()
+    }
+
+    /// DNS (UDP and TCP 53) rewritten to dnsfence, one rule per protocol and target.
+    fn intercept(targets: &[SocketAddr]) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        for &to in targets {
+            for p in Proto::BOTH {
+                rules.push(Rule {
+                    matches: vec![Match::Dport(p, 53)],
+                    verdict: None,
+                    dnat: Some(to),
+                });
+            }
+        }
+        rules
+    }
+
+    /// The `output` nat chain: a contained process's DNS to any address goes to dnsfence
+    /// (dnsfence's own marked queries and, with `contain`, everyone else's are left alone).
+    fn intercept_output_chain(&self) -> Option<Chain> {
+        let targets = self.local_intercept_targets();
+        if targets.is_empty() {
+            return None;
+        }
+        let mut rules = self.local_gate();
+        rules.push(rule(vec![Match::Mark(self.mark)], Verdict::Accept));
+        rules.extend(Self::intercept(&targets));
+        Some(Chain {
+            hook: ChainHook::Output,
+            kind: ChainKind::Nat,
+            rules,
+        })
+    }
+
+    /// The `prerouting` nat chain: a routed agent's DNS to any address goes to dnsfence.
+    fn intercept_prerouting_chain(&self) -> Option<Chain> {
+        let targets = self.routed_intercept_targets();
+        if targets.is_empty() {
+            return None;
+        }
+        let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
+        rules.extend(self.routed_gate(false));
+        rules.extend(Self::intercept(&targets));
+        Some(Chain {
+            hook: ChainHook::Prerouting,
+            kind: ChainKind::Nat,
+            rules,
+        })
+    }
+
+    /// In `output`, intercepted DNS: after the nat chain its destination is dnsfence's, but
+    /// its output interface is still the one the original destination routed to (not `lo`).
+    fn intercepted_accept(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if self.contain.is_none() {
+            return rules;
+        }
+        for to in self.local_intercept_targets() {
+            for p in Proto::BOTH {
+                rules.push(rule(
+                    vec![
+                        Match::CtStatusDnat,
+                        Match::Daddr(host_net(to.ip())),
+                        Match::Dport(p, to.port()),
+                    ],
+                    Verdict::Accept,
+                ));
+            }
+        }
+        rules
+    }
+
     /// dnsfence's own marked queries to an upstream address and port.
     fn upstream_accept(&self) -> Vec<Rule> {
         self.upstreams
@@ -253,6 +368,7 @@ impl Parts {
                     rules.push(Rule {
                         matches: logged,
                         verdict: None,
+                        dnat: None,
                     });
                 }
                 rules.push(rule(m, Verdict::Drop));
@@ -299,10 +415,7 @@ impl Parts {
         let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
         rules.extend(self.routed_gate(false));
         rules.push(rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop));
-        Chain {
-            hook: ChainHook::Prerouting,
-            rules,
-        }
+        Chain::filter(ChainHook::Prerouting, rules)
     }
 
     fn established() -> Rule {
@@ -331,6 +444,7 @@ impl Parts {
             tail.push(Rule {
                 matches: vec![Match::Limit, Match::Log(group)],
                 verdict: None,
+                dnat: None,
             });
         }
         tail.push(rule(vec![], Verdict::Drop));
@@ -351,6 +465,7 @@ impl Parts {
             }
         }
         rules.extend(self.listen_accept(false));
+        rules.extend(self.intercepted_accept());
         let loopback_dns: BTreeSet<u16> = DNS_PORTS
             .iter()
             .copied()
@@ -366,10 +481,7 @@ impl Parts {
         rules.extend(self.allow_cidrs());
         rules.extend(Self::neighbour_discovery());
         rules.extend(self.tail());
-        Chain {
-            hook: ChainHook::Output,
-            rules,
-        }
+        Chain::filter(ChainHook::Output, rules)
     }
 
     /// The gateway itself, when agents are routed through it.
@@ -381,10 +493,7 @@ impl Parts {
         rules.push(Self::established());
         rules.extend(Self::neighbour_discovery());
         rules.extend(self.tail());
-        Chain {
-            hook: ChainHook::Input,
-            rules,
-        }
+        Chain::filter(ChainHook::Input, rules)
     }
 
     /// Agents in namespaces or containers routed through this host.
@@ -397,10 +506,7 @@ impl Parts {
         rules.extend(self.allow_sets());
         rules.extend(self.allow_cidrs());
         rules.extend(self.tail());
-        Chain {
-            hook: ChainHook::Forward,
-            rules,
-        }
+        Chain::filter(ChainHook::Forward, rules)
     }
 }
 
@@ -433,6 +539,17 @@ impl Layout {
         if forward {
             chains.push(parts.input_chain());
             chains.push(parts.forward_chain());
+        }
+        // DNS interception: a contained agent's DNS to any address is answered by dnsfence.
+        // Only with `contain`: without it the layout stays what it was (a restart after an
+        // upgrade keeps the table and its elements), and DNS elsewhere is dropped as before.
+        if fw.contain.is_some() {
+            if fw.hooks.contains(&Hook::Output) {
+                chains.extend(parts.intercept_output_chain());
+            }
+            if forward {
+                chains.extend(parts.intercept_prerouting_chain());
+            }
         }
         let sets = [Family::V4, Family::V6]
             .map(|family| SetDef {
@@ -549,6 +666,50 @@ mod tests {
         let rules = chain(&l, ChainHook::Output);
         assert!(!rules.iter().any(|r| r.contains("dport 53 limit")));
         assert!(!rules.iter().any(|r| r.contains("group")));
+    }
+
+    #[test]
+    fn dns_of_contained_agents_is_rewritten_to_dnsfence() {
+        let mut p = policy(vec![Hook::Output, Hook::Forward], false);
+        p.firewall.contain = Some(crate::policy::Contain {
+            uids: vec![1000],
+            interfaces: vec!["veth*".into()],
+            ..Default::default()
+        });
+        let l = Layout::from_policy(&p).unwrap();
+        let nat = |name: &str| -> Vec<String> {
+            let c = l.chains.iter().find(|c| c.name() == name).unwrap();
+            assert_eq!(c.policy(), Verdict::Accept);
+            assert_eq!(c.priority(), -100);
+            c.rules.iter().map(Rule::text).collect()
+        };
+        assert_eq!(
+            nat("intercept_output"),
+            [
+                "meta skuid != 1000 accept",
+                "meta mark 0x0000002a accept",
+                "udp dport 53 dnat ip to 127.0.0.1:53",
+                "tcp dport 53 dnat ip to 127.0.0.1:53",
+            ]
+        );
+        assert_eq!(
+            nat("intercept_prerouting"),
+            [
+                "iif \"lo\" accept",
+                "iifname != \"veth*\" accept",
+                "udp dport 53 dnat ip to 10.9.0.1:53",
+                "tcp dport 53 dnat ip to 10.9.0.1:53",
+            ]
+        );
+        // The rewritten packet still leaves on its original interface: the filter accepts it
+        // by its new destination before the DNS drops.
+        let out = chain(&l, ChainHook::Output);
+        let accept = out
+            .iter()
+            .position(|r| r == "ct status dnat ip daddr 127.0.0.1 udp dport 53 accept")
+            .unwrap();
+        let drop = out.iter().position(|r| r == "udp dport 53 drop").unwrap();
+        assert!(accept < drop);
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Contained {
         (!m.is_empty()).then_some(Rule {
             matches: m,
             verdict: Some(Verdict::Accept),
+            dnat: None,
         })
     }
 
@@ -113,6 +114,7 @@ impl Contained {
         let accept = |matches: Vec<Match>| Rule {
             matches,
             verdict: Some(Verdict::Accept),
+            dnat: None,
         };
         if self.sources.is_empty() {
             return vec![accept(ifaces)];

@@ -18,6 +18,21 @@ impl Rule {
         if let Some(v) = self.verdict {
             out.push(Expr::Verdict(v));
         }
+        if let Some(to) = self.dnat {
+            // As nft: the address in register 1, the port in register 2, then the nat
+            // expression naming both (min = max: one address, one port).
+            out.push(Expr::Immediate {
+                dreg: REG1,
+                data: octets(to.ip()),
+            });
+            out.push(Expr::Immediate {
+                dreg: REG2,
+                data: to.port().to_be_bytes().to_vec(),
+            });
+            out.push(Expr::Dnat {
+                family: Family::of(to.ip()),
+            });
+        }
         out
     }
 }
@@ -25,7 +40,7 @@ impl Rule {
 /// Registers: `1` is the first 16-byte register, `2` the second; `9` is the second 4-byte
 /// register (NFT_REG32_01), right after the first 4 bytes of register 1.
 pub(crate) const REG1: u32 = 1;
-const REG2: u32 = 2;
+pub(crate) const REG2: u32 = 2;
 const REG32_01: u32 = 9;
 
 /// `meta` keys used here (`enum nft_meta_keys`).
@@ -94,6 +109,12 @@ pub(crate) enum Expr {
     },
     /// `[ immediate reg 0 accept|drop ]`
     Verdict(Verdict),
+    /// `[ immediate reg N <data> ]`
+    Immediate { dreg: u32, data: Vec<u8> },
+    /// `[ nat dnat ip|ip6 addr_min reg 1 proto_min reg 2 ]`
+    Dnat { family: Family },
+    /// `[ ct load status => reg 1 ]`
+    CtStatus,
 }
 
 fn cmp_neq(data: impl Into<Vec<u8>>) -> Expr {
@@ -181,6 +202,9 @@ fn depend(out: &mut Vec<Expr>, known: &mut Option<Family>, f: Family) {
         *known = Some(f);
     }
 }
+
+/// `ct status` bit `IPS_DST_NAT`.
+const CT_STATUS_DST_NAT: u32 = 1 << 5;
 
 /// `ct state` bits: established (2) and related (4).
 const CT_ESTABLISHED_RELATED: u32 = 2 | 4;
@@ -323,6 +347,17 @@ impl Match {
                 });
                 out.push(cmp_eq([t.number()]));
             }
+            Match::CtStatusDnat => {
+                out.push(Expr::CtStatus);
+                out.push(Expr::Bitwise {
+                    mask: CT_STATUS_DST_NAT.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                });
+                out.push(Expr::Cmp {
+                    neq: true,
+                    data: vec![0; 4],
+                });
+            }
             Match::Limit => out.push(Expr::Limit {
                 rate: LOG_RATE_PER_SECOND,
                 burst: LOG_BURST,
@@ -344,6 +379,7 @@ mod tests {
         let r = Rule {
             matches: vec![Match::Daddr("10.1.2.0/23".parse().unwrap())],
             verdict: Some(Verdict::Accept),
+            dnat: None,
         };
         let e = r.exprs();
         assert_eq!(e.len(), 6);
@@ -357,6 +393,7 @@ mod tests {
         let r = Rule {
             matches: vec![Match::Daddr("10.0.0.0/8".parse().unwrap())],
             verdict: None,
+            dnat: None,
         };
         assert_eq!(r.exprs()[2], network(16, 1, REG1));
         assert_eq!(r.exprs()[3], cmp_eq([10u8]));

@@ -26,6 +26,14 @@
 //! `iif "lo" accept` where that comes first). Everything below applies to the agents' packets
 //! only; without `contain`, to every packet the hook sees.
 //!
+//! With `contain`, two `nat` chains (priority `dstnat`, -100: after conntrack, before the
+//! filter chains) rewrite the agents' DNS (UDP and TCP 53, to any address) to dnsfence:
+//! `intercept_output` (after the same gate and dnsfence's own marked queries) to a loopback
+//! listen address, `intercept_prerouting` (after `iif "lo"` and the gate) to a non-loopback
+//! one. The `output` filter chain then accepts `ct status dnat` packets to that address and
+//! port before its DNS drops: the rewritten packet keeps the output interface its first
+//! destination routed to, so `oif "lo"` does not match it.
+//!
 //! The `prerouting` chain (priority `raw`, policy accept; present with `forward`, or when
 //! dnsfence listens on a non-loopback address) sees every packet that enters the host before
 //! conntrack, routing or any socket does:

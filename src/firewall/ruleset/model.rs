@@ -219,6 +219,8 @@ pub(crate) enum Match {
     SaddrNotIn(IpNet),
     /// `ip daddr != …` / `ip6 daddr != …`
     DaddrNotIn(IpNet),
+    /// `ct status dnat`: a connection whose destination a nat chain rewrote.
+    CtStatusDnat,
     /// `limit rate N/second`
     Limit,
     /// `log prefix "…"`, and with an NFLOG group `… group N` (dnsfence reads the group to
@@ -250,11 +252,13 @@ impl Verdict {
     }
 }
 
-/// One rule: all matches must hold, then the verdict (if any) applies.
+/// One rule: all matches must hold, then the verdict (if any) applies, or the destination
+/// is rewritten (`dnat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rule {
     pub(crate) matches: Vec<Match>,
     pub(crate) verdict: Option<Verdict>,
+    pub(crate) dnat: Option<std::net::SocketAddr>,
 }
 
 /// The netfilter hook of a base chain.
@@ -277,41 +281,77 @@ impl ChainHook {
     }
 }
 
-/// A base chain: `type filter hook <hook> priority <priority>; policy <policy>;`.
+/// What a base chain does: filter packets, or rewrite the destination of new connections
+/// (DNS interception).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChainKind {
+    Filter,
+    Nat,
+}
+
+impl ChainKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ChainKind::Filter => "filter",
+            ChainKind::Nat => "nat",
+        }
+    }
+}
+
+/// A base chain: `type <kind> hook <hook> priority <priority>; policy <policy>;`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Chain {
     pub(crate) hook: ChainHook,
+    pub(crate) kind: ChainKind,
     pub(crate) rules: Vec<Rule>,
 }
 
 impl Chain {
-    /// Chains are named after their hook.
+    /// A filter chain on `hook`.
+    pub(crate) fn filter(hook: ChainHook, rules: Vec<Rule>) -> Chain {
+        Chain {
+            hook,
+            kind: ChainKind::Filter,
+            rules,
+        }
+    }
+
+    /// Filter chains are named after their hook, nat chains `intercept_<hook>`.
     pub(crate) fn name(&self) -> &'static str {
-        self.hook.name()
+        match (self.kind, self.hook) {
+            (ChainKind::Filter, hook) => hook.name(),
+            (ChainKind::Nat, ChainHook::Prerouting) => "intercept_prerouting",
+            (ChainKind::Nat, _) => "intercept_output",
+        }
     }
 
-    /// `raw` (-300) for `prerouting`, before conntrack sees a forged packet; `filter` (0) for
-    /// the others.
+    /// `raw` (-300) for the filter `prerouting`, before conntrack sees a forged packet;
+    /// `dstnat` (-100) for nat chains (after conntrack, before the filter chains, which then
+    /// see the rewritten destination); `filter` (0) for the others.
     pub(crate) fn priority(&self) -> i32 {
-        match self.hook {
-            ChainHook::Prerouting => -300,
-            _ => 0,
+        match (self.kind, self.hook) {
+            (ChainKind::Nat, _) => -100,
+            (ChainKind::Filter, ChainHook::Prerouting) => -300,
+            (ChainKind::Filter, _) => 0,
         }
     }
 
-    /// nft's name of [`Chain::priority`].
+    /// nft's name of [`Chain::priority`] (it prints `-100` on `output`, where `dstnat` is
+    /// not a standard name).
     pub(crate) fn priority_name(&self) -> &'static str {
-        match self.hook {
-            ChainHook::Prerouting => "raw",
-            _ => "filter",
+        match (self.kind, self.hook) {
+            (ChainKind::Nat, ChainHook::Prerouting) => "dstnat",
+            (ChainKind::Nat, _) => "-100",
+            (ChainKind::Filter, ChainHook::Prerouting) => "raw",
+            (ChainKind::Filter, _) => "filter",
         }
     }
 
-    /// `prerouting` only filters sources and lets the rest through to the other chains; the
-    /// others drop what no rule accepted.
+    /// `prerouting` only filters sources and lets the rest through to the other chains, and
+    /// nat chains only rewrite; the others drop what no rule accepted.
     pub(crate) fn policy(&self) -> Verdict {
-        match self.hook {
-            ChainHook::Prerouting => Verdict::Accept,
+        match (self.kind, self.hook) {
+            (ChainKind::Nat, _) | (ChainKind::Filter, ChainHook::Prerouting) => Verdict::Accept,
             _ => Verdict::Drop,
         }
     }

@@ -40,7 +40,8 @@ impl Layout {
             let _ = writeln!(s, "\tchain {} {{", chain.name());
             let _ = writeln!(
                 s,
-                "\t\ttype filter hook {} priority {}; policy {};",
+                "\t\ttype {} hook {} priority {}; policy {};",
+                chain.kind.name(),
                 chain.hook.name(),
                 chain.priority_name(),
                 chain.policy().name()
@@ -106,6 +107,7 @@ impl Match {
                 let f = Family::of(net.addr());
                 format!("{} daddr != {}", f.header(), addr_text(net))
             }
+            Match::CtStatusDnat => "ct status dnat".to_string(),
             Match::Limit => format!("limit rate {LOG_RATE_PER_SECOND}/second"),
             Match::Log(None) => format!("log prefix \"{LOG_PREFIX}\""),
             Match::Log(Some(group)) => format!("log prefix \"{LOG_PREFIX}\" group {group}"),
@@ -119,6 +121,10 @@ impl Rule {
         let mut parts: Vec<String> = self.matches.iter().map(Match::text).collect();
         if let Some(v) = self.verdict {
             parts.push(v.name().to_string());
+        }
+        if let Some(to) = self.dnat {
+            let family = Family::of(to.ip());
+            parts.push(format!("dnat {} to {to}", family.header()));
         }
         parts.join(" ")
     }
