@@ -27,6 +27,9 @@ const NFT_NAT_DNAT: u32 = 1;
 /// `NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED`: what the kernel sets (and dumps)
 /// for a nat expression with an address and a port, sent as is so the dump compares equal.
 const NAT_FLAGS_ADDR_AND_PORT: u32 = 1 | 2;
+const NFTA_CT_DIRECTION: u16 = 3;
+const NFT_CT_PROTO_DST: u32 = 12;
+const IP_CT_DIR_ORIGINAL: u8 = 0;
 const NFTA_FIB_DREG: u16 = 1;
 const NFTA_FIB_RESULT: u16 = 2;
 const NFTA_FIB_FLAGS: u16 = 3;
@@ -131,6 +134,14 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
                 DefaultNla::new(NFTA_SOCKET_KEY, be32(NFT_SOCKET_CGROUPV2)),
                 DefaultNla::new(NFTA_SOCKET_DREG, be32(1)),
                 DefaultNla::new(NFTA_SOCKET_LEVEL, be32(*level)),
+            ],
+        ),
+        Expr::CtOriginalProtoDst => raw(
+            "ct",
+            vec![
+                DefaultNla::new(NFTA_CT_KEY, be32(NFT_CT_PROTO_DST)),
+                DefaultNla::new(NFTA_CT_DIRECTION, vec![IP_CT_DIR_ORIGINAL]),
+                DefaultNla::new(NFTA_CT_DREG, be32(1)),
             ],
         ),
         Expr::FibSaddrIifOifPresent => raw(

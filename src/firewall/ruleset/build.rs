@@ -357,11 +357,29 @@ impl Parts {
     /// a verdict: a limit that fails must not skip the drop), so that dnsfence can explain
     /// the drop as a DNS bypass.
     fn dns_drop(&self, prefix: &[Match], ports: &BTreeSet<u16>) -> Vec<Rule> {
+        self.dns_drop_by(prefix, ports, Match::Dport)
+    }
+
+    /// Like [`dns_drop`](Self::dns_drop), by the destination port the connection was opened
+    /// to (its conntrack entry's original tuple), and only in that direction: replies of
+    /// dnsfence's own listeners are the other direction of such connections.
+    fn nat_dns_drop(&self, prefix: &[Match], ports: &BTreeSet<u16>) -> Vec<Rule> {
+        self.dns_drop_by(prefix, ports, Match::OpenedToPort)
+    }
+
+    /// The drops of [`dns_drop`](Self::dns_drop) and [`nat_dns_drop`](Self::nat_dns_drop),
+    /// each preceded by its NFLOG rule when the policy logs drops.
+    fn dns_drop_by(
+        &self,
+        prefix: &[Match],
+        ports: &BTreeSet<u16>,
+        port_match: fn(Proto, u16) -> Match,
+    ) -> Vec<Rule> {
         let mut rules = Vec::new();
         for &port in ports {
             for p in Proto::BOTH {
                 let mut m = prefix.to_vec();
-                m.push(Match::Dport(p, port));
+                m.push(port_match(p, port));
                 if let Some(Some(group)) = self.log {
                     let mut logged = m.clone();
                     logged.extend([Match::Limit, Match::Log(Some(group))]);
@@ -474,6 +492,11 @@ impl Parts {
             .collect();
         rules.extend(self.dns_drop(&[Match::OifLo], &loopback_dns));
         rules.extend(self.dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        // The same by the port a connection was opened to, before NAT rewrote it: Docker's
+        // embedded DNS answers 127.0.0.11:53 on a random port that a DNAT rule sends it to, and
+        // the filter hook only sees the rewritten packet.
+        rules.extend(self.nat_dns_drop(&[Match::OifLo], &loopback_dns));
+        rules.extend(self.nat_dns_drop(&[], &DNS_PORTS.into_iter().collect()));
         rules.push(rule(vec![Match::OifLo], Verdict::Accept));
         rules.extend(self.inbound());
         rules.push(Self::established());
@@ -597,6 +620,31 @@ mod tests {
             .find(|c| c.hook == hook)
             .map(|c| c.rules.iter().map(Rule::text).collect())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn dns_redirected_by_nat_is_dropped_before_loopback_is_accepted() {
+        // Docker's embedded DNS: 127.0.0.11:53 is DNATed to a random port before the filter
+        // hook; only the conntrack entry's original port says it was DNS. Replies of
+        // dnsfence's own listeners are the reply direction and must not match.
+        let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
+        let rules = chain(&l, ChainHook::Output);
+        let pos = |s: &str| {
+            rules
+                .iter()
+                .position(|r| r == s)
+                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
+        };
+        let own = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
+        let lo = pos("oif \"lo\" accept");
+        for rule in [
+            "ct direction original meta l4proto udp ct original proto-dst 53 drop",
+            "ct direction original meta l4proto tcp ct original proto-dst 53 drop",
+            "ct direction original meta l4proto tcp ct original proto-dst 853 drop",
+            "ct direction original meta l4proto udp ct original proto-dst 853 drop",
+        ] {
+            assert!(own < pos(rule) && pos(rule) < lo, "{rule} out of place: {rules:?}");
+        }
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub(crate) enum Expr {
     CtDirection,
     /// `[ socket load cgroupv2 => reg 1 , level N ]`
     SocketCgroupV2 { level: u32 },
+    /// `[ ct load proto_dst => reg 1 , dir original ]`
+    CtOriginalProtoDst,
     /// `[ fib saddr . iif oif present => reg 1 ]`
     FibSaddrIifOifPresent,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
@@ -295,6 +297,14 @@ impl Match {
             Match::CtDirectionReply => {
                 out.push(Expr::CtDirection);
                 out.push(cmp_eq([1u8]));
+            }
+            Match::OpenedToPort(p, port) => {
+                out.push(Expr::CtDirection);
+                out.push(cmp_eq([0u8]));
+                out.push(meta(MetaKey::L4Proto));
+                out.push(cmp_eq([p.number()]));
+                out.push(Expr::CtOriginalProtoDst);
+                out.push(cmp_eq(port.to_be_bytes()));
             }
             Match::SkUidNotRoot => {
                 out.push(meta(MetaKey::SkUid));

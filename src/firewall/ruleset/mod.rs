@@ -66,7 +66,10 @@
 //!    TLS (TCP 853) and DNS over QUIC (UDP 853) to anything else is dropped, on loopback also
 //!    the listen ports (a local stub or forwarder would be a way around dnsfence). This comes
 //!    *before* the allow sets: an admitted host that also runs a resolver (or a CDN edge that
-//!    does) would otherwise be a DNS tunnel to anywhere.
+//!    does) would otherwise be a DNS tunnel to anywhere. The same drops again by the port the
+//!    connection was opened to (`ct direction original ... ct original proto-dst`), because
+//!    the filter hook sees packets after NAT: Docker's embedded DNS answers `127.0.0.11:53`
+//!    on a random port a DNAT rule sends it to, which would pass as "the rest of loopback".
 //! 4. The rest of loopback is accepted.
 //! 5. Replies on connections that other hosts opened (`ct direction reply`) are accepted from
 //!    dnsfence's listen addresses and ports and from `firewall.inbound`, and dropped when the socket belongs to a

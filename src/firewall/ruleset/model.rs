@@ -201,6 +201,9 @@ pub(crate) enum Match {
     HopLimit255,
     /// `ct direction reply`: a packet answering a connection the other side opened.
     CtDirectionReply,
+    /// `ct direction original meta l4proto udp|tcp ct original proto-dst …`: a packet of a
+    /// connection this side opened to that port, whatever NAT rewrote the port to since.
+    OpenedToPort(Proto, u16),
     /// `meta skuid != 0`: sent by a socket of a user other than root.
     SkUidNotRoot,
     /// `meta skuid != U`: a socket of another user (or none: the match then fails).

@@ -91,6 +91,10 @@ impl Match {
             Match::Icmpv6(t) => format!("icmpv6 type {}", t.name()),
             Match::HopLimit255 => "ip6 hoplimit 255".to_string(),
             Match::CtDirectionReply => "ct direction reply".to_string(),
+            Match::OpenedToPort(p, port) => format!(
+                "ct direction original meta l4proto {} ct original proto-dst {port}",
+                p.name()
+            ),
             Match::SkUidNotRoot => "meta skuid != 0".to_string(),
             Match::SkUidNot(u) => format!("meta skuid != {u}"),
             Match::SkGidNot(g) => format!("meta skgid != {g}"),
