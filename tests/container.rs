@@ -137,7 +137,13 @@ fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     static BUILDING: Mutex<()> = Mutex::new(());
     let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    IMAGES.get_or_init(build_images)
+    IMAGES.get_or_init(|| match std::env::var("DEV_IMAGE") {
+        Ok(dnsfence) => Images {
+            dnsfence,
+            busybox: "dnsfence-local/busybox:latest".into(),
+        },
+        Err(_) => build_images(),
+    })
 }
 
 fn build_images() -> Images {
@@ -195,10 +201,10 @@ fn build_images() -> Images {
 }
 
 /// The build context: the sources the Dockerfile copies, and the crates vendored into
-/// `docker/vendor` (kept between runs while Cargo.lock is unchanged).
+/// `docker/deps/vendor` (kept between runs while Cargo.lock is unchanged).
 fn build_context() -> PathBuf {
     let context = Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-context");
-    let vendor = context.join("docker/vendor");
+    let vendor = context.join("docker/deps/vendor");
     let lock = std::fs::read(Path::new(REPO).join("Cargo.lock")).expect("read Cargo.lock");
     let stamp = context.join("vendor.stamp");
     let want = format!("{:016x}", fnv(&lock));
@@ -474,6 +480,7 @@ fn override_yaml(images: &Images, net: &str) -> String {
     format!(
         "services:\n\
          \x20 dnsfence:\n\
+         \x20   healthcheck:\n      test: [\"CMD\", \"/dnsfence\", \"--version\"]\n\
          \x20   networks:\n      fence:\n        ipv4_address: {net}.2\n\
          \x20 agent:\n    image: {busybox}\n    command: [\"sleep\", \"3600\"]\n\
          \x20 upstream:\n{}\
@@ -731,6 +738,51 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     assert!(
         text(&out).contains(&unnamed),
         "control: the probe cannot use .5: {}",
+        text(&out)
+    );
+
+    // SIGHUP with a changed policy revokes: allowed.test is gone (NXDOMAIN, its address no
+    // longer reachable), second.test (same address) now resolves and reaches it.
+    let policy = dir.path().join("policy.yaml");
+    let next = dir.path().join("policy.yaml.next");
+    std::fs::write(
+        &next,
+        policy_yaml(&net, &format!("{net}.5"), &["second.test"]),
+    )
+    .unwrap();
+    std::fs::rename(&next, &policy).unwrap();
+    run_ok(project.compose(&["kill", "-s", "HUP", "dnsfence"]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = project.exec("agent", long, &nslookup("allowed.test", None));
+        if text(&out).contains("NXDOMAIN") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "allowed.test still resolves 15 s after SIGHUP: {}\n--- dnsfence:\n{}",
+            text(&out),
+            project.logs("dnsfence")
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let hits_before = allowed_target.hits().len();
+    let out = project.exec("agent", long, &echo_to(&target, "revoked-leak"));
+    assert!(
+        !text(&out).contains("revoked-leak"),
+        "the revoked address is still reachable after the reload"
+    );
+    assert_eq!(allowed_target.hits().len(), hits_before);
+    let out = project.exec("agent", long, &nslookup("second.test", None));
+    assert!(
+        text(&out).contains(&target),
+        "second.test after the reload: {}",
+        text(&out)
+    );
+    let out = project.exec("agent", long, &echo_to(&target, "second-ok"));
+    assert!(
+        text(&out).contains("second-ok"),
+        "control after the reload: {}",
         text(&out)
     );
 

@@ -643,7 +643,10 @@ mod tests {
             "ct direction original meta l4proto tcp ct original proto-dst 853 drop",
             "ct direction original meta l4proto udp ct original proto-dst 853 drop",
         ] {
-            assert!(own < pos(rule) && pos(rule) < lo, "{rule} out of place: {rules:?}");
+            assert!(
+                own < pos(rule) && pos(rule) < lo,
+                "{rule} out of place: {rules:?}"
+            );
         }
     }
 
