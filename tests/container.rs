@@ -36,40 +36,27 @@ use std::time::{Duration, Instant};
 
 use common::Upstream;
 use common::netns::Services;
+use common::tools::require_tool;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The programs this test runs, with the Debian package of each.
-const TOOLS: &[(&str, &str)] = &[
-    ("docker", "docker.io"),
-    ("docker-compose", "docker-compose"),
-    ("debootstrap", "debootstrap"),
-    ("busybox", "busybox-static"),
-    ("file", "file"),
+/// The programs this file runs (each in `tests/common/tools.rs` with its Debian package).
+const TOOLS: &[&str] = &[
+    "docker",
+    "docker-compose",
+    "debootstrap",
+    "busybox",
+    "file",
+    "bash",
+    "cp",
 ];
-
-fn require_tool(name: &str) {
-    let package = TOOLS
-        .iter()
-        .find(|(tool, _)| *tool == name)
-        .map(|(_, package)| *package)
-        .unwrap_or_else(|| panic!("{name} is not in this test's TOOLS list"));
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "this test runs `{name}`, which is not on PATH: install the Debian package `{package}` \
-         (apt-get install {package}; .ci/run does)"
-    );
-}
 
 /// Root, the tools and a running engine: `false` (skip) only outside CI.
 fn engine_ready(test: &str) -> bool {
     if !common::require_root(test) {
         return false;
     }
-    for (tool, _) in TOOLS {
+    for tool in TOOLS {
         require_tool(tool);
     }
     let info = Command::new("docker")
@@ -149,6 +136,7 @@ fn images() -> &'static Images {
 fn build_images() -> Images {
     let script = Path::new(REPO).join("docker/local-images.sh");
     let started = Instant::now();
+    require_tool("bash");
     run_ok(Command::new("bash").arg(&script));
     let printed = run_ok(Command::new("bash").arg(&script).arg("--print"));
     let value = |key: &str| {

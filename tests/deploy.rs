@@ -27,14 +27,8 @@ fn yaml(path: &str) -> Value {
 }
 
 fn require_systemd_analyze() {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join("systemd-analyze").is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "this test runs `systemd-analyze`, which is not on PATH: install the Debian package \
-         `systemd` (apt-get install systemd; it works without systemd running as PID 1)"
-    );
+    // Debian's `systemd` package; it works without systemd running as PID 1.
+    common::tools::require_tool("systemd-analyze");
 }
 
 /// The unit with its binary path pointed at the binary under test (verify checks that the

@@ -18,16 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-
-fn require_tool(name: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "this test runs `{name}`, which is not on PATH: install the Debian package `{package}`"
-    );
-}
+use common::tools::require_tool;
 
 /// The service manager's end: every datagram dnsfence sends, split into `KEY=VALUE` lines.
 struct Manager {
@@ -117,9 +108,9 @@ fn ready_only_after_the_table_is_in_the_kernel_then_reloading_watchdog_and_stopp
     if !common::require_root("ready_only_after_the_table_is_in_the_kernel") {
         return;
     }
-    require_tool("ip", "iproute2");
-    require_tool("nft", "nftables");
-    require_tool("timeout", "coreutils");
+    for tool in ["ip", "nft", "timeout"] {
+        require_tool(tool);
+    }
     let ns = Netns::create(&format!("dfn-{}", std::process::id()));
     let upstream = ns.run(|| {
         let u = common::Upstream::start_at("127.0.0.53:53".parse().unwrap());
@@ -188,7 +179,7 @@ fn a_dnsfence_that_cannot_bind_its_listener_never_says_ready() {
     if !common::require_root("a_dnsfence_that_cannot_bind_its_listener_never_says_ready") {
         return;
     }
-    require_tool("ip", "iproute2");
+    require_tool("ip");
     let ns = Netns::create(&format!("dfb-{}", std::process::id()));
     // Someone else holds 127.0.0.1:53 (UDP) in that namespace.
     let squatter = ns.run(|| UdpSocket::bind("127.0.0.1:53").expect("bind the squatter"));

@@ -63,6 +63,34 @@ pub const TOOLS: &[Tool] = &[
         name: "perl",
         package: "perl-base",
     },
+    Tool {
+        name: "cp",
+        package: "coreutils",
+    },
+    Tool {
+        name: "docker",
+        package: "docker.io",
+    },
+    Tool {
+        name: "docker-compose",
+        package: "docker-compose",
+    },
+    Tool {
+        name: "debootstrap",
+        package: "debootstrap",
+    },
+    Tool {
+        name: "busybox",
+        package: "busybox-static",
+    },
+    Tool {
+        name: "file",
+        package: "file",
+    },
+    Tool {
+        name: "systemd-analyze",
+        package: "systemd",
+    },
 ];
 
 /// Where the program `name` is on `path` (a `PATH`-style list), the way `execvp` (and so
