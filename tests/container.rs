@@ -134,6 +134,11 @@ fn images() -> &'static Images {
 }
 
 fn build_images() -> Images {
+    // One build at a time on this machine: test runs of other checkouts wait here, then find
+    // the layers they share in Docker's cache instead of compiling them a second time.
+    let lock = File::create(std::env::temp_dir().join("dnsfence-docker-build.lock"))
+        .expect("create the build lock");
+    lock.lock().expect("take the build lock");
     let script = Path::new(REPO).join("docker/local-images.sh");
     let started = Instant::now();
     require_tool("bash");
