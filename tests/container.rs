@@ -162,21 +162,22 @@ fn build_images() -> Images {
     // One tag per checkout: several checkouts on one machine build side by side.
     let tag = format!("dnsfence-local/dnsfence:test-{:08x}", fnv(REPO.as_bytes()));
     let started = Instant::now();
-    let out = run(docker(&[
-        "build",
-        "-f",
-        "docker/Dockerfile",
-        "--build-arg",
-        &format!("BUILDER_IMAGE={builder}"),
-        "--build-arg",
-        "RUNTIME_IMAGE=scratch",
-        "-t",
-        &tag,
-        ".",
-    ])
-    .current_dir(&context)
-    // The classic builder: BuildKit is not part of Debian's 20.10 engine package everywhere.
-    .env("DOCKER_BUILDKIT", "0"));
+    let out = run(Command::new(build_client())
+        .args([
+            "build",
+            "--progress=plain",
+            "-f",
+            "docker/Dockerfile",
+            "--build-arg",
+            &format!("BUILDER_IMAGE={builder}"),
+            "--build-arg",
+            "RUNTIME_IMAGE=scratch",
+            "-t",
+            &tag,
+            ".",
+        ])
+        .current_dir(&context)
+        .env("DOCKER_BUILDKIT", "1"));
     assert!(
         out.status.success(),
         "docker build failed:\n{}\n{}",
@@ -190,6 +191,18 @@ fn build_images() -> Images {
     Images {
         dnsfence: tag,
         busybox,
+    }
+}
+
+/// The client that builds the image with the engine's BuildKit: Debian's docker.io client
+/// (version-matched to the engine it ships) where it is installed; a newer client that comes
+/// first on PATH needs the buildx plugin for BuildKit, which Debian 12 does not package.
+fn build_client() -> &'static str {
+    require_tool("docker");
+    if Path::new("/usr/bin/docker").is_file() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
     }
 }
 
@@ -303,7 +316,7 @@ fn image_holds_a_static_binary_and_the_policies_and_nothing_else() {
                 || f == "etc/dnsfence"
                 || (f.starts_with("etc/dnsfence/") && f.ends_with(".yaml"))
                 // Docker's own mount points, created in every container.
-                || ["dev", "proc", "sys", "etc/hosts", "etc/hostname", "etc/resolv.conf", ".dockerenv"]
+                || ["dev", "proc", "sys", "etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", ".dockerenv"]
                     .iter()
                     .any(|d| f == *d || f.starts_with(&format!("{d}/"))))
         })
@@ -563,7 +576,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     }
     let images = images();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (project, net) = bring_up(images, dir.path(), &["allowed.test"]);
+    let (project, net) = bring_up(images, dir.path(), &["allowed.agent-corp.net"]);
     let fence = format!("{net}.2");
     let target = format!("{net}.10");
     let unnamed = format!("{net}.11");
@@ -574,9 +587,9 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         let target = target.clone();
         let unnamed = unnamed.clone();
         move |u: &Upstream| {
-            u.a("allowed.test", &target, 60);
-            u.a("second.test", &target, 60);
-            u.a("denied.test", &unnamed, 60);
+            u.a("allowed.agent-corp.net", &target, 60);
+            u.a("second.agent-corp.net", &target, 60);
+            u.a("denied.agent-corp.net", &unnamed, 60);
         }
     };
     let upstream = {
@@ -623,7 +636,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     );
 
     // Allowed: resolved through dnsfence, then reachable.
-    let out = project.exec("agent", long, &nslookup("allowed.test", None));
+    let out = project.exec("agent", long, &nslookup("allowed.agent-corp.net", None));
     assert!(
         out.status.success() && text(&out).contains(&target),
         "the agent cannot resolve an allowed name: {}\n--- dnsfence:\n{}",
@@ -639,14 +652,14 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     assert!(!allowed_target.hits().is_empty());
 
     // Denied: NXDOMAIN, and the upstream never heard of it.
-    let out = project.exec("agent", long, &nslookup("denied.test", None));
+    let out = project.exec("agent", long, &nslookup("denied.agent-corp.net", None));
     assert!(
         !out.status.success() && text(&out).contains("NXDOMAIN") && !text(&out).contains(&unnamed),
         "a denied name resolved: {}",
         text(&out)
     );
     assert!(
-        upstream.seen_for("denied.test").is_empty(),
+        upstream.seen_for("denied.agent-corp.net").is_empty(),
         "a denied name was forwarded"
     );
 
@@ -675,7 +688,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         "control: Docker's DNS does not answer the probe: {}",
         text(&out)
     );
-    for name in ["upstream", "allowed.test"] {
+    for name in ["upstream", "allowed.agent-corp.net"] {
         let out = project.exec("agent", long, &nslookup(name, Some("127.0.0.11")));
         assert!(
             !out.status.success() && !text(&out).contains(&net),
@@ -688,7 +701,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     let out = project.exec(
         "agent",
         long,
-        &nslookup("allowed.test", Some(&format!("{net}.6"))),
+        &nslookup("allowed.agent-corp.net", Some(&format!("{net}.6"))),
     );
     assert!(
         !text(&out).contains(&target),
@@ -702,7 +715,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     let out = project.exec(
         "agent",
         long,
-        &nslookup("denied.test", Some(&format!("{net}.5"))),
+        &nslookup("denied.agent-corp.net", Some(&format!("{net}.5"))),
     );
     assert!(
         !text(&out).contains(&unnamed),
@@ -710,13 +723,16 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         text(&out)
     );
     assert!(
-        !upstream.seen_for("denied.test").iter().any(from_fence),
+        !upstream
+            .seen_for("denied.agent-corp.net")
+            .iter()
+            .any(from_fence),
         "the upstream heard a denied name from dnsfence's namespace"
     );
     let out = project.exec(
         "probe",
         long,
-        &nslookup("allowed.test", Some(&format!("{net}.6"))),
+        &nslookup("allowed.agent-corp.net", Some(&format!("{net}.6"))),
     );
     assert!(
         text(&out).contains(&target),
@@ -726,7 +742,7 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     let out = project.exec(
         "probe",
         long,
-        &nslookup("denied.test", Some(&format!("{net}.5"))),
+        &nslookup("denied.agent-corp.net", Some(&format!("{net}.5"))),
     );
     assert!(
         text(&out).contains(&unnamed),
@@ -734,26 +750,26 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         text(&out)
     );
 
-    // SIGHUP with a changed policy revokes: allowed.test is gone (NXDOMAIN, its address no
-    // longer reachable), second.test (same address) now resolves and reaches it.
+    // SIGHUP with a changed policy revokes: allowed.agent-corp.net is gone (NXDOMAIN, its address no
+    // longer reachable), second.agent-corp.net (same address) now resolves and reaches it.
     let policy = dir.path().join("policy.yaml");
     let next = dir.path().join("policy.yaml.next");
     std::fs::write(
         &next,
-        policy_yaml(&net, &format!("{net}.5"), &["second.test"]),
+        policy_yaml(&net, &format!("{net}.5"), &["second.agent-corp.net"]),
     )
     .unwrap();
     std::fs::rename(&next, &policy).unwrap();
     run_ok(project.compose(&["kill", "-s", "HUP", "dnsfence"]));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = project.exec("agent", long, &nslookup("allowed.test", None));
+        let out = project.exec("agent", long, &nslookup("allowed.agent-corp.net", None));
         if text(&out).contains("NXDOMAIN") {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "allowed.test still resolves 15 s after SIGHUP: {}\n--- dnsfence:\n{}",
+            "allowed.agent-corp.net still resolves 15 s after SIGHUP: {}\n--- dnsfence:\n{}",
             text(&out),
             project.logs("dnsfence")
         );
@@ -766,10 +782,10 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         "the revoked address is still reachable after the reload"
     );
     assert_eq!(allowed_target.hits().len(), hits_before);
-    let out = project.exec("agent", long, &nslookup("second.test", None));
+    let out = project.exec("agent", long, &nslookup("second.agent-corp.net", None));
     assert!(
         text(&out).contains(&target),
-        "second.test after the reload: {}",
+        "second.agent-corp.net after the reload: {}",
         text(&out)
     );
     let out = project.exec("agent", long, &echo_to(&target, "second-ok"));
@@ -782,7 +798,10 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
     // The query log is dnsfence's stdout: `docker compose logs dnsfence`.
     let logs = project.logs("dnsfence");
     assert!(
-        logs.contains("\"qname\":\"denied.test.\"") && logs.contains("\"decision\":\"deny\""),
-        "no query log line for the denied name:\n{logs}"
+        logs.lines()
+            .any(|l| l.contains("\"qname\":\"denied.agent-corp.net.\"")
+                && l.contains("\"decision\":\"deny\"")
+                && l.contains("\"reason\":\"policy\"")),
+        "no query log line denying the name by policy:\n{logs}"
     );
 }
