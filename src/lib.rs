@@ -31,3 +31,4 @@ pub mod pipeline;
 pub mod policy;
 pub mod querylog;
 pub mod server;
+pub mod service_manager;

@@ -23,6 +23,7 @@ use dnsfence::pipeline::{Generation, Pipeline};
 use dnsfence::policy::{DEFAULT_CONTROL_SOCKET, Mode, Policy};
 use dnsfence::querylog::QueryLog;
 use dnsfence::server;
+use dnsfence::service_manager;
 
 /// A filtering DNS resolver that contains the network egress of AI agents.
 ///
@@ -852,13 +853,17 @@ fn serve(
         }
         tracing::info!(policy = %path.display(), sha256 = %digest, "dnsfence starting");
         tokio::spawn(audit::audit_clock(policy.mode, log.clone()));
+        tokio::spawn(service_manager::announce_ready(readiness.clone()));
+        if let Some(interval) = service_manager::watchdog_interval() {
+            tokio::spawn(service_manager::run_watchdog(interval));
+        }
         let served = server::serve(
             pipeline,
             log,
             &policy.listen,
             tcp_limits(&policy),
             &readiness,
-            shutdown_signal(),
+            service_manager::stopping_after(shutdown_signal()),
         )
         .await
         .map_err(|error| error.to_string());
@@ -925,7 +930,9 @@ async fn reload_on_hangup(
                     return;
                 }
                 // Failures are logged (every error, FILE:LINE:COLUMN) and in the query log.
+                service_manager::reloading();
                 let _ = control.reload(Trigger::Signal).await;
+                service_manager::reloaded();
             }
         }
     }
