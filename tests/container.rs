@@ -795,7 +795,7 @@ fn reload_revokes(project: &Project, dir: &Path, net: &str, allowed_target: &Ser
     let next = dir.join("policy.yaml.next");
     std::fs::write(
         &next,
-        policy_yaml(&net, &format!("{net}.5"), &["second.agent-corp.net"]),
+        policy_yaml(net, &format!("{net}.5"), &["second.agent-corp.net"]),
     )
     .unwrap();
     std::fs::rename(&next, &policy).unwrap();
