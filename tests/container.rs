@@ -30,7 +30,6 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -69,6 +68,10 @@ fn engine_ready(test: &str) -> bool {
             "{test}: the Docker engine is not running ({}): start it with `dockerd &` \
              (.ci/run does) and retry",
             String::from_utf8_lossy(&info.stderr).trim()
+        );
+        let message = format!(
+            "{message} (the engine is the Debian package docker.io; .ci/install-test-deps installs \
+             and starts it)"
         );
         if std::env::var_os("CI").is_some() {
             panic!("{message}; CI is set: refusing to skip");
@@ -113,25 +116,41 @@ fn docker(args: &[&str]) -> Command {
 // The image
 // ---------------------------------------------------------------------------------------------
 
+/// The images this test runs. Dropping it (also when a check failed) removes what the build
+/// left on the machine: dnsfence's image and BuildKit's cache (the release target directory
+/// alone is about a gigabyte). The local base images stay: they are built once per machine.
+/// `DNSFENCE_KEEP_DOCKER_CACHE=1` keeps both, for quick reruns while working on `docker/`.
 struct Images {
     dnsfence: String,
     busybox: String,
-    /// Whether the image's binary has `dnsfence ctl` (readiness and reload).
-    has_ctl: bool,
+    _build_lock: File,
 }
 
-/// Builds the local base images (once per machine) and dnsfence's image (cached by Docker when
-/// nothing changed). Shared by the tests of this file; built once per test run.
-fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    static BUILDING: Mutex<()> = Mutex::new(());
-    let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    IMAGES.get_or_init(build_images)
+impl Drop for Images {
+    fn drop(&mut self) {
+        if std::env::var_os("DNSFENCE_KEEP_DOCKER_CACHE").is_some() {
+            eprintln!(
+                "DNSFENCE_KEEP_DOCKER_CACHE: keeping {} and the build cache",
+                self.dnsfence
+            );
+            return;
+        }
+        let _ = run(docker(&["image", "rm", "-f", &self.dnsfence]));
+        // Our builds are the only BuildKit builds the tests make; the build lock, still held,
+        // keeps another checkout's build from running meanwhile.
+        let pruned = run(Command::new(build_client()).args(["builder", "prune", "-af"]));
+        eprintln!(
+            "removed {} and the build cache: {}",
+            self.dnsfence,
+            String::from_utf8_lossy(&pruned.stdout).trim()
+        );
+    }
 }
 
+/// Builds the local base images (once per machine) and dnsfence's image.
 fn build_images() -> Images {
-    // One build at a time on this machine: test runs of other checkouts wait here, then find
-    // the layers they share in Docker's cache instead of compiling them a second time.
+    // One build at a time on this machine, held until the images are removed again: test runs
+    // of other checkouts wait here.
     let lock = File::create(std::env::temp_dir().join("dnsfence-docker-build.lock"))
         .expect("create the build lock");
     lock.lock().expect("take the build lock");
@@ -184,26 +203,10 @@ fn build_images() -> Images {
         "docker build of {tag} took {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let ctl = run(docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &tag,
-        "ctl",
-        "--help",
-    ]));
-    let has_ctl = ctl.status.success();
-    if !has_ctl {
-        eprintln!(
-            "NOTE: this dnsfence has no `ctl` subcommand yet: the compose healthcheck is replaced \
-             by a stand-in and the SIGHUP reload is not checked"
-        );
-    }
     Images {
         dnsfence: tag,
         busybox,
-        has_ctl,
+        _build_lock: lock,
     }
 }
 
@@ -282,12 +285,24 @@ fn tail(bytes: &[u8], lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// One test, so that the image is built once and removed (with its build cache) at its end.
 #[test]
-fn image_holds_a_static_binary_and_the_policies_and_nothing_else() {
-    if !engine_ready("image_holds_a_static_binary_and_the_policies_and_nothing_else") {
+fn image_is_minimal_and_the_contained_agent_reaches_only_what_dnsfence_resolved() {
+    if !engine_ready("image_is_minimal_and_the_contained_agent_reaches_only_what_dnsfence_resolved")
+    {
         return;
     }
-    let images = images();
+    let started = Instant::now();
+    let images = build_images();
+    image_holds_a_static_binary_and_the_policies_and_nothing_else(&images);
+    contained_agent_reaches_only_what_dnsfence_resolved(&images);
+    eprintln!(
+        "container test (build, image checks, compose pattern) took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn image_holds_a_static_binary_and_the_policies_and_nothing_else(images: &Images) {
     let config = run_ok(docker(&[
         "image",
         "inspect",
@@ -496,16 +511,11 @@ fn override_yaml(images: &Images, net: &str) -> String {
             "    image: {busybox}\n    command: [\"sleep\", \"3600\"]\n    networks:\n      fence:\n        ipv4_address: {net}.{ip}\n"
         )
     };
-    // Until `dnsfence ctl` exists (issue 11), the compose file's healthcheck cannot pass: a
-    // stand-in keeps the rest of the pattern tested, and says so.
-    let healthcheck = if images.has_ctl {
-        ""
-    } else {
-        "    healthcheck:\n      test: [\"CMD\", \"/dnsfence\", \"--version\"]\n"
-    };
+    // dnsfence keeps the compose file's healthcheck (`dnsfence ctl ready`): the agent starts
+    // only once it passes.
     format!(
         "services:\n\
-         \x20 dnsfence:\n{healthcheck}\
+         \x20 dnsfence:\n\
          \x20   networks:\n      fence:\n        ipv4_address: {net}.2\n\
          \x20 agent:\n    image: {busybox}\n    command: [\"sleep\", \"3600\"]\n\
          \x20 upstream:\n{}\
@@ -588,12 +598,7 @@ fn bring_up(images: &Images, dir: &Path, allow: &[&str]) -> (Project, String) {
     panic!("no free 198.18.N.0/24 subnet for the test network");
 }
 
-#[test]
-fn contained_agent_reaches_only_what_dnsfence_resolved() {
-    if !engine_ready("contained_agent_reaches_only_what_dnsfence_resolved") {
-        return;
-    }
-    let images = images();
+fn contained_agent_reaches_only_what_dnsfence_resolved(images: &Images) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (project, net) = bring_up(images, dir.path(), &["allowed.agent-corp.net"]);
     let fence = format!("{net}.2");
@@ -769,9 +774,17 @@ fn contained_agent_reaches_only_what_dnsfence_resolved() {
         text(&out)
     );
 
-    if images.has_ctl {
-        reload_revokes(&project, dir.path(), &net, &allowed_target);
-    }
+    // `docker compose up` returned once the healthcheck (`dnsfence ctl ready`) passed: the
+    // agent's container was started only after that.
+    let health = run_ok(docker(&[
+        "inspect",
+        "--format",
+        "{{.State.Health.Status}} {{index .Config.Healthcheck.Test 1}} {{index .Config.Healthcheck.Test 2}} {{index .Config.Healthcheck.Test 3}}",
+        &project.container("dnsfence"),
+    ]));
+    assert_eq!(health.trim(), "healthy /dnsfence ctl ready", "{health}");
+
+    reload_revokes(&project, dir.path(), &net, &allowed_target);
 
     // The query log is dnsfence's stdout: `docker compose logs dnsfence`.
     let logs = project.logs("dnsfence");

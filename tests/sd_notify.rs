@@ -89,16 +89,6 @@ fn start(ns: &Netns, policy: &Path, notify: &Path, watchdog_usec: Option<u64>) -
     command.spawn().expect("start dnsfence")
 }
 
-/// Whether this dnsfence reloads on SIGHUP (it has `dnsfence ctl`, which came with reload).
-fn has_reload() -> bool {
-    std::process::Command::new(common::BIN)
-        .args(["ctl", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn table_exists(ns: &Netns) -> bool {
     ns.exec(
         Duration::from_secs(5),
@@ -125,6 +115,7 @@ fn ready_only_after_the_table_is_in_the_kernel_then_reloading_watchdog_and_stopp
     let upstream = ns.run(|| {
         let u = common::Upstream::start_at("127.0.0.53:53".parse().unwrap());
         u.a("ok.test", "192.0.2.7", 60);
+        u.a("more.test", "192.0.2.8", 60);
         u
     });
     let dir = tempfile::tempdir().unwrap();
@@ -160,23 +151,36 @@ fn ready_only_after_the_table_is_in_the_kernel_then_reloading_watchdog_and_stopp
     let pings = manager.wait_for("WATCHDOG=1", Duration::from_secs(3));
     assert!(!pings.is_empty());
 
-    // SIGHUP: RELOADING=1, then READY=1 once the new policy is in force (reload is issue 11's
-    // `dnsfence ctl` work: checked once the binary has it).
-    if has_reload() {
-        std::fs::write(
-            &policy_path,
-            policy(upstream.addr).replace("allow: [ok.test]", "allow: [ok.test, more.test]"),
-        )
-        .unwrap();
-        signal(&child, nix::sys::signal::Signal::SIGHUP);
-        let reload = manager.wait_for("RELOADING=1", Duration::from_secs(10));
-        assert!(!reload.is_empty());
-        manager.wait_for("READY=1", Duration::from_secs(10));
-    } else {
-        eprintln!(
-            "NOTE: this dnsfence has no reload (no `ctl` subcommand): RELOADING=1 not checked"
-        );
-    }
+    // SIGHUP: RELOADING=1, then READY=1 once the new policy is in force: the name it adds is
+    // answered the moment READY=1 is read (control: denied before the reload).
+    let more = |ns: &Netns| {
+        ns.run(|| {
+            common::query_udp(
+                "127.0.0.1:53".parse().unwrap(),
+                &common::query("more.test", hickory_proto::rr::RecordType::A),
+            )
+            .expect("dnsfence answers")
+        })
+    };
+    assert_eq!(
+        common::addresses(&more(&ns)),
+        Vec::<String>::new(),
+        "control: more.test is denied before the reload"
+    );
+    std::fs::write(
+        &policy_path,
+        policy(upstream.addr).replace("allow: [ok.test]", "allow: [ok.test, more.test]"),
+    )
+    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    let reload = manager.wait_for("RELOADING=1", Duration::from_secs(10));
+    assert!(!reload.is_empty());
+    manager.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(
+        common::addresses(&more(&ns)),
+        ["192.0.2.8"],
+        "READY=1 after the reload, before the new policy was in force"
+    );
 
     // SIGTERM: STOPPING=1, then the process ends.
     signal(&child, nix::sys::signal::Signal::SIGTERM);
