@@ -141,9 +141,8 @@ impl Parts {
     fn local_gate(&self) -> Vec<Rule> {
         self.contain
             .as_ref()
-            .and_then(Contained::local_gate)
-            .into_iter()
-            .collect()
+            .map(Contained::local_gate)
+            .unwrap_or_default()
     }
 
     /// The gate of the routed chains (`both_ways` in `forward`).

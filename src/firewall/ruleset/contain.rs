@@ -18,7 +18,12 @@
 //!
 //! A cgroup is matched by its id, which is the inode number of its directory in the cgroup2
 //! file system, at the path's level (`socket cgroupv2 level 2` compares the socket's ancestor
-//! two levels below the root). The id is looked up when the rule is built: a cgroup that does
+//! two levels below the root; for a socket in a shallower cgroup the expression does not
+//! match at all, so the gate tests every level of the path, one rule per combination: a
+//! process in a sibling service at level 2 differs at level 2, one in `init.scope` at level 1;
+//! only the root cgroup and the path's own ancestors stay contained). Measured here with
+//! nested cgroups in a namespace: a process in a sibling cgroup got through (a RST from the
+//! peer), one in the contained cgroup and one in its parent timed out. The id is looked up when the rule is built: a cgroup that does
 //! not exist is an error, and a cgroup deleted and re-created later has a new id (restart
 //! dnsfence after re-creating it).
 
@@ -30,13 +35,19 @@ use super::build::normalize_net;
 use super::model::{Family, Match, Rule, Verdict};
 use crate::policy::Contain;
 
-/// One cgroup to match: its path (for the text), level and id.
+/// One cgroup to match, as the ids of its path's prefixes: `a`, `a/b`, `a/b/c` at levels 1,
+/// 2, 3. A socket is outside `a/b/c` when its ancestor at *some* level differs from the
+/// prefix there; testing only the last level would fail for a socket in a shallower cgroup
+/// (`socket cgroupv2 level 3` does not match at all when the socket's cgroup is at level 2),
+/// which would contain every process of a shallower service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cgroup {
-    path: String,
-    level: u32,
-    id: u64,
+    /// (level, path prefix, id), from level 1 down to the cgroup itself.
+    prefixes: Vec<(u32, String, u64)>,
 }
+
+/// The most gate rules the cgroups may take (one per combination of levels).
+const MAX_GATE_RULES: usize = 64;
 
 /// `firewall.contain` with its cgroups resolved to ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,14 +66,24 @@ pub(crate) type CgroupResolver<'a> = &'a dyn Fn(&str) -> Result<u64, String>;
 impl Contained {
     pub(super) fn of(c: &Contain, resolve: CgroupResolver<'_>) -> Result<Contained, String> {
         let mut cgroups = Vec::new();
+        let mut combinations: usize = 1;
         for path in &c.cgroups {
-            let level = u32::try_from(path.split('/').count()).unwrap_or(u32::MAX);
-            let id = resolve(path)?;
-            cgroups.push(Cgroup {
-                path: path.clone(),
-                level,
-                id,
-            });
+            let parts: Vec<&str> = path.split('/').collect();
+            let mut prefixes = Vec::new();
+            for depth in 1..=parts.len() {
+                let prefix = parts.get(..depth).unwrap_or_default().join("/");
+                let id = resolve(&prefix)?;
+                prefixes.push((u32::try_from(depth).unwrap_or(u32::MAX), prefix, id));
+            }
+            combinations = combinations.saturating_mul(prefixes.len().max(1));
+            cgroups.push(Cgroup { prefixes });
+        }
+        if combinations > MAX_GATE_RULES {
+            return Err(format!(
+                "firewall.contain.cgroups: these cgroups are too deep together ({combinations} \
+                 combinations of their levels, at most {MAX_GATE_RULES}); contain fewer or \
+                 shallower cgroups, or contain by uids or gids"
+            ));
         }
         let mut sources: Vec<IpNet> = Vec::new();
         for net in c.sources.iter().map(|n| normalize_net(*n)) {
@@ -79,21 +100,38 @@ impl Contained {
         })
     }
 
-    /// `output`: accept what no contained user, group or cgroup sent. `None` when the policy
-    /// names no process (validation refuses that with the output hook).
-    pub(super) fn local_gate(&self) -> Option<Rule> {
-        let mut m: Vec<Match> = self.uids.iter().map(|&u| Match::SkUidNot(u)).collect();
-        m.extend(self.gids.iter().map(|&g| Match::SkGidNot(g)));
-        m.extend(self.cgroups.iter().map(|c| Match::CgroupNot {
-            level: c.level,
-            path: c.path.clone(),
-            id: c.id,
-        }));
-        (!m.is_empty()).then_some(Rule {
-            matches: m,
-            verdict: Some(Verdict::Accept),
-            dnat: None,
-        })
+    /// `output`: accept what no contained user, group or cgroup sent: one rule per
+    /// combination of the cgroups' levels (each rule: every uid and gid differs, and each
+    /// cgroup's ancestor at the chosen level differs). Empty when the policy names no process
+    /// (validation refuses that with the output hook).
+    pub(super) fn local_gate(&self) -> Vec<Rule> {
+        let mut base: Vec<Match> = self.uids.iter().map(|&u| Match::SkUidNot(u)).collect();
+        base.extend(self.gids.iter().map(|&g| Match::SkGidNot(g)));
+        let mut combos: Vec<Vec<Match>> = vec![base];
+        for cgroup in &self.cgroups {
+            let mut next = Vec::new();
+            for combo in &combos {
+                for (level, path, id) in &cgroup.prefixes {
+                    let mut m = combo.clone();
+                    m.push(Match::CgroupNot {
+                        level: *level,
+                        path: path.clone(),
+                        id: *id,
+                    });
+                    next.push(m);
+                }
+            }
+            combos = next;
+        }
+        combos
+            .into_iter()
+            .filter(|m| !m.is_empty())
+            .map(|matches| Rule {
+                matches,
+                verdict: Some(Verdict::Accept),
+                dnat: None,
+            })
+            .collect()
     }
 
     /// `prerouting` and `input` (`both_ways` false: the source side only) and `forward`
@@ -204,14 +242,24 @@ mod tests {
     }
 
     #[test]
-    fn local_gate_is_one_conjunction_of_negations() {
+    fn local_gate_tests_every_level_of_a_cgroup() {
         let c = contain(&[1000, 1001], &[], &[]);
+        let rules: Vec<String> = c.local_gate().iter().map(Rule::text).collect();
         assert_eq!(
-            c.local_gate().unwrap().text(),
-            "meta skuid != 1000 meta skuid != 1001 meta skgid != 7 \
-             socket cgroupv2 level 2 != \"a/b\" accept"
+            rules,
+            [
+                "meta skuid != 1000 meta skuid != 1001 meta skgid != 7 \
+                 socket cgroupv2 level 1 != \"a\" accept",
+                "meta skuid != 1000 meta skuid != 1001 meta skgid != 7 \
+                 socket cgroupv2 level 2 != \"a/b\" accept",
+            ]
         );
         assert!(c.routed_gate(true).is_empty());
+        let deep = Contain {
+            cgroups: vec!["a/b/c/d/e/f/g/h".into(), "x/y/z/w/v/u/t/s/r".into()],
+            ..Contain::default()
+        };
+        assert!(Contained::of(&deep, &|_| Ok(1)).is_err());
     }
 
     #[test]
