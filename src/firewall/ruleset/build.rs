@@ -428,9 +428,21 @@ impl Parts {
 
     /// The source check on every packet before anything else sees it (`prerouting`, priority
     /// raw: before conntrack, routing and any local socket).
+    ///
+    /// With `contain.sources` the check comes first, for every interface: a source address
+    /// selects an agent only if the agent cannot forge it, and a gate above the check would
+    /// let a forged source from outside the range skip it (and then pass the `forward` gate).
+    /// With only `interfaces` (which a packet cannot forge) the gate comes first and the check
+    /// stays on the contained links.
     fn prerouting_chain(&self) -> Chain {
         let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
-        rules.extend(self.routed_gate(false));
+        let by_source = self
+            .contain
+            .as_ref()
+            .is_some_and(Contained::selects_by_source);
+        if !by_source {
+            rules.extend(self.routed_gate(false));
+        }
         rules.push(rule(vec![Match::FibSaddrIifOifMissing], Verdict::Drop));
         Chain::filter(ChainHook::Prerouting, rules)
     }
@@ -769,6 +781,39 @@ mod tests {
         let l = Layout::from_policy(&p).unwrap();
         let names: Vec<_> = l.chains.iter().map(|c| c.name()).collect();
         assert_eq!(names, ["output"]);
+    }
+
+    #[test]
+    fn containing_by_sources_checks_the_reverse_path_before_any_gate() {
+        let mut p = policy(vec![Hook::Forward], true);
+        p.firewall.contain = Some(crate::policy::Contain {
+            sources: vec!["10.77.0.0/24".parse().unwrap()],
+            ..Default::default()
+        });
+        let l = Layout::from_policy(&p).unwrap();
+        assert_eq!(
+            chain(&l, ChainHook::Prerouting),
+            ["iif \"lo\" accept", "fib saddr . iif oif missing drop"]
+        );
+        let fwd = chain(&l, ChainHook::Forward);
+        assert_eq!(
+            fwd[0],
+            "ip saddr != 10.77.0.0/24 ip daddr != 10.77.0.0/24 accept"
+        );
+        assert!(!fwd.iter().any(|r| r.contains("nfproto ipv6")), "{fwd:?}");
+        p.firewall.contain = Some(crate::policy::Contain {
+            interfaces: vec!["to-a1".into()],
+            ..Default::default()
+        });
+        let l = Layout::from_policy(&p).unwrap();
+        assert_eq!(
+            chain(&l, ChainHook::Prerouting),
+            [
+                "iif \"lo\" accept",
+                "iifname != \"to-a1\" accept",
+                "fib saddr . iif oif missing drop"
+            ]
+        );
     }
 
     #[test]

@@ -158,10 +158,12 @@ impl Contained {
             return vec![accept(ifaces)];
         }
         // Addresses are per family: one rule each, the family without sources gated by the
-        // interfaces alone (its packets cannot come from a source of the other family).
+        // interfaces alone (its packets cannot come from a source of the other family). A
+        // family with neither gets no gate at all: an agent picks its family, so "no IPv6
+        // source named" must keep the agent's IPv6 contained, not hand all of it to the host.
         [Family::V4, Family::V6]
             .into_iter()
-            .map(|family| {
+            .filter_map(|family| {
                 let mut m = Vec::new();
                 for net in self
                     .sources
@@ -174,12 +176,21 @@ impl Contained {
                     }
                 }
                 if m.is_empty() {
+                    if ifaces.is_empty() {
+                        return None;
+                    }
                     m.push(Match::NfProto(family));
                 }
                 m.extend(ifaces.iter().cloned());
-                accept(m)
+                Some(accept(m))
             })
             .collect()
+    }
+
+    /// Whether the routed gate trusts source addresses, which only the reverse-path check
+    /// makes unforgeable: `prerouting` must then run that check before any gate.
+    pub(super) fn selects_by_source(&self) -> bool {
+        !self.sources.is_empty()
     }
 }
 
@@ -277,6 +288,20 @@ mod tests {
         let c = contain(&[], &["to-a1"], &[]);
         let rules: Vec<String> = c.routed_gate(false).iter().map(Rule::text).collect();
         assert_eq!(rules, ["iifname != \"to-a1\" accept"]);
+    }
+
+    #[test]
+    fn a_family_with_no_source_and_no_interface_gets_no_gate() {
+        let c = contain(&[], &[], &["10.77.0.0/24"]);
+        let rules: Vec<String> = c.routed_gate(true).iter().map(Rule::text).collect();
+        assert_eq!(
+            rules,
+            ["ip saddr != 10.77.0.0/24 ip daddr != 10.77.0.0/24 accept"]
+        );
+        assert!(c.selects_by_source());
+        let c = contain(&[], &[], &["fd77::/64"]);
+        let rules: Vec<String> = c.routed_gate(false).iter().map(Rule::text).collect();
+        assert_eq!(rules, ["ip6 saddr != fd77::/64 accept"]);
     }
 
     #[test]
