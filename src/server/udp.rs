@@ -1,13 +1,18 @@
-//! DNS over UDP: one receive loop per socket, one task per datagram, a bound on both.
+//! DNS over UDP: one receive loop per socket; a task per datagram that has to wait.
 //!
-//! Each datagram becomes a task (tracked, so that shutdown waits for it) that asks the
-//! [`Handler`](super::Handler) for the reply bytes and sends them; the number of such tasks is
-//! capped, and a datagram arriving when every slot is taken is dropped (the client retries, as
-//! it would after any loss) instead of queueing memory without bound. Replies are encoded
+//! The receive loop asks the [`Handler`](super::Handler) for each datagram's reply and sends
+//! it. Most queries (cache hits whose addresses the kernel acknowledged moments ago, every
+//! local denial) never wait for anything: they are answered right there, in the loop, without
+//! a task. A query that does wait (for an upstream, or for the kernel to acknowledge its
+//! addresses) continues as a task of its own, tracked so that shutdown waits for it. Those tasks
+//! are capped, and a datagram arriving when every slot is taken is dropped (the client retries,
+//! as it would after any loss) instead of queueing memory without bound. Replies are encoded
 //! against the smaller of the client's EDNS buffer and 1232 bytes (512 without EDNS), so a large
 //! answer is truncated with TC, never fragmented.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
@@ -54,7 +59,7 @@ pub async fn serve_udp(
         let message = buf.get(..len).unwrap_or_default().to_vec();
         let handler = handler.clone();
         let socket = socket.clone();
-        tasks.spawn(async move {
+        let mut query = Box::pin(async move {
             let mut reply = Vec::with_capacity(512);
             let pending = handler
                 .answer(message, peer, Transport::Udp, &mut reply)
@@ -71,5 +76,14 @@ pub async fn serve_udp(
             handler.finish(pending, sent);
             drop(permit);
         });
+        // Run it here until it has to wait (if ever); only then does it become a task. The
+        // task polls it again at once, with its own waker, so no wake-up is lost.
+        if query
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+        {
+            tasks.spawn(query);
+        }
     }
 }
