@@ -546,6 +546,29 @@ fn replay(logs: &[PathBuf], path: &Path) -> ExitCode {
     }
 }
 
+/// The control socket a client command talks to: `--socket`, else the policy's
+/// `control.socket`, else the default. `None` (after saying why) when the policy cannot be read:
+/// exit 2, like an unreachable socket.
+fn control_socket_path(
+    command: &str,
+    socket: Option<PathBuf>,
+    policy: Option<PathBuf>,
+) -> Option<PathBuf> {
+    match (socket, policy) {
+        (Some(socket), _) => Some(socket),
+        (None, Some(policy)) => match Policy::load(&policy) {
+            Ok(policy) => Some(policy.control.socket),
+            Err(error) => {
+                eprintln!(
+                    "dnsfence {command}: cannot take the socket path from the policy:\n{error}"
+                );
+                None
+            }
+        },
+        (None, None) => Some(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+    }
+}
+
 /// `why` answered by the running server.
 fn why_live(
     ip: IpAddr,
@@ -553,16 +576,8 @@ fn why_live(
     socket: Option<PathBuf>,
     policy: Option<PathBuf>,
 ) -> ExitCode {
-    let socket = match (socket, policy) {
-        (Some(socket), _) => socket,
-        (None, Some(policy)) => match Policy::load(&policy) {
-            Ok(policy) => policy.control.socket,
-            Err(error) => {
-                eprintln!("dnsfence why: cannot take the socket path from the policy:\n{error}");
-                return ExitCode::from(2);
-            }
-        },
-        (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    let Some(socket) = control_socket_path("why", socket, policy) else {
+        return ExitCode::from(2);
     };
     let path = match client {
         Some(client) => format!("/v1/why/{ip}/{client}"),
@@ -944,16 +959,8 @@ fn ctl(
     json: bool,
     command: CtlCommand,
 ) -> ExitCode {
-    let socket = match (socket, policy) {
-        (Some(socket), _) => socket,
-        (None, Some(policy)) => match Policy::load(&policy) {
-            Ok(policy) => policy.control.socket,
-            Err(error) => {
-                eprintln!("dnsfence ctl: cannot take the socket path from the policy:\n{error}");
-                return ExitCode::from(2);
-            }
-        },
-        (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    let Some(socket) = control_socket_path("ctl", socket, policy) else {
+        return ExitCode::from(2);
     };
     let command = match command {
         CtlCommand::Status => control::client::Command::Status,
