@@ -18,6 +18,8 @@
 //! endpoint (and the control socket, and systemd) report.
 //! [`explain`] reads the packets the firewall dropped (an NFLOG group) and explains each from
 //! the admission history in the query log.
+//! [`host_watch`] keeps the pipeline's list of this host's addresses current (a query from one
+//! of them is the loopback client).
 //! [`control`] changes the policy while dnsfence runs (reload, revocation, temporary grants,
 //! the control socket and `dnsfence ctl`).
 
@@ -26,6 +28,7 @@ pub mod control;
 pub mod explain;
 pub mod firewall;
 pub mod health;
+pub mod host_watch;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

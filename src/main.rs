@@ -816,6 +816,8 @@ fn serve(
         }
         let generation = Generation::new(policy.clone(), &digest);
         let pipeline = Arc::new(Pipeline::new(generation, upstreams, admitter));
+        dnsfence::host_watch::watch(pipeline.host_addresses())
+            .map_err(|error| format!("cannot start the host address watcher: {error}"))?;
         let control = Arc::new(Control::new(
             pipeline.clone(),
             readiness.clone(),

@@ -24,6 +24,7 @@ pub mod answer_filter;
 pub mod decision;
 pub mod grants;
 pub mod limits;
+pub mod local_source;
 pub mod request;
 pub mod upstream;
 
@@ -46,6 +47,7 @@ use answer_filter::{AnswerContext, filter_answer};
 use decision::{Decision, DenyReason, decide, is_special_use, is_wildcard};
 use grants::{Grant, Grants};
 use limits::{InflightShares, RateLimiter, WildcardBudget};
+use local_source::HostAddresses;
 use request::Question;
 use upstream::Upstreams;
 
@@ -234,6 +236,9 @@ pub struct Pipeline {
     /// Each client's share of `in_flight` (`limits.max_inflight_per_client`), keyed as the
     /// budgets are, so one agent or one slow zone cannot take every slot.
     in_flight_per_client: InflightShares,
+    /// This host's addresses: a query from one of them is the loopback client (see
+    /// [`local_source`]).
+    host: Arc<HostAddresses>,
 }
 
 impl Pipeline {
@@ -254,7 +259,13 @@ impl Pipeline {
             current: ArcSwap::from_pointee(generation),
             upstreams,
             admitter,
+            host: Arc::new(HostAddresses::read()),
         }
+    }
+
+    /// This host's addresses as the pipeline knows them, for whoever keeps them current.
+    pub fn host_addresses(&self) -> Arc<HostAddresses> {
+        self.host.clone()
     }
 
     /// The policy new queries are decided by.
@@ -325,7 +336,9 @@ impl Pipeline {
         let policy = generation.policy.as_ref();
         let mut record = new_record(client, transport, Some(question));
         record.policy = generation.tag;
-        let client_ip = client.ip();
+        // A local process that binds one of this host's addresses (inside some group's range)
+        // is still a local process: it gets loopback's group, budgets and per-client key.
+        let client_ip = self.host.client_for(client.ip());
         let budget_key = limits::client_key(client_ip);
         let started = Instant::now();
         if let Some(rate) = generation.rate.as_ref()

@@ -1,0 +1,114 @@
+//! Who a query comes from when its source is one of this host's own addresses.
+//!
+//! A client group is chosen by source address, and so is a per-client set's key. A packet
+//! from another host (or namespace) can only carry a source the reverse-path check lets
+//! through, but a process on this host may bind *any* address the host owns: the gateway's
+//! `10.200.0.1` on the agents' link, say, which lies inside the agents' client range. Queried
+//! from there, dnsfence would give that local process the group's allowlist (and, with
+//! `per_client`, admit elements keyed on an address it can also connect from). Queries that
+//! the `output` chain intercepts arrive with the routed source for the same reason.
+//!
+//! So a query whose source is an address of this host is the loopback client: the default
+//! group (unless a group names loopback), the budgets' loopback key, and `127.0.0.1` (or `::1`)
+//! as its per-client key, exactly as if it had been sent from `127.0.0.1`.
+//!
+//! [`HostAddresses`] is the current list, read on every query without a lock; whoever owns
+//! the process (`main`) keeps it current with [`HostAddresses::refresh`] (on every address
+//! change the kernel announces, and periodically).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::address_guard::host_addresses;
+
+/// This host's addresses (sorted, canonical), swapped whole on refresh.
+pub struct HostAddresses {
+    current: ArcSwap<Vec<IpAddr>>,
+}
+
+impl HostAddresses {
+    /// The host's addresses now.
+    pub fn read() -> HostAddresses {
+        HostAddresses::of(host_addresses())
+    }
+
+    /// A fixed list (tests).
+    pub fn of(addresses: Vec<IpAddr>) -> HostAddresses {
+        HostAddresses {
+            current: ArcSwap::from_pointee(canonical_sorted(addresses)),
+        }
+    }
+
+    /// Reads the host's addresses again. An empty read (the interfaces could not be listed)
+    /// keeps the previous list: forgetting every address would hand local processes their
+    /// addresses' groups again.
+    pub fn refresh(&self) {
+        let fresh = host_addresses();
+        if !fresh.is_empty() {
+            self.current.store(Arc::new(canonical_sorted(fresh)));
+        }
+    }
+
+    /// Whether `ip` is one of this host's addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.current
+            .load()
+            .binary_search(&ip.to_canonical())
+            .is_ok()
+    }
+
+    /// The client a query from `source` is decided, budgeted and admitted as: the loopback
+    /// address of its family for any address of this host, `source` otherwise.
+    pub fn client_for(&self, source: IpAddr) -> IpAddr {
+        let canonical = source.to_canonical();
+        if canonical.is_loopback() || !self.contains(canonical) {
+            return source;
+        }
+        match canonical {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        }
+    }
+}
+
+fn canonical_sorted(addresses: Vec<IpAddr>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = addresses.into_iter().map(|a| a.to_canonical()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn host_addresses_become_the_loopback_client_of_their_family() {
+        let host = HostAddresses::of(vec![ip("10.99.0.1"), ip("fd99::1"), ip("127.0.0.1")]);
+        assert_eq!(host.client_for(ip("10.99.0.1")), ip("127.0.0.1"));
+        assert_eq!(host.client_for(ip("::ffff:10.99.0.1")), ip("127.0.0.1"));
+        assert_eq!(host.client_for(ip("fd99::1")), ip("::1"));
+    }
+
+    #[test]
+    fn other_sources_and_loopback_itself_stay_as_they_are() {
+        let host = HostAddresses::of(vec![ip("10.99.0.1")]);
+        assert_eq!(host.client_for(ip("10.99.0.2")), ip("10.99.0.2"));
+        assert_eq!(host.client_for(ip("127.0.0.5")), ip("127.0.0.5"));
+        assert_eq!(host.client_for(ip("::1")), ip("::1"));
+    }
+
+    #[test]
+    fn a_failed_refresh_keeps_the_previous_list() {
+        let host = HostAddresses::read();
+        assert!(host.contains(ip("127.0.0.1")));
+        host.refresh();
+        assert!(host.contains(ip("127.0.0.1")));
+    }
+}

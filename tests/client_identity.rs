@@ -1,0 +1,122 @@
+//! Who a client is: a query must not pick its client group (or per-client set key) by choosing
+//! its source address. Namespaces as in `firewall_e2e` (see `common::netns`).
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::netns::*;
+use common::{addresses, query, require_root};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The default group allows `everyone.example`; the `research` group, agent1's range
+/// 10.77.0.0/24 (which holds the gateway's own 10.77.0.1), allows `research-only.example`.
+fn grouped_policy(lab: &Lab) -> String {
+    format!(
+        "listen: [\"10.77.0.1:53\"]
+upstreams: [\"{upstream}\"]
+upstream_timeout: 2s
+allow: [everyone.example]
+clients:
+  - {{name: research, from: [\"10.77.0.0/24\"], allow: [research-only.example]}}
+log: \"-\"
+firewall:
+  enabled: true
+  table: {table}
+  hooks: [output, forward]
+  allow_cidrs: []
+  per_client: true
+",
+        upstream = addr::UPSTREAM,
+        table = lab.table(),
+    )
+}
+
+/// One UDP query to `server` from a socket bound to `source` in `ns`.
+fn ask_from(ns: &Netns, source: &str, server: SocketAddr, qname: &str) -> Message {
+    let source = sa(source, 0);
+    let message = query(qname, RecordType::A);
+    ns.run(move || {
+        let socket = UdpSocket::bind(source).unwrap();
+        dns_udp_from(&socket, server, &message, Duration::from_secs(3))
+    })
+    .unwrap_or_else(|e| panic!("{qname} from {source} via {server}: {e}"))
+}
+
+fn pc4_has(lab: &Lab, client: &str, dest: &str) -> bool {
+    has_elem(&lab.set_elements("allow4"), &[client, dest])
+}
+
+#[test]
+fn a_local_process_binding_a_host_address_inside_a_group_range_is_the_loopback_client() {
+    if !require_root(
+        "a_local_process_binding_a_host_address_inside_a_group_range_is_the_loopback_client",
+    ) {
+        return;
+    }
+    let lab = Lab::new("hostsrc");
+    lab.upstream.a("research-only.example", "203.0.113.9", 300);
+    lab.upstream.a("everyone.example", "203.0.113.10", 300);
+    lab.start_fence(&grouped_policy(&lab));
+    let loopback = sa("127.0.0.1", 53);
+    let gateway = sa("10.77.0.1", 53);
+
+    // Control: the group works for its real member, and the set is keyed on it.
+    let member = lab.a1().resolve("research-only.example", RecordType::A);
+    assert_eq!(member.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addresses(&member), ["203.0.113.9"]);
+    assert!(pc4_has(&lab, "10.77.0.2", "203.0.113.9"));
+
+    // A process on the gateway asking from loopback gets the default group.
+    let plain = ask_from(&lab.gw, "127.0.0.1", loopback, "research-only.example");
+    assert_eq!(plain.metadata.response_code, ResponseCode::NXDomain);
+
+    // The same process binding the gateway's address on agent1's link (inside research's
+    // range), asking at loopback and at that address: still the default group.
+    for server in [loopback, gateway] {
+        let forged = ask_from(&lab.gw, "10.77.0.1", server, "research-only.example");
+        assert_eq!(
+            forged.metadata.response_code,
+            ResponseCode::NXDomain,
+            "from 10.77.0.1 via {server}: {forged:?}"
+        );
+        // What the default group allows is admitted under the loopback key, never under the
+        // bound address (from which the process could also connect).
+        let allowed = ask_from(&lab.gw, "10.77.0.1", server, "everyone.example");
+        assert_eq!(addresses(&allowed), ["203.0.113.10"], "via {server}");
+    }
+    assert!(pc4_has(&lab, "127.0.0.1", "203.0.113.10"));
+    assert!(!pc4_has(&lab, "10.77.0.1", "203.0.113.10"));
+    assert!(!pc4_has(&lab, "10.77.0.1", "203.0.113.9"));
+
+    // An address the host gains after dnsfence started counts too (within the watcher's
+    // period at most; announcements make it immediate).
+    lab.gw.ip(&["addr", "add", "10.77.0.9/24", "dev", "to-a1"]);
+    std::thread::sleep(dnsfence::host_watch::PERIOD + Duration::from_secs(1));
+    let late = ask_from(&lab.gw, "10.77.0.9", loopback, "research-only.example");
+    assert_eq!(late.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!pc4_has(&lab, "10.77.0.9", "203.0.113.9"));
+
+    let log = lab.log(7);
+    let groups: Vec<(IpAddr, String)> = log
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["client"].as_str()?.parse().ok()?,
+                r["group"].as_str().unwrap_or("-").to_owned(),
+            ))
+        })
+        .collect();
+    assert!(
+        groups
+            .iter()
+            .all(|(client, group)| group != "research" || client.to_string() == "10.77.0.2"),
+        "{groups:?}"
+    );
+}
