@@ -856,3 +856,53 @@ fn an_agent_contained_by_an_ipv4_range_cannot_leave_over_ipv6() {
         lab.ruleset()
     );
 }
+
+#[test]
+fn dockers_embedded_dns_on_its_random_port_is_unreachable_once_the_ruleset_is_in() {
+    if !require_root(
+        "dockers_embedded_dns_on_its_random_port_is_unreachable_once_the_ruleset_is_in",
+    ) {
+        return;
+    }
+    let lab = Lab::new("embdns");
+    lab.upstream.a("api.allowed.test", "198.51.100.10", 300);
+    // A stand-in for Docker's embedded DNS: 127.0.0.11 on a port that is not 53, as an agent
+    // reads it from /proc/net/udp and asks it directly (no NAT, no original port 53).
+    let embedded = lab.gw.run(|| common::Upstream::start_on("127.0.0.11"));
+    embedded.a("anything.example", "198.51.100.77", 60);
+    let server = embedded.addr;
+    assert_ne!(server.port(), 53);
+    let ask = |ns: &Netns| {
+        let m = query("anything.example", RecordType::A);
+        ns.run(move || dns_udp(server, &m, Duration::from_secs(2)))
+    };
+
+    // Control: before the ruleset it answers anyone on the host, over UDP and TCP.
+    let before = ask(&lab.gw).expect("the stand-in answers before the ruleset");
+    assert_eq!(addresses(&before), ["198.51.100.77"]);
+    assert_eq!(
+        lab.gw.run(move || tcp_probe(server, CONNECT_OK)),
+        Reach::Connected
+    );
+
+    lab.start_fence(&policy(&lab, &["api.allowed.test"]));
+    let after = ask(&lab.gw);
+    assert!(
+        after.is_err(),
+        "127.0.0.11:{} answered: {after:?}",
+        server.port()
+    );
+    assert!(
+        lab.gw
+            .run(move || tcp_probe(server, BLOCKED_AFTER))
+            .is_blocked()
+    );
+    assert_eq!(embedded.seen().len(), 1, "{:?}", embedded.seen());
+    // Control through the same socket code: dnsfence on loopback answers.
+    let m = query("api.allowed.test", RecordType::A);
+    let own = lab
+        .gw
+        .run(move || dns_udp(sa("127.0.0.1", 53), &m, Duration::from_secs(3)))
+        .expect("dnsfence answers on loopback");
+    assert_eq!(addresses(&own), ["198.51.100.10"]);
+}

@@ -20,6 +20,9 @@ use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 /// `ff02::2`, all routers on the link: where router solicitations go.
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 
+/// Docker's embedded DNS server in a container on a user-defined network.
+const EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+
 /// Truncates host bits and turns an IPv4-mapped prefix (at least /96) into its IPv4 prefix.
 pub(super) fn normalize_net(net: IpNet) -> IpNet {
     let net = net.trunc();
@@ -508,6 +511,16 @@ impl Parts {
         // the filter hook only sees the rewritten packet.
         rules.extend(self.nat_dns_drop(&[Match::OifLo], &loopback_dns));
         rules.extend(self.nat_dns_drop(&[], &DNS_PORTS.into_iter().collect()));
+        // Docker's embedded DNS also answers at 127.0.0.11 on its random port, which anyone
+        // reads in /proc/net/udp and asks directly (no NAT, so no original port 53): nothing
+        // at that address is dnsfence's beyond the listen addresses accepted above.
+        rules.push(rule(
+            vec![
+                Match::OifLo,
+                Match::Daddr(host_net(IpAddr::V4(EMBEDDED_DNS))),
+            ],
+            Verdict::Drop,
+        ));
         rules.push(rule(vec![Match::OifLo], Verdict::Accept));
         rules.extend(self.inbound());
         rules.push(Self::established());
@@ -659,6 +672,25 @@ mod tests {
                 "{rule} out of place: {rules:?}"
             );
         }
+    }
+
+    #[test]
+    fn dockers_embedded_dns_address_is_dropped_on_every_port_but_dnsfences_own() {
+        // The embedded DNS listens on 127.0.0.11 at a random port an agent can read.
+        let mut p = policy(vec![Hook::Output], false);
+        p.listen.push("127.0.0.11:53".parse().unwrap());
+        let l = Layout::from_policy(&p).unwrap();
+        let rules = chain(&l, ChainHook::Output);
+        let pos = |s: &str| {
+            rules
+                .iter()
+                .position(|r| r == s)
+                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
+        };
+        let own = pos("oif \"lo\" ip daddr 127.0.0.11 udp dport 53 accept");
+        let embedded = pos("oif \"lo\" ip daddr 127.0.0.11 drop");
+        let lo = pos("oif \"lo\" accept");
+        assert!(own < embedded && embedded < lo, "{rules:#?}");
     }
 
     #[test]
