@@ -474,6 +474,10 @@ fn check(path: &Path) -> ExitCode {
             for warning in &policy.warnings {
                 eprintln!("warning: {warning}");
             }
+            let host_warnings = dnsfence::firewall::shared_link::warnings(&policy);
+            for warning in &host_warnings {
+                eprintln!("warning: {warning}");
+            }
             let rules: usize = std::iter::once(&policy.default_group)
                 .chain(&policy.clients)
                 .map(|group| group.rules.len())
@@ -482,7 +486,7 @@ fn check(path: &Path) -> ExitCode {
                 "{}: valid ({rules} rules, {} client groups, {} warnings)",
                 path.display(),
                 policy.clients.len(),
-                policy.warnings.len()
+                policy.warnings.len() + host_warnings.len()
             );
             ExitCode::SUCCESS
         }
@@ -727,6 +731,9 @@ fn serve(
         source.overrides.mode = Some(mode);
     }
     for warning in &loaded.policy.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for warning in dnsfence::firewall::shared_link::warnings(&loaded.policy) {
         eprintln!("warning: {warning}");
     }
     let digest = loaded.digest;

@@ -120,3 +120,81 @@ fn a_local_process_binding_a_host_address_inside_a_group_range_is_the_loopback_c
         "{groups:?}"
     );
 }
+
+/// A client group over `range`, the firewall on (forward), for `check` and `serve`.
+fn bridge_policy(table: &str, range: &str, control: &str) -> String {
+    format!(
+        "listen: [\"127.0.0.1:53\"]
+upstreams: [\"127.0.0.1:5353\"]
+control: {{socket: \"{control}\"}}
+allow: [everyone.example]
+clients:
+  - {{name: research, from: [\"{range}\"], allow: [research-only.example]}}
+log: \"-\"
+firewall:
+  enabled: true
+  table: {table}
+  hooks: [output, forward]
+  on_exit: remove
+"
+    )
+}
+
+#[test]
+fn check_and_serve_warn_when_a_client_group_lives_on_a_bridge_and_not_on_a_routed_link() {
+    if !require_root(
+        "check_and_serve_warn_when_a_client_group_lives_on_a_bridge_and_not_on_a_routed_link",
+    ) {
+        return;
+    }
+    common::require_tool("ip");
+    common::require_tool("timeout");
+    // Agents on a shared bridge can forge each other's source past the reverse-path check:
+    // dnsfence cannot tell them apart, and says so. A veth per agent (routed) is the control.
+    let ns = Netns::create(&format!("dfe-{}-brwarn", std::process::id()));
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.88.0.1/24", "dev", "br0"]);
+    ns.ip(&["link", "add", "rt0", "type", "veth", "peer", "name", "rt0p"]);
+    ns.ip(&["addr", "add", "10.89.0.1/24", "dev", "rt0"]);
+    for dev in ["br0", "rt0", "rt0p", "lo"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |range: &str, serve: bool| {
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(
+            &path,
+            bridge_policy(
+                "dnsfence_brwarn",
+                range,
+                &dir.path().join("control.sock").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let path = path.display().to_string();
+        let argv: Vec<&str> = if serve {
+            vec!["timeout", "3", common::BIN, "serve", "--policy", &path]
+        } else {
+            vec![common::BIN, "check", "--policy", &path]
+        };
+        let out = ns.exec(Duration::from_secs(10), &argv);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for serve in [false, true] {
+        let bridged = run("10.88.0.0/24", serve);
+        assert!(
+            bridged.contains("interface br0 is a bridge")
+                && bridged.contains("client group research's range 10.88.0.0/24"),
+            "serve {serve}: no warning for a group on br0:\n{bridged}"
+        );
+        let routed = run("10.89.0.0/24", serve);
+        assert!(
+            !routed.contains("is a bridge"),
+            "serve {serve}: a warning for a routed link:\n{routed}"
+        );
+        if serve {
+            // Control: serve really started (and was stopped by `timeout`), not refused.
+            assert!(routed.contains("listening on UDP and TCP"), "{routed}");
+        }
+    }
+}

@@ -44,6 +44,7 @@ mod conntrack;
 mod netlink;
 mod probe;
 mod ruleset;
+pub mod shared_link;
 mod status;
 
 pub use netlink::{DropReader, DroppedPacket};
