@@ -8,8 +8,10 @@
 //! sets) that keeps no live justification is revoked, one that another allowed name still
 //! justifies stays.
 //!
-//! Bounded: at most [`MAX_JUSTIFICATIONS`] per address (a new one replaces the one that ends
-//! first) and at most `2 × firewall.set_size` addresses (both allow sets together can hold no
+//! Bounded: [`MAX_JUSTIFICATIONS`] per address, beyond which a new one replaces the one of
+//! its own client (or of a client with several) that ends first, so that one client's many
+//! answers never push out another client's only one (up to
+//! [`MAX_JUSTIFICATIONS_PER_ADDRESS`] clients) and at most `2 × firewall.set_size` addresses (both allow sets together can hold no
 //! more live elements); expired justifications are pruned when the map fills, at most once a
 //! second. Judging copies the entries out, so the hot path never waits for a reload's judging.
 
@@ -20,8 +22,10 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{Name, RecordType};
 
-/// Justifications kept per address, at most.
+/// Justifications kept per address before one is evicted (see [`eviction`]).
 pub const MAX_JUSTIFICATIONS: usize = 16;
+/// Justifications kept per address, at most: room for this many clients with one each.
+pub const MAX_JUSTIFICATIONS_PER_ADDRESS: usize = 64;
 /// Revoked justifications remembered (for explaining drops), the oldest forgotten first.
 pub const MAX_REVOKED: usize = 4096;
 /// Expired entries are pruned from a full index at most this often.
@@ -75,6 +79,32 @@ struct Inner {
     next_prune: Instant,
 }
 
+/// Which justification of a full list makes room for one of `client`: never a client's only
+/// one while another client holds several (with per-client sets, a client whose only
+/// justification was forgotten keeps its element through a revoking reload until it expires).
+/// The earliest-ending of `client`'s own, else of a client holding more than one; only when
+/// every client holds one and the list is at [`MAX_JUSTIFICATIONS_PER_ADDRESS`], the
+/// earliest-ending of all. `None`: the list may grow.
+fn eviction(list: &[Justification], client: IpAddr) -> Option<usize> {
+    let count = |c: IpAddr| list.iter().filter(|j| j.client == c).count();
+    let earliest = |keep: &dyn Fn(&Justification) -> bool| {
+        list.iter()
+            .enumerate()
+            .filter(|(_, j)| keep(j))
+            .min_by_key(|(_, j)| j.until)
+            .map(|(at, _)| at)
+    };
+    earliest(&|j| j.client == client)
+        .or_else(|| earliest(&|j| count(j.client) > 1))
+        .or_else(|| {
+            if list.len() >= MAX_JUSTIFICATIONS_PER_ADDRESS {
+                earliest(&|_| true)
+            } else {
+                None
+            }
+        })
+}
+
 /// The revocation index.
 pub struct AdmittedIndex {
     inner: Mutex<Inner>,
@@ -124,10 +154,13 @@ impl AdmittedIndex {
             same.until = until;
             return;
         }
+        if list.len() >= MAX_JUSTIFICATIONS {
+            list.retain(|j| j.until > now);
+        }
         if list.len() >= MAX_JUSTIFICATIONS
-            && let Some((earliest, _)) = list.iter().enumerate().min_by_key(|(_, j)| j.until)
+            && let Some(evicted) = eviction(list, why.client)
         {
-            list.swap_remove(earliest);
+            list.swap_remove(evicted);
         }
         list.push(why);
     }
@@ -316,5 +349,41 @@ mod tests {
         }
         let held = index.inner.lock().unwrap().by_addr[&addr].len();
         assert_eq!(held, MAX_JUSTIFICATIONS);
+        // Many clients with one each: bounded all the same.
+        for i in 0..200u8 {
+            let client = format!("10.1.0.{i}");
+            index.record(addr, j(&client, "a.example.", later), now);
+        }
+        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        assert_eq!(held, MAX_JUSTIFICATIONS_PER_ADDRESS);
+    }
+
+    #[test]
+    fn another_clients_many_answers_never_evict_a_clients_only_one() {
+        // With per_client, client 10.0.0.1's only justification must survive client
+        // 10.0.0.2's sixteen (and more), so that a revoking reload still finds and revokes it.
+        let now = Instant::now();
+        let soon = now + Duration::from_secs(10);
+        let later = now + Duration::from_secs(60);
+        let index = AdmittedIndex::new(16);
+        let addr: IpAddr = "198.51.100.1".parse().unwrap();
+        index.record(addr, j("10.0.0.1", "victim.example.", soon), now);
+        for i in 0..40 {
+            let name = format!("n{i}.example.");
+            index.record(addr, j("10.0.0.2", &name, later), now);
+        }
+        let victim = Name::from_ascii("victim.example.").unwrap();
+        let lost = index.revoke_unjustified(now, |_, j| j.name != victim);
+        assert_eq!(
+            lost,
+            vec![Lost {
+                addr,
+                clients: vec!["10.0.0.1".parse().unwrap()],
+                all: false
+            }]
+        );
+        // Control: the other client's justifications stayed bounded.
+        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        assert!(held <= MAX_JUSTIFICATIONS, "{held}");
     }
 }
