@@ -474,7 +474,15 @@ fn check(path: &Path) -> ExitCode {
             for warning in &policy.warnings {
                 eprintln!("warning: {warning}");
             }
-            let host_warnings = dnsfence::firewall::shared_link::warnings(&policy);
+            let mut host_warnings = dnsfence::firewall::shared_link::warnings(&policy);
+            // This host's side of firewall.contain, decided as serve decides it.
+            match dnsfence::firewall::contain_host_warnings(&policy) {
+                Ok(warnings) => host_warnings.extend(warnings),
+                Err(error) => {
+                    eprintln!("{}: {error}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             for warning in &host_warnings {
                 eprintln!("warning: {warning}");
             }
@@ -733,7 +741,14 @@ fn serve(
     for warning in &loaded.policy.warnings {
         eprintln!("warning: {warning}");
     }
-    for warning in dnsfence::firewall::shared_link::warnings(&loaded.policy) {
+    // This host's side of firewall.contain, decided as check decides it (the firewall logs
+    // missing cgroups again as they come and go).
+    let contain_warnings = dnsfence::firewall::contain_host_warnings(&loaded.policy)
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    for warning in dnsfence::firewall::shared_link::warnings(&loaded.policy)
+        .into_iter()
+        .chain(contain_warnings)
+    {
         eprintln!("warning: {warning}");
     }
     let digest = loaded.digest;

@@ -11,7 +11,7 @@ use netlink_packet_netfilter::nftables::SetFlags;
 use super::netlink::{
     KernelRule, KernelTable, RawExpr, be32_of, hook_number, raw_expressions, u16_at,
 };
-use super::ruleset::Layout;
+use super::ruleset::{CgroupSetDef, Layout};
 
 /// Attributes the kernel reports with their default value although nft does not send them.
 fn is_kernel_default(name: &str, kind: u16, value: &[u8]) -> bool {
@@ -79,12 +79,26 @@ pub(crate) fn compare(layout: &Layout, k: &KernelTable) -> Result<(), String> {
     if k.flags != 0 {
         return Err(format!("table flags are {:#x} (dormant?)", k.flags));
     }
-    if k.sets.len() != layout.sets.len() {
-        return Err(format!(
-            "{} set(s) instead of {}",
-            k.sets.len(),
-            layout.sets.len()
-        ));
+    let want_sets = layout.sets.len() + layout.cgroup_sets.len();
+    if k.sets.len() != want_sets {
+        return Err(format!("{} set(s) instead of {want_sets}", k.sets.len()));
+    }
+    for want in &layout.cgroup_sets {
+        let Some(got) = k.sets.iter().find(|s| s.name == want.name()) else {
+            return Err(format!("set {} is missing", want.name()));
+        };
+        if got.flags != 0
+            || got.key_type != Some(CgroupSetDef::KEY_TYPE)
+            || got.key_len != Some(CgroupSetDef::KEY_LEN)
+            || got.is_map
+            || got.default_timeout
+            || got.size != Some(CgroupSetDef::SIZE)
+        {
+            return Err(format!(
+                "set {} has another type, size or flags",
+                want.name()
+            ));
+        }
     }
     for want in &layout.sets {
         let Some(got) = k.sets.iter().find(|s| s.name == want.name()) else {

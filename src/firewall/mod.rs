@@ -20,6 +20,8 @@
 //!   the byte keys of set elements (`keys`);
 //! * `netlink`: the only code that sees netlink: the socket, batch encoding, attribute walking
 //!   and dumps;
+//! * `cgroup_watch`: with `contain.cgroups`, keeps the sets of cgroups known to be outside the
+//!   contained ones current (the `output` gate accepts only those; see `ruleset::contain`);
 //! * `compare`: whether the table in the kernel is the one the policy asks for;
 //! * `admission`: the admission thread, group commit and the lifetime map.
 //!
@@ -39,6 +41,7 @@
 //!   address drop (rule 2 in `ruleset`); use a loopback address for a local resolver.
 
 mod admission;
+mod cgroup_watch;
 mod compare;
 mod conntrack;
 mod netlink;
@@ -47,6 +50,7 @@ mod ruleset;
 pub mod shared_link;
 mod status;
 
+pub use cgroup_watch::CGROUP_POLL;
 pub use netlink::{DropReader, DroppedPacket};
 pub use probe::TimeoutRefresh;
 pub use status::{
@@ -65,7 +69,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::policy::{OnExit, Policy};
 use admission::{Key, Msg, Request};
 use netlink::{NfSocket, NlError, Op};
-use ruleset::{Family, Layout, normalize_ip, parse_element_key};
+use ruleset::{CgroupPlan, Family, Layout, normalize_ip, parse_element_key};
 
 /// Requests waiting for the admission thread, at most.
 const QUEUE_DEPTH: usize = 4096;
@@ -150,6 +154,19 @@ pub struct Firewall {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     confirmed: Arc<admission::Confirmed>,
+    /// With `contain.cgroups`: keeps the sets of cgroups outside the contained ones current.
+    cgroup_watch: Option<cgroup_watch::CgroupWatch>,
+}
+
+/// What `check` and `serve` both say about this host's side of `firewall.contain` (one
+/// function, so they cannot disagree): an error when cgroups are contained but no cgroup2
+/// hierarchy is mounted; a warning for each contained cgroup that does not exist yet (serve
+/// waits for it: it is contained from the moment it appears).
+pub fn contain_host_warnings(policy: &Policy) -> Result<Vec<String>, String> {
+    match policy.firewall.contain.as_ref() {
+        Some(c) if policy.firewall.enabled => ruleset::cgroup_host_warnings(&c.cgroups),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// A cheap, clonable handle to admit addresses from any task.
@@ -175,8 +192,7 @@ pub fn admitted_lifetime(lifetime: Duration) -> Duration {
 /// `nft list table inet <table>`, for `dnsfence ruleset`. An invalid firewall policy renders
 /// as comments only, saying why.
 pub fn render_nft(policy: &Policy) -> String {
-    // The text names cgroups by path; their ids are only looked up when installing.
-    match Layout::from_policy_with(policy, &|_| Ok(0)) {
+    match Layout::from_policy(policy) {
         Ok(layout) => layout.render(),
         Err(why) => format!("# dnsfence: no ruleset: {why}\n"),
     }
@@ -253,12 +269,33 @@ impl Firewall {
         let table = layout.table.clone();
         let err = |e: NlError| firewall_error(e, &table, Some(&layout));
 
+        // The cgroups outside the contained ones go into the sets in the same transaction
+        // that creates them: the host's other processes never meet the gate's default.
+        let cgroups = match fw.contain.as_ref().map(|c| CgroupPlan::of(&c.cgroups)) {
+            Some(plan) if !plan.is_empty() => {
+                let root = ruleset::cgroup_root().map_err(FirewallError::Policy)?;
+                let seen = plan.outside(&root);
+                Some((plan, root, seen))
+            }
+            _ => None,
+        };
+        let outside = cgroups
+            .as_ref()
+            .map(|(_, _, seen)| seen.clone())
+            .unwrap_or_default();
+        let with_cgroups = |b: &mut netlink::Batch| {
+            for (set, keys) in cgroup_watch::keys_of(&layout.cgroup_sets, &outside) {
+                b.add_keys(set, &keys);
+            }
+        };
+
         let mut control = NfSocket::open().map_err(err)?;
         let mut seed = Vec::new();
         match control.read_table(&table).map_err(err)? {
             None => {
                 let mut b = control.begin(&table);
                 b.add_layout(&layout);
+                with_cgroups(&mut b);
                 control.commit(b).map_err(err)?;
                 tracing::info!(target: "dnsfence::firewall", table = %table, "created the nftables table");
             }
@@ -276,6 +313,7 @@ impl Firewall {
                     let mut b = control.begin(&table);
                     b.del_table();
                     b.add_layout(&layout);
+                    with_cgroups(&mut b);
                     control.commit(b).map_err(err)?;
                     tracing::warn!(
                         target: "dnsfence::firewall",
@@ -286,6 +324,22 @@ impl Firewall {
                 }
             },
         }
+
+        // A kept table: bring its cgroup sets up to date before anything is answered.
+        cgroup_watch::sync(&mut control, &table, &layout.cgroup_sets, &outside).map_err(err)?;
+        let cgroup_watch = match cgroups {
+            Some((plan, root, seen)) => Some(
+                cgroup_watch::CgroupWatch::start(
+                    NfSocket::open().map_err(err)?,
+                    table.clone(),
+                    plan,
+                    root,
+                    seen,
+                )
+                .map_err(FirewallError::Thread)?,
+            ),
+            None => None,
+        };
 
         let refresh = match refresh {
             TimeoutRefresh::Detect => match probe::readd_refreshes_timeout(&mut control) {
@@ -355,6 +409,7 @@ impl Firewall {
             stop,
             thread: Some(thread),
             confirmed,
+            cgroup_watch,
         })
     }
 
@@ -400,6 +455,9 @@ impl Firewall {
         let _ = self.tx.try_send(Msg::Wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(w) = self.cgroup_watch.as_mut() {
+            w.stop();
         }
     }
 

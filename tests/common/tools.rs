@@ -48,6 +48,10 @@ pub const TOOLS: &[Tool] = &[
         package: "util-linux",
     },
     Tool {
+        name: "nsenter",
+        package: "util-linux",
+    },
+    Tool {
         name: "sysctl",
         package: "procps",
     },

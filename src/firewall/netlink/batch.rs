@@ -14,7 +14,7 @@ use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProto
 use super::error::Op;
 use super::expr::rule_expressions;
 use super::nftables_subsys;
-use crate::firewall::ruleset::{Chain, Expr, Layout, SetDef};
+use crate::firewall::ruleset::{CgroupSetDef, Chain, Expr, Layout, SetDef};
 
 /// Elements per `NEWSETELEM` message (the element list's length field is 16 bits; the largest
 /// element, an IPv6 pair with its timeout, takes 56 bytes).
@@ -118,6 +118,22 @@ impl Batch {
         self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewSet(set.name()));
     }
 
+    /// A set of cgroup ids (no timeout: the cgroup watch adds and deletes them).
+    pub(crate) fn add_cgroup_set(&mut self, set: &CgroupSetDef, id: u32) {
+        let inner = nft::NfTablesMessage::NewSet(nft::SetMessage {
+            attributes: vec![
+                nft::SetAttribute::Table(self.table.clone()),
+                nft::SetAttribute::Name(set.name().to_string()),
+                nft::SetAttribute::Flags(nft::SetFlags::empty()),
+                nft::SetAttribute::KeyType(CgroupSetDef::KEY_TYPE),
+                nft::SetAttribute::KeyLen(CgroupSetDef::KEY_LEN),
+                nft::SetAttribute::Id(id),
+                nft::SetAttribute::Description(vec![nft::SetDescription::Size(CgroupSetDef::SIZE)]),
+            ],
+        });
+        self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewSet(set.name()));
+    }
+
     pub(crate) fn add_chain(&mut self, chain: &Chain) {
         let inner = nft::NfTablesMessage::NewChain(nft::ChainMessage {
             attributes: vec![
@@ -182,6 +198,35 @@ impl Batch {
         }
     }
 
+    /// Adds elements without a timeout (cgroup ids), [`MAX_ELEMS_PER_MESSAGE`] per message.
+    pub(crate) fn add_keys(&mut self, set: &'static str, keys: &[Vec<u8>]) {
+        for chunk in keys.chunks(MAX_ELEMS_PER_MESSAGE) {
+            let list = chunk
+                .iter()
+                .map(|k| {
+                    nft::ListAttribute::Element(vec![nft::SetElementAttribute::Key(
+                        nft::DataAttribute::Value(k.clone()),
+                    )])
+                })
+                .collect();
+            let inner = nft::NfTablesMessage::NewSetElement(nft::SetElementMessage {
+                attributes: vec![
+                    nft::SetElementList::Table(self.table.clone()),
+                    nft::SetElementList::Set(set.to_string()),
+                    nft::SetElementList::Elements(list),
+                ],
+            });
+            self.push(
+                inner,
+                NLM_F_CREATE,
+                Op::NewElems {
+                    set,
+                    count: chunk.len(),
+                },
+            );
+        }
+    }
+
     /// Deletes elements by key.
     pub(crate) fn del_elements(&mut self, set: &'static str, keys: &[Vec<u8>]) {
         for chunk in keys.chunks(MAX_ELEMS_PER_MESSAGE) {
@@ -216,6 +261,9 @@ impl Batch {
         self.add_table();
         for (i, set) in layout.sets.iter().enumerate() {
             self.add_set(set, i as u32 + 1);
+        }
+        for (i, set) in layout.cgroup_sets.iter().enumerate() {
+            self.add_cgroup_set(set, (layout.sets.len() + i) as u32 + 1);
         }
         for chain in &layout.chains {
             self.add_chain(chain);

@@ -17,6 +17,7 @@ use super::socket::{NfSocket, RECV_TIMEOUT_SECS};
 const DUMP_ATTEMPTS: usize = 5;
 
 const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_HANDLE: u16 = 4;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_CHAIN_HOOK: u16 = 4;
 const NFTA_CHAIN_POLICY: u16 = 5;
@@ -119,6 +120,29 @@ impl NfSocket {
         Err(NlError::Protocol(format!(
             "netlink: listing {what} was interrupted {DUMP_ATTEMPTS} times by ruleset changes"
         )))
+    }
+
+    /// The table's handle (a table deleted and created again gets a new one), or `None` when
+    /// there is no such table. One small request: cheap enough to ask every poll.
+    pub(crate) fn table_handle(&mut self, table: &str) -> Result<Option<u64>, NlError> {
+        let mut v = table.as_bytes().to_vec();
+        v.push(0);
+        match self.request(
+            Ty::GetTable,
+            vec![DefaultNla::new(1, v)],
+            false,
+            "the table",
+        ) {
+            Ok(t) => Ok(t
+                .first()
+                .and_then(|t| nla(t, NFTA_TABLE_HANDLE))
+                .and_then(be64_of)),
+            Err(NlError::Kernel {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads the table's layout, or `None` when there is no such table.

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::contain::{CgroupResolver, Contained, cgroup_id};
+use super::contain::Contained;
 use super::keys::normalize_ip;
 use super::model::{
     Chain, ChainHook, ChainKind, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef,
@@ -93,12 +93,9 @@ struct Parts {
 }
 
 impl Parts {
-    fn of(policy: &Policy, resolve: CgroupResolver<'_>) -> Result<Parts, String> {
+    fn of(policy: &Policy) -> Result<Parts, String> {
         let fw = &policy.firewall;
-        let contain = match &fw.contain {
-            Some(c) => Some(Contained::of(c, resolve)?),
-            None => None,
-        };
+        let contain = fw.contain.as_ref().map(Contained::of);
         let listens = policy
             .listen
             .iter()
@@ -558,21 +555,12 @@ impl Parts {
 }
 
 impl Layout {
-    /// Validates the firewall part of `policy` and builds the layout, looking up the ids of
-    /// the cgroups it contains (a missing cgroup is an error).
+    /// Validates the firewall part of `policy` and builds the layout. Nothing here reads the
+    /// host: the cgroup sets are declared empty, and the firewall fills them.
     pub(crate) fn from_policy(policy: &Policy) -> Result<Layout, String> {
-        Layout::from_policy_with(policy, &cgroup_id)
-    }
-
-    /// [`Layout::from_policy`] with another way to find cgroup ids (rendering text needs
-    /// none: it shows the paths).
-    pub(crate) fn from_policy_with(
-        policy: &Policy,
-        resolve: CgroupResolver<'_>,
-    ) -> Result<Layout, String> {
         let fw: &FirewallPolicy = &policy.firewall;
         validate(fw)?;
-        let parts = Parts::of(policy, resolve)?;
+        let parts = Parts::of(policy)?;
         let mut chains = Vec::new();
         let forward = fw.hooks.contains(&Hook::Forward);
         // Packets from other hosts reach dnsfence (or are routed by this host): check every
@@ -605,9 +593,15 @@ impl Layout {
                 size: fw.set_size,
             })
             .to_vec();
+        let cgroup_sets = parts
+            .contain
+            .as_ref()
+            .map(Contained::cgroup_sets)
+            .unwrap_or_default();
         Ok(Layout {
             table: fw.table.clone(),
             sets,
+            cgroup_sets,
             chains,
         })
     }

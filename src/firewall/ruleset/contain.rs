@@ -16,120 +16,230 @@
 //! `forward` also checks the output interface and the destination, so that traffic *to* an
 //! agent is contained as well).
 //!
-//! A cgroup is matched by its id, which is the inode number of its directory in the cgroup2
-//! file system, at the path's level (`socket cgroupv2 level 2` compares the socket's ancestor
-//! two levels below the root; for a socket in a shallower cgroup the expression does not
-//! match at all, so the gate tests every level of the path, one rule per combination: a
-//! process in a sibling service at level 2 differs at level 2, one in `init.scope` at level 1;
-//! only the root cgroup and the path's own ancestors stay contained). Measured here with
-//! nested cgroups in a namespace: a process in a sibling cgroup got through (a RST from the
-//! peer), one in the contained cgroup and one in its parent timed out. The id is looked up when the rule is built: a cgroup that does
-//! not exist is an error, and a cgroup deleted and re-created later has a new id (restart
-//! dnsfence after re-creating it).
+//! Cgroups are where the kernel offers only ids: `socket cgroupv2 level N` loads the id of the
+//! socket's ancestor N levels below the root (the inode number of its directory in the
+//! cgroup2 file system), and for a socket in a shallower cgroup the expression does not match
+//! at all. Ids are not paths: a cgroup deleted and re-created (`systemctl restart`, a container
+//! restart) gets a new one. A gate "accept if the ancestor is not *this id*" would therefore
+//! hand a re-created agent cgroup to the host until someone noticed (fail open), and nftables
+//! has no way to compare a path. So the gate is the other way round: **contain by default and
+//! accept the known-uncontained**. For each level of the contained paths there is a set of
+//! cgroup ids (`outside_cgroupsN`) holding the cgroups that branch off the contained paths at
+//! that level (for `system.slice/agent.service`: every other top-level cgroup at level 1,
+//! every other child of `system.slice` at level 2), and one gate rule per level accepts a
+//! socket whose ancestor there is in the set. A cgroup nobody has seen yet (the re-created
+//! agent, but also a sibling service started a moment ago) is in no set and stays contained
+//! until the firewall's cgroup watch (`firewall::cgroup_watch`, every `CGROUP_POLL`) has
+//! listed it; a re-created agent cgroup is never
+//! listed, so it is contained from its first packet. What cannot be told apart (the root
+//! cgroup, the contained paths' own ancestors) stays contained, as before.
+//!
+//! Why one set per level suffices for several contained cgroups: the contained paths form a
+//! tree (pruned below a contained cgroup). A socket's cgroup is outside every contained one
+//! exactly when, walking down from the root, it leaves that tree at some level before
+//! reaching a contained node; the cgroup where it leaves is a child of a tree node that is not
+//! itself on the tree: the level's set holds exactly those.
 
+use std::collections::BTreeSet;
+use std::os::unix::fs::DirEntryExt as _;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
 use super::build::normalize_net;
-use super::model::{Family, Match, Rule, Verdict};
+use super::model::{CgroupSetDef, Family, Match, Rule, Verdict};
 use crate::policy::Contain;
 
-/// One cgroup to match, as the ids of its path's prefixes: `a`, `a/b`, `a/b/c` at levels 1,
-/// 2, 3. A socket is outside `a/b/c` when its ancestor at *some* level differs from the
-/// prefix there; testing only the last level would fail for a socket in a shallower cgroup
-/// (`socket cgroupv2 level 3` does not match at all when the socket's cgroup is at level 2),
-/// which would contain every process of a shallower service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Cgroup {
-    /// (level, path prefix, id), from level 1 down to the cgroup itself.
-    prefixes: Vec<(u32, String, u64)>,
+/// The contained cgroup paths as a tree, and what to list to find the cgroups outside them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CgroupPlan {
+    /// The contained paths, without those below another contained path (already covered).
+    contained: Vec<String>,
+    /// Every prefix of a contained path (the contained paths included): never "outside".
+    on_tree: BTreeSet<String>,
+    /// The tree's inner nodes (strict prefixes, the root `""` first) with their depth: their
+    /// children that are not on the tree are the cgroups outside, at depth + 1.
+    inner: Vec<(u32, String)>,
+    /// The deepest contained path's depth: the number of sets and gate rules.
+    levels: u32,
 }
 
-/// The most gate rules the cgroups may take (one per combination of levels).
-const MAX_GATE_RULES: usize = 64;
+/// The cgroups found outside the contained ones, by level, and the contained cgroups that do
+/// not exist right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Outside {
+    /// Index 0: level 1. Cgroup ids (inode numbers of their directories).
+    pub(crate) by_level: Vec<BTreeSet<u64>>,
+    /// Contained paths with no cgroup directory (not started yet, or between a stop and a
+    /// start): nothing can be in them, and whatever is created there later is contained.
+    pub(crate) missing: Vec<String>,
+    /// A level had more cgroups than its set holds: the rest stay contained.
+    pub(crate) truncated: bool,
+}
 
-/// `firewall.contain` with its cgroups resolved to ids.
+impl Outside {
+    /// The ids at `level` (1-based).
+    pub(crate) fn ids_at(&self, level: u32) -> Option<&BTreeSet<u64>> {
+        self.by_level.get((level as usize).checked_sub(1)?)
+    }
+}
+
+impl CgroupPlan {
+    pub(crate) fn of(paths: &[String]) -> CgroupPlan {
+        let mut sorted: Vec<&str> = paths.iter().map(String::as_str).collect();
+        // Shorter first, so a path below an already contained one is seen to be covered.
+        sorted.sort_by_key(|p| (p.split('/').count(), *p));
+        sorted.dedup();
+        let mut contained: Vec<String> = Vec::new();
+        for path in sorted {
+            let covered = contained.iter().any(|c| {
+                path.strip_prefix(c.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
+            if !covered {
+                contained.push(path.to_string());
+            }
+        }
+        let mut on_tree = BTreeSet::new();
+        let mut inner = BTreeSet::new();
+        let mut levels = 0;
+        for path in &contained {
+            let parts: Vec<&str> = path.split('/').collect();
+            levels = levels.max(u32::try_from(parts.len()).unwrap_or(u32::MAX));
+            inner.insert((0u32, String::new()));
+            for depth in 1..=parts.len() {
+                let prefix = parts.get(..depth).unwrap_or_default().join("/");
+                if depth < parts.len() {
+                    inner.insert((u32::try_from(depth).unwrap_or(u32::MAX), prefix.clone()));
+                }
+                on_tree.insert(prefix);
+            }
+        }
+        CgroupPlan {
+            contained,
+            on_tree,
+            inner: inner.into_iter().collect(),
+            levels,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.contained.is_empty()
+    }
+
+    /// The sets the gate needs: one per level of the deepest contained path.
+    pub(crate) fn sets(&self) -> Vec<CgroupSetDef> {
+        (1..=self.levels)
+            .map(|level| CgroupSetDef { level })
+            .collect()
+    }
+
+    /// Lists the cgroups outside the contained ones below `root` (the cgroup2 mount): the
+    /// children of the tree's inner nodes that are not on the tree. One `readdir` per inner
+    /// node (the directory entry carries the inode number, which is the cgroup id) and one
+    /// `stat` per contained path: microseconds, bounded by the sets' size.
+    pub(crate) fn outside(&self, root: &Path) -> Outside {
+        let mut out = Outside {
+            by_level: vec![BTreeSet::new(); self.levels as usize],
+            ..Outside::default()
+        };
+        for (depth, node) in &self.inner {
+            let Ok(entries) = std::fs::read_dir(root.join(node)) else {
+                // A missing inner node: nothing below it exists, so nothing to accept.
+                continue;
+            };
+            let Some(set) = out.by_level.get_mut(*depth as usize) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let child = if node.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{node}/{name}")
+                };
+                if self.on_tree.contains(&child) {
+                    continue;
+                }
+                if set.len() >= CgroupSetDef::SIZE as usize {
+                    out.truncated = true;
+                    break;
+                }
+                set.insert(entry.ino());
+            }
+        }
+        out.missing = self
+            .contained
+            .iter()
+            .filter(|p| !root.join(p).is_dir())
+            .cloned()
+            .collect();
+        out
+    }
+}
+
+/// `firewall.contain`, ready to build gates from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Contained {
     uids: Vec<u32>,
     gids: Vec<u32>,
-    cgroups: Vec<Cgroup>,
+    cgroups: CgroupPlan,
     interfaces: Vec<String>,
     sources: Vec<IpNet>,
 }
 
-/// How cgroup paths become ids: [`cgroup_id`] when installing, a placeholder when only
-/// rendering text (which shows the path, not the id).
-pub(crate) type CgroupResolver<'a> = &'a dyn Fn(&str) -> Result<u64, String>;
-
 impl Contained {
-    pub(super) fn of(c: &Contain, resolve: CgroupResolver<'_>) -> Result<Contained, String> {
-        let mut cgroups = Vec::new();
-        let mut combinations: usize = 1;
-        for path in &c.cgroups {
-            let parts: Vec<&str> = path.split('/').collect();
-            let mut prefixes = Vec::new();
-            for depth in 1..=parts.len() {
-                let prefix = parts.get(..depth).unwrap_or_default().join("/");
-                let id = resolve(&prefix)?;
-                prefixes.push((u32::try_from(depth).unwrap_or(u32::MAX), prefix, id));
-            }
-            combinations = combinations.saturating_mul(prefixes.len().max(1));
-            cgroups.push(Cgroup { prefixes });
-        }
-        if combinations > MAX_GATE_RULES {
-            return Err(format!(
-                "firewall.contain.cgroups: these cgroups are too deep together ({combinations} \
-                 combinations of their levels, at most {MAX_GATE_RULES}); contain fewer or \
-                 shallower cgroups, or contain by uids or gids"
-            ));
-        }
+    pub(super) fn of(c: &Contain) -> Contained {
         let mut sources: Vec<IpNet> = Vec::new();
         for net in c.sources.iter().map(|n| normalize_net(*n)) {
             if !sources.contains(&net) {
                 sources.push(net);
             }
         }
-        Ok(Contained {
+        Contained {
             uids: c.uids.clone(),
             gids: c.gids.clone(),
-            cgroups,
+            cgroups: CgroupPlan::of(&c.cgroups),
             interfaces: c.interfaces.clone(),
             sources,
-        })
+        }
     }
 
-    /// `output`: accept what no contained user, group or cgroup sent: one rule per
-    /// combination of the cgroups' levels (each rule: every uid and gid differs, and each
-    /// cgroup's ancestor at the chosen level differs). Empty when the policy names no process
-    /// (validation refuses that with the output hook).
+    /// The cgroup sets the `output` gate looks up (none without `cgroups`).
+    pub(super) fn cgroup_sets(&self) -> Vec<CgroupSetDef> {
+        self.cgroups.sets()
+    }
+
+    /// `output`: accept what no contained user, group or cgroup sent. Without cgroups one
+    /// rule (every uid and gid differs); with them one rule per level (every uid and gid
+    /// differs, and the socket's ancestor at that level is a cgroup known to be outside).
+    /// Empty when the policy names no process (validation refuses that with the output hook).
     pub(super) fn local_gate(&self) -> Vec<Rule> {
         let mut base: Vec<Match> = self.uids.iter().map(|&u| Match::SkUidNot(u)).collect();
         base.extend(self.gids.iter().map(|&g| Match::SkGidNot(g)));
-        let mut combos: Vec<Vec<Match>> = vec![base];
-        for cgroup in &self.cgroups {
-            let mut next = Vec::new();
-            for combo in &combos {
-                for (level, path, id) in &cgroup.prefixes {
-                    let mut m = combo.clone();
-                    m.push(Match::CgroupNot {
-                        level: *level,
-                        path: path.clone(),
-                        id: *id,
-                    });
-                    next.push(m);
-                }
-            }
-            combos = next;
+        let accept = |matches: Vec<Match>| Rule {
+            matches,
+            verdict: Some(Verdict::Accept),
+            dnat: None,
+        };
+        if self.cgroups.is_empty() {
+            return if base.is_empty() {
+                Vec::new()
+            } else {
+                vec![accept(base)]
+            };
         }
-        combos
+        self.cgroups
+            .sets()
             .into_iter()
-            .filter(|m| !m.is_empty())
-            .map(|matches| Rule {
-                matches,
-                verdict: Some(Verdict::Accept),
-                dnat: None,
+            .map(|set| {
+                let mut m = base.clone();
+                m.push(Match::CgroupOutside { level: set.level });
+                accept(m)
             })
             .collect()
     }
@@ -217,24 +327,36 @@ fn cgroup2_root() -> Result<PathBuf, String> {
         })
 }
 
-/// The id of the cgroup at `path` (relative to the cgroup2 root): the inode number of its
-/// directory, which is what the kernel's cgroup id is.
-pub(crate) fn cgroup_id(path: &str) -> Result<u64, String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let root = cgroup2_root()?;
-    let dir = root.join(path);
-    match std::fs::metadata(&dir) {
-        Ok(meta) if meta.is_dir() => Ok(meta.ino()),
-        Ok(_) => Err(format!(
-            "firewall.contain.cgroups {path:?}: {} is not a cgroup directory",
-            dir.display()
-        )),
-        Err(e) => Err(format!(
-            "firewall.contain.cgroups {path:?}: no such cgroup ({}: {e}); create it (start \
-             the service or container first) or remove it from the policy",
-            dir.display()
-        )),
+/// Where the cgroup v2 hierarchy is mounted, for the cgroup watch.
+pub(crate) fn cgroup_root() -> Result<PathBuf, String> {
+    cgroup2_root()
+}
+
+/// What this host says about `contain.cgroups`, for `check` and `serve` alike: an error when
+/// no cgroup2 hierarchy is mounted (no cgroup could ever be matched, so every process would
+/// stay contained), a warning for each contained cgroup that does not exist now (it is
+/// contained from the moment it is created; dnsfence waits for it).
+pub(crate) fn cgroup_host_warnings(paths: &[String]) -> Result<Vec<String>, String> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
     }
+    let root = cgroup2_root()?;
+    let outside = CgroupPlan::of(paths).outside(&root);
+    Ok(outside
+        .missing
+        .iter()
+        .map(|p| missing_cgroup_message(p, &root))
+        .collect())
+}
+
+/// The words for a contained cgroup that does not exist (start-up, `check`, the watch).
+pub(crate) fn missing_cgroup_message(path: &str, root: &Path) -> String {
+    format!(
+        "firewall.contain.cgroups {path:?}: no such cgroup on this host yet ({} does not \
+         exist); it is contained as soon as it is created (start the service or container), \
+         but check the path if you expected it to exist",
+        root.join(path).display()
+    )
 }
 
 #[cfg(test)]
@@ -249,28 +371,64 @@ mod tests {
             interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
         };
-        Contained::of(&c, &|_| Ok(42)).unwrap()
+        Contained::of(&c)
     }
 
     #[test]
-    fn local_gate_tests_every_level_of_a_cgroup() {
+    fn local_gate_accepts_known_outside_cgroups_level_by_level() {
         let c = contain(&[1000, 1001], &[], &[]);
         let rules: Vec<String> = c.local_gate().iter().map(Rule::text).collect();
         assert_eq!(
             rules,
             [
                 "meta skuid != 1000 meta skuid != 1001 meta skgid != 7 \
-                 socket cgroupv2 level 1 != \"a\" accept",
+                 socket cgroupv2 level 1 @outside_cgroups1 accept",
                 "meta skuid != 1000 meta skuid != 1001 meta skgid != 7 \
-                 socket cgroupv2 level 2 != \"a/b\" accept",
+                 socket cgroupv2 level 2 @outside_cgroups2 accept",
             ]
         );
+        assert_eq!(c.cgroup_sets().len(), 2);
         assert!(c.routed_gate(true).is_empty());
+        // Deep paths cost one rule per level, not a product of levels.
         let deep = Contain {
             cgroups: vec!["a/b/c/d/e/f/g/h".into(), "x/y/z/w/v/u/t/s/r".into()],
             ..Contain::default()
         };
-        assert!(Contained::of(&deep, &|_| Ok(1)).is_err());
+        assert_eq!(Contained::of(&deep).local_gate().len(), 9);
+    }
+
+    #[test]
+    fn a_plan_lists_the_siblings_of_the_contained_paths_only() {
+        let dir = std::env::temp_dir().join(format!("dnsf-cgplan-{}", std::process::id()));
+        for d in [
+            "system.slice/agent.service/child",
+            "system.slice/other.service",
+            "system.slice/agent2.service",
+            "user.slice/user-1000.slice",
+            "init.scope",
+            "deep/x/y",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("system.slice/cgroup.procs"), "").unwrap();
+        let ino = |p: &str| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(dir.join(p)).unwrap().ino()
+        };
+        let plan = CgroupPlan::of(&[
+            "system.slice/agent.service".into(),
+            "system.slice/agent.service/child".into(), // covered by its parent
+            "system.slice/agent2.service".into(),
+            "system.slice/gone.service".into(),
+        ]);
+        assert_eq!(plan.sets().len(), 2);
+        let out = plan.outside(&dir);
+        let l1: BTreeSet<u64> = ["user.slice", "init.scope", "deep"].map(ino).into();
+        let l2: BTreeSet<u64> = [ino("system.slice/other.service")].into();
+        assert_eq!(out.by_level, vec![l1, l2]);
+        assert_eq!(out.missing, ["system.slice/gone.service"]);
+        assert!(!out.truncated);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -305,8 +463,9 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_cgroup_is_a_clear_error() {
-        let e = cgroup_id("dnsfence-no-such-cgroup/x").unwrap_err();
-        assert!(e.contains("dnsfence-no-such-cgroup/x"), "{e}");
+    fn a_missing_cgroup_is_a_warning_not_an_error() {
+        let w = cgroup_host_warnings(&["dnsfence-no-such-cgroup/x".into()]).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("dnsfence-no-such-cgroup/x"), "{w:?}");
     }
 }

@@ -257,9 +257,11 @@ impl Match {
                 out.push(meta(MetaKey::SkGid));
                 out.push(cmp_neq(g.to_ne_bytes()));
             }
-            Match::CgroupNot { level, id, .. } => {
+            Match::CgroupOutside { level } => {
                 out.push(Expr::SocketCgroupV2 { level: *level });
-                out.push(cmp_neq(id.to_ne_bytes()));
+                out.push(Expr::Lookup {
+                    set: super::model::cgroup_set_name(*level),
+                });
             }
             Match::IifNameNot(name) => {
                 out.push(meta(MetaKey::IifName));

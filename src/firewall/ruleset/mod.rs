@@ -106,7 +106,10 @@ mod lower;
 mod model;
 mod text;
 
+pub(crate) use contain::{
+    CgroupPlan, Outside, cgroup_host_warnings, cgroup_root, missing_cgroup_message,
+};
 pub(crate) use keys::{element_key, normalize_ip, parse_element_key};
 pub(crate) use lower::{Expr, MetaKey};
 pub(crate) use model::Verdict;
-pub(crate) use model::{Chain, ChainHook, Family, Layout, SetDef};
+pub(crate) use model::{CgroupSetDef, Chain, ChainHook, Family, Layout, SetDef};

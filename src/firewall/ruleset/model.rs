@@ -210,10 +210,10 @@ pub(crate) enum Match {
     SkUidNot(u32),
     /// `meta skgid != G`
     SkGidNot(u32),
-    /// `socket cgroupv2 level N != "path"`: a socket outside the cgroup (and below it). The
-    /// kernel compares the cgroup's id, the inode number of its directory, which is looked up
-    /// when the rule is built (`id`); the path is for people.
-    CgroupNot { level: u32, path: String, id: u64 },
+    /// `socket cgroupv2 level N @outside_cgroupsN`: the socket's ancestor N levels below the
+    /// root is one of the cgroups known to be outside every contained one (the set's elements
+    /// are cgroup ids, kept current by the firewall's cgroup watch; see `contain`).
+    CgroupOutside { level: u32 },
     /// `iifname != "name"`, or a prefix with `*`.
     IifNameNot(String),
     /// `oifname != "name"`, or a prefix with `*`.
@@ -396,10 +396,84 @@ impl SetDef {
     }
 }
 
+/// The most levels a contained cgroup path may have (`policy::MAX_CGROUP_DEPTH`), and so the
+/// most cgroup sets: one per level.
+pub(crate) const MAX_CGROUP_LEVELS: usize = 32;
+
+/// Names of the cgroup sets, by level (index 0: level 1).
+const CGROUP_SET_NAMES: [&str; MAX_CGROUP_LEVELS] = [
+    "outside_cgroups1",
+    "outside_cgroups2",
+    "outside_cgroups3",
+    "outside_cgroups4",
+    "outside_cgroups5",
+    "outside_cgroups6",
+    "outside_cgroups7",
+    "outside_cgroups8",
+    "outside_cgroups9",
+    "outside_cgroups10",
+    "outside_cgroups11",
+    "outside_cgroups12",
+    "outside_cgroups13",
+    "outside_cgroups14",
+    "outside_cgroups15",
+    "outside_cgroups16",
+    "outside_cgroups17",
+    "outside_cgroups18",
+    "outside_cgroups19",
+    "outside_cgroups20",
+    "outside_cgroups21",
+    "outside_cgroups22",
+    "outside_cgroups23",
+    "outside_cgroups24",
+    "outside_cgroups25",
+    "outside_cgroups26",
+    "outside_cgroups27",
+    "outside_cgroups28",
+    "outside_cgroups29",
+    "outside_cgroups30",
+    "outside_cgroups31",
+    "outside_cgroups32",
+];
+
+/// The name of the cgroup set of `level` (1-based; levels beyond the table share its last
+/// name, which validation never lets happen).
+pub(crate) fn cgroup_set_name(level: u32) -> &'static str {
+    let i = (level.max(1) as usize - 1).min(MAX_CGROUP_LEVELS - 1);
+    CGROUP_SET_NAMES
+        .get(i)
+        .copied()
+        .unwrap_or("outside_cgroups32")
+}
+
+/// One set of cgroup ids (`type cgroupsv2`, no timeout): the cgroups `level` levels below the
+/// root that are known to be outside every contained cgroup. The elements change while
+/// dnsfence runs (the cgroup watch); the layout holds only the declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CgroupSetDef {
+    pub(crate) level: u32,
+}
+
+impl CgroupSetDef {
+    /// nft's `cgroupsv2` data type (`TYPE_CGROUPV2`).
+    pub(crate) const KEY_TYPE: u32 = 46;
+    /// A cgroup id: 64 bits, host byte order (as `socket cgroupv2` loads it).
+    pub(crate) const KEY_LEN: u32 = 8;
+    /// Elements at most: the cgroups beside one contained path's level (a host's services).
+    /// Beyond that the rest stay contained (fail closed) and the watch says so.
+    pub(crate) const SIZE: u32 = 16384;
+
+    pub(crate) fn name(&self) -> &'static str {
+        cgroup_set_name(self.level)
+    }
+}
+
 /// Everything install() creates: `table inet <table>` with its sets and chains, in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub(crate) table: String,
     pub(crate) sets: Vec<SetDef>,
+    /// With `contain.cgroups`: one set per level of the contained paths (empty otherwise).
+    pub(crate) cgroup_sets: Vec<CgroupSetDef>,
     pub(crate) chains: Vec<Chain>,
 }

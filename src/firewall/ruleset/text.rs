@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use super::model::{Family, LOG_PREFIX, LOG_RATE_PER_SECOND, Layout, Match, Rule};
+use super::model::{CgroupSetDef, Family, LOG_PREFIX, LOG_RATE_PER_SECOND, Layout, Match, Rule};
 
 impl Layout {
     /// The layout as nft text, formatted exactly like `nft list table inet <table>` prints it
@@ -30,6 +30,16 @@ impl Layout {
             let _ = writeln!(s, "\t\ttype {}", set.type_text());
             let _ = writeln!(s, "\t\tsize {}", set.size);
             let _ = writeln!(s, "\t\tflags timeout");
+            let _ = writeln!(s, "\t}}");
+        }
+        for set in &self.cgroup_sets {
+            if !first {
+                s.push('\n');
+            }
+            first = false;
+            let _ = writeln!(s, "\tset {} {{", set.name());
+            let _ = writeln!(s, "\t\ttype cgroupsv2");
+            let _ = writeln!(s, "\t\tsize {}", CgroupSetDef::SIZE);
             let _ = writeln!(s, "\t}}");
         }
         for chain in &self.chains {
@@ -98,8 +108,11 @@ impl Match {
             Match::SkUidNotRoot => "meta skuid != 0".to_string(),
             Match::SkUidNot(u) => format!("meta skuid != {u}"),
             Match::SkGidNot(g) => format!("meta skgid != {g}"),
-            Match::CgroupNot { level, path, .. } => {
-                format!("socket cgroupv2 level {level} != \"{path}\"")
+            Match::CgroupOutside { level } => {
+                format!(
+                    "socket cgroupv2 level {level} @{}",
+                    super::model::cgroup_set_name(*level)
+                )
             }
             Match::IifNameNot(name) => format!("iifname != \"{name}\""),
             Match::OifNameNot(name) => format!("oifname != \"{name}\""),
