@@ -364,3 +364,49 @@ fn check_and_serve_both_warn_about_a_missing_cgroup_and_serve_contains_it_once_c
     assert_eq!(connect_from(&lab, &cg.dir("agent"), ADMITTED), Ok(()));
     drop(fence);
 }
+
+/// `check` and `serve` read the host for `contain.interfaces` too: an entry naming a bridge
+/// port never matches (routed traffic enters on the bridge), so both warn, naming the bridge.
+#[test]
+fn check_warns_when_an_interface_entry_names_a_bridge_port() {
+    if !require_root("check_warns_when_an_interface_entry_names_a_bridge_port") {
+        return;
+    }
+    let ns = Netns::create(&format!("dnsf-brport-{}", std::process::id()));
+    ns.ip(&["link", "add", "br-agents", "type", "bridge"]);
+    ns.ip(&[
+        "link", "add", "vport0", "type", "veth", "peer", "name", "vpeer0",
+    ]);
+    ns.ip(&["link", "set", "vport0", "master", "br-agents"]);
+    let dir = tempfile::tempdir().unwrap();
+    let check = |interfaces: &str| -> String {
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen: [\"10.77.0.1:53\"]\nupstreams: [\"192.0.2.53:53\"]\nallow: [a.test]\n\
+                 firewall:\n  hooks: [forward]\n  contain: {{interfaces: [{interfaces}]}}\n"
+            ),
+        )
+        .unwrap();
+        // `ip netns exec` mounts the namespace's own /sys/class/net: what serve there sees.
+        let out = ns.exec(
+            Duration::from_secs(10),
+            &[BIN, "check", "--policy", path.to_str().unwrap()],
+        );
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "check refused: {said}");
+        said
+    };
+    let said = check("vport0");
+    assert!(
+        said.contains("\"vport0\" is vport0, a port of the bridge \"br-agents\"")
+            && said.contains("name the bridge (br-agents) instead"),
+        "{said}"
+    );
+    let said = check("\"vport*\"");
+    assert!(said.contains("matches vport0"), "{said}");
+    // The control: the bridge itself, and an interface on its own, draw no such warning.
+    let said = check("br-agents, vpeer0");
+    assert!(!said.contains("a port of the bridge"), "{said}");
+}

@@ -161,10 +161,18 @@ pub struct Firewall {
 /// What `check` and `serve` both say about this host's side of `firewall.contain` (one
 /// function, so they cannot disagree): an error when cgroups are contained but no cgroup2
 /// hierarchy is mounted; a warning for each contained cgroup that does not exist yet (serve
-/// waits for it: it is contained from the moment it appears).
+/// waits for it: it is contained from the moment it appears), and for each interface entry
+/// that names a bridge port (the bridge, not the port, is what the hooks see).
 pub fn contain_host_warnings(policy: &Policy) -> Result<Vec<String>, String> {
     match policy.firewall.contain.as_ref() {
-        Some(c) if policy.firewall.enabled => ruleset::cgroup_host_warnings(&c.cgroups),
+        Some(c) if policy.firewall.enabled => {
+            let mut warnings = ruleset::cgroup_host_warnings(&c.cgroups)?;
+            warnings.extend(ruleset::interface_host_warnings(
+                &c.interfaces,
+                std::path::Path::new("/sys/class/net"),
+            ));
+            Ok(warnings)
+        }
         _ => Ok(Vec::new()),
     }
 }

@@ -1352,6 +1352,29 @@ fn contain_reads_every_selector_and_defaults_to_everything() {
 }
 
 #[test]
+fn contain_gids_without_uids_warns_that_only_the_primary_group_counts() {
+    let contain_warnings = |section: &str| -> Vec<String> {
+        let p = firewall_policy(section).unwrap();
+        warnings(&p)
+            .into_iter()
+            .filter(|w| w.contains("firewall.contain"))
+            .collect()
+    };
+    let w = contain_warnings("  contain: {gids: [100]}\n");
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].starts_with("policy.yaml:4:19: firewall.contain.gids without uids")
+            && w[0].contains("primary group only")
+            && w[0].contains("list the agents' uids"),
+        "{}",
+        w[0]
+    );
+    // With uids the gids only add to them: no warning.
+    let w = contain_warnings("  contain: {uids: [1000], gids: [100]}\n");
+    assert!(w.is_empty(), "{w:#?}");
+}
+
+#[test]
 fn contain_errors_name_file_line_and_column() {
     for (section, expected) in [
         (

@@ -349,6 +349,59 @@ pub(crate) fn cgroup_host_warnings(paths: &[String]) -> Result<Vec<String>, Stri
         .collect())
 }
 
+/// What this host says about `contain.interfaces`, for `check` and `serve` alike: a warning
+/// for each entry that names a port of a bridge (`/sys/class/net/<if>/master` is a bridge).
+/// Routed traffic from a bridge port enters the IP layer on the bridge, so `iifname` is the
+/// bridge's name in `prerouting`, `input` and `forward`: an entry naming the port never
+/// matches, and the agent behind it is handed to the host. A wildcard is checked against the
+/// interfaces it matches now. Interfaces are those of the network namespace this runs in.
+pub(crate) fn interface_host_warnings(names: &[String], sys_class_net: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(sys_class_net) else {
+        return Vec::new();
+    };
+    let mut present: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    let bridge_of = |port: &str| -> Option<String> {
+        let master = std::fs::read_link(sys_class_net.join(port).join("master")).ok()?;
+        let master = master.file_name()?.to_string_lossy().into_owned();
+        sys_class_net
+            .join(&master)
+            .join("bridge")
+            .is_dir()
+            .then_some(master)
+    };
+    let mut out = Vec::new();
+    for entry in names {
+        let ports: Vec<(String, String)> = present
+            .iter()
+            .filter(|name| match entry.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => *name == entry,
+            })
+            .filter_map(|name| bridge_of(name).map(|b| (name.clone(), b)))
+            .collect();
+        let Some((port, bridge)) = ports.first() else {
+            continue;
+        };
+        let which = if entry.ends_with('*') {
+            format!("matches {port} (and {} more ports)", ports.len() - 1)
+        } else {
+            format!("is {port}")
+        };
+        out.push(format!(
+            "firewall.contain.interfaces {entry:?} {which}, a port of the bridge {bridge:?}: \
+             routed traffic from a bridge port enters on the bridge (prerouting, input and \
+             forward see iifname {bridge:?}, not the port), so this entry never matches and the \
+             agents behind it are not contained; name the bridge ({bridge}) instead, with \
+             sources to tell agents on one bridge apart"
+        ));
+    }
+    out
+}
+
 /// The words for a contained cgroup that does not exist (start-up, `check`, the watch).
 pub(crate) fn missing_cgroup_message(path: &str, root: &Path) -> String {
     format!(
@@ -460,6 +513,39 @@ mod tests {
         let c = contain(&[], &[], &["fd77::/64"]);
         let rules: Vec<String> = c.routed_gate(false).iter().map(Rule::text).collect();
         assert_eq!(rules, ["ip6 saddr != fd77::/64 accept"]);
+    }
+
+    #[test]
+    fn an_interface_enslaved_to_a_bridge_is_named_with_its_bridge() {
+        // A stand-in for /sys/class/net: br0 is a bridge, veth1 and veth2 its ports, bond0 a
+        // bond (not a bridge) with port eth1, eth0 on its own.
+        let dir = std::env::temp_dir().join(format!("dnsf-sysnet-{}", std::process::id()));
+        for d in ["br0/bridge", "veth1", "veth2", "bond0", "eth1", "eth0"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        for (port, master) in [("veth1", "br0"), ("veth2", "br0"), ("eth1", "bond0")] {
+            std::os::unix::fs::symlink(format!("../{master}"), dir.join(port).join("master"))
+                .unwrap();
+        }
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let w = interface_host_warnings(&names(&["veth1", "eth0", "eth1", "br0", "nope"]), &dir);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "firewall.contain.interfaces \"veth1\" is veth1, a port of the bridge \"br0\""
+            ) && w[0].contains("name the bridge (br0) instead"),
+            "{}",
+            w[0]
+        );
+        let w = interface_host_warnings(&names(&["veth*"]), &dir);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].contains("matches veth1 (and 1 more ports)"),
+            "{}",
+            w[0]
+        );
+        assert!(interface_host_warnings(&names(&["eth*", "br*"]), &dir).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

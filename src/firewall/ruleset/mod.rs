@@ -107,7 +107,8 @@ mod model;
 mod text;
 
 pub(crate) use contain::{
-    CgroupPlan, Outside, cgroup_host_warnings, cgroup_root, missing_cgroup_message,
+    CgroupPlan, Outside, cgroup_host_warnings, cgroup_root, interface_host_warnings,
+    missing_cgroup_message,
 };
 pub(crate) use keys::{element_key, normalize_ip, parse_element_key};
 pub(crate) use lower::{Expr, MetaKey};

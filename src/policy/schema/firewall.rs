@@ -223,6 +223,17 @@ fn contain_entries(r: &mut Report, node: &Node) -> Option<Contain> {
     }
     if let Some(n) = f.get("gids") {
         c.gids = ids(r, n, "firewall.contain.gids");
+        if !c.gids.is_empty() && c.uids.is_empty() {
+            r.warn(
+                n.pos,
+                "firewall.contain.gids without uids: a gid matches the socket owner's primary \
+                 group only (meta skgid), so a user whose primary group is another one (the \
+                 listed group among its supplementary groups) is not contained, and one who \
+                 can switch its primary group (sg, newgrp) steps out; list the agents' uids \
+                 (or contain them by cgroups), and keep gids for users whose primary group \
+                 you control",
+            );
+        }
     }
     if let Some(n) = f.get("cgroups") {
         c.cgroups = texts(
