@@ -2,6 +2,10 @@
 //! clamp, address guard), the address guard alone, and one whole UDP query through the server's
 //! handler (parse, pipeline, encode, log record) for a cache hit and for a denial.
 //!
+//! The query log: what the answering thread pays to hand one record to the writer
+//! (`querylog/hand_off`: fill the fields of a cache hit's record and queue it), and what the
+//! writer thread pays to turn it into its JSON line (`querylog/format_line`).
+//!
 //! Whole-server throughput (sockets, upstream, netlink) is measured by `benches/load.sh`.
 //! Run briefly: `cargo bench --bench pipeline -- --warm-up-time 1 --measurement-time 2`
 //!
@@ -13,6 +17,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
 use dnsfence::pipeline::address_guard::AddressGuard;
@@ -21,7 +27,7 @@ use dnsfence::pipeline::decision::{Decision, decide};
 use dnsfence::pipeline::upstream::Upstreams;
 use dnsfence::pipeline::{Generation, Pipeline, Transport};
 use dnsfence::policy::{HintMode, LogTarget, Policy};
-use dnsfence::querylog::QueryLog;
+use dnsfence::querylog::{LoggedAddress, PolicyTag, QueryLog, QueryRecord, ShortText};
 use dnsfence::server::Handler;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::rdata::{A, CNAME};
@@ -262,7 +268,69 @@ fn handler_paths(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decision, answer_filter, handler_paths);
+/// A cache hit's record as the pipeline fills it: question, group, rule, one address.
+fn hit_record(name: &Name) -> QueryRecord {
+    let mut record = QueryRecord::new("127.0.0.1:40000".parse().expect("peer"), "udp")
+        .with_question(name, RecordType::A);
+    record.policy = PolicyTag::of_hex("0123456789abcdef");
+    record.decision = "allow";
+    record.group = Some(ShortText::from("default"));
+    record.rule = Some(ShortText::from("**.bench.test"));
+    record.answers = [LoggedAddress {
+        addr: IpAddr::from([11, 0, 0, 1]),
+        ttl: 3600,
+    }]
+    .into_iter()
+    .collect();
+    record.upstream = Some("127.0.0.1:53".parse().expect("upstream"));
+    record.latency_us = 21;
+    record
+}
+
+fn querylog(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (log, writer) =
+        QueryLog::open(&LogTarget::File(dir.path().join("queries.jsonl"))).expect("query log");
+    let name = name("api.bench.test.");
+    // Timed in bursts well below the queue's length, with a pause after each for the writer
+    // to drain it (untimed): what is measured is the hand-off, never the drop of a full queue.
+    const BURST: u64 = 1000;
+    c.bench_function("querylog/hand_off", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let burst = left.min(BURST);
+                let start = Instant::now();
+                for _ in 0..burst {
+                    log.record(hit_record(black_box(&name)));
+                }
+                spent += start.elapsed();
+                left -= burst;
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            spent
+        })
+    });
+    let record = hit_record(&name);
+    let mut line = Vec::with_capacity(1024);
+    c.bench_function("querylog/format_line", |b| {
+        b.iter(|| {
+            line.clear();
+            black_box(&record).write_json(&mut line);
+            line.len()
+        })
+    });
+    assert_eq!(
+        log.dropped().load(Ordering::Relaxed),
+        0,
+        "records were dropped"
+    );
+    drop(log);
+    writer.finish();
+}
+
+criterion_group!(benches, decision, answer_filter, handler_paths, querylog);
 
 fn main() {
     if let Ok(which) = std::env::var("CALLGRIND") {

@@ -200,9 +200,9 @@ impl Metrics {
     /// labels were asked for).
     pub fn observe(&self, record: &QueryRecord) {
         let transport = usize::from(record.transport == "tcp");
-        let qtype = QTYPES
-            .iter()
-            .position(|t| *t == record.qtype)
+        let qtype = record
+            .qtype
+            .and_then(|qtype| QTYPES.iter().position(|t| *t == <&str>::from(qtype)))
             .unwrap_or(QTYPES.len() - 1);
         let outcome = outcome_index(record);
         let group = record

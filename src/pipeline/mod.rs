@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 
 use crate::firewall::Admitter;
 use crate::policy::{CnameMode, DenyWith, Group, Policy};
-use crate::querylog::{LoggedAddress, PolicyTag, QueryRecord};
+use crate::querylog::{LoggedAddress, LoggedAddresses, PolicyTag, QueryRecord, ShortText};
 use address_guard::{AddressGuard, AddressVerdict};
 use admitted::{AdmittedIndex, Justification};
 use answer_filter::{AnswerContext, filter_answer};
@@ -360,9 +360,9 @@ impl Pipeline {
             }
             Decision::Deny(reason) => return deny(policy, record, reason),
         };
-        record.group = Some(group_name.to_owned());
-        record.rule = rule.map(|rule| rule.pattern.clone());
-        record.grant = grant.map(Grant::label);
+        record.group = Some(ShortText::from(group_name));
+        record.rule = rule.map(|rule| ShortText::from(rule.pattern.as_str()));
+        record.grant = grant.map(|grant| grant.id);
         if let Some(rule) = rule
             && is_wildcard(rule)
         {
@@ -576,32 +576,15 @@ fn new_record(
     transport: Transport,
     question: Option<&Question>,
 ) -> QueryRecord {
-    QueryRecord {
-        time: SystemTime::now(),
-        policy: PolicyTag::default(),
-        client: client.ip(),
-        port: client.port(),
-        transport: transport.as_str(),
-        qname: question.map(|q| q.name.to_string()).unwrap_or_default(),
-        qtype: question.map(|q| q.qtype.to_string()).unwrap_or_default(),
-        decision: "deny",
-        group: None,
-        rule: None,
-        grant: None,
-        reason: None,
-        rcode: ResponseCode::NoError,
-        answers: Vec::new(),
-        refused: Vec::new(),
-        upstream: None,
-        error: None,
-        truncated: false,
-        audit: false,
-        latency_us: 0,
+    let record = QueryRecord::new(client, transport.as_str());
+    match question {
+        Some(question) => record.with_question(&question.name, question.qtype),
+        None => record,
     }
 }
 
 /// The addresses of the records handed out, for the log.
-fn logged_addresses(records: &[Record]) -> Vec<LoggedAddress> {
+fn logged_addresses(records: &[Record]) -> LoggedAddresses {
     records
         .iter()
         .filter_map(|r| match &r.data {

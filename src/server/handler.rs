@@ -91,10 +91,9 @@ impl Handler {
             ),
         };
         if let Some(question) = request.queries.queries().first()
-            && record.qname.is_empty()
+            && record.qname.is_absent()
         {
-            record.qname = question.original().name().to_string();
-            record.qtype = question.query_type().to_string();
+            record = record.with_question(question.original().name(), question.query_type());
         }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
