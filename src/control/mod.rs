@@ -481,17 +481,11 @@ impl Control {
         let time = |at: Instant| {
             humantime::format_rfc3339_seconds(crate::explain::wall_clock(at, now)).to_string()
         };
-        let bare = |name: &hickory_proto::rr::Name| {
-            let name = name.to_string();
-            name.strip_suffix('.').unwrap_or(&name).to_owned()
-        };
         let admissions: Vec<serde_json::Value> = history
-            .justifications
-            .iter()
-            .filter(|j| client.is_none_or(|c| c == j.client))
+            .justifications_of(client)
             .map(|j| {
                 json!({
-                    "name": bare(&j.name),
+                    "name": j.bare_name(),
                     "client": j.client,
                     "qtype": j.qtype.to_string(),
                     "group": j.group.as_ref(),
@@ -503,12 +497,10 @@ impl Control {
             })
             .collect();
         let revoked: Vec<serde_json::Value> = history
-            .revoked
-            .iter()
-            .filter(|r| client.is_none_or(|c| c == r.why.client))
+            .revoked_of(client)
             .map(|r| {
                 json!({
-                    "name": bare(&r.why.name),
+                    "name": r.why.bare_name(),
                     "client": r.why.client,
                     "revoked_at": time(r.at),
                 })

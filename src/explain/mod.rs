@@ -102,13 +102,8 @@ pub struct Verdict {
     pub at: Option<Instant>,
 }
 
-fn bare(j: &Justification) -> String {
-    let name = j.name.to_string();
-    name.strip_suffix('.').unwrap_or(&name).to_owned()
-}
-
 fn names<'a>(list: impl Iterator<Item = &'a Justification>) -> Vec<String> {
-    let mut names: Vec<String> = list.map(bare).collect();
+    let mut names: Vec<String> = list.map(Justification::bare_name).collect();
     names.sort();
     names.dedup();
     names.truncate(MAX_NAMES);
@@ -124,10 +119,9 @@ pub fn judge(
     per_client: bool,
     now: Instant,
 ) -> Verdict {
-    let client = client.to_canonical();
-    let mine = |j: &Justification| !per_client || j.client == client;
-    let own: Vec<&Justification> = history.justifications.iter().filter(|j| mine(j)).collect();
-    let own_revoked: Vec<_> = history.revoked.iter().filter(|r| mine(&r.why)).collect();
+    let mine = per_client.then(|| client.to_canonical());
+    let own: Vec<&Justification> = history.justifications_of(mine).collect();
+    let own_revoked: Vec<_> = history.revoked_of(mine).collect();
     let latest_expiry = own.iter().map(|j| j.until).max();
     let latest_revoke = own_revoked.iter().map(|r| r.at).max();
     let mut verdict = Verdict {

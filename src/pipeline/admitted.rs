@@ -65,6 +65,14 @@ pub struct RevokedJustification {
     pub at: Instant,
 }
 
+impl Justification {
+    /// The name without its final dot, as people write it (`api.example.com`).
+    pub fn bare_name(&self) -> String {
+        let name = self.name.to_string();
+        name.strip_suffix('.').unwrap_or(&name).to_owned()
+    }
+}
+
 /// Everything the index still knows about one address: its justifications (live and
 /// expired, until pruned) and those revoked (the last [`MAX_REVOKED`] of all addresses).
 #[derive(Debug, Clone, Default)]
@@ -73,9 +81,67 @@ pub struct History {
     pub revoked: Vec<RevokedJustification>,
 }
 
+impl History {
+    /// The justifications of `client`, or of every client when `None`.
+    pub fn justifications_of(
+        &self,
+        client: Option<IpAddr>,
+    ) -> impl Iterator<Item = &Justification> + Clone {
+        self.justifications
+            .iter()
+            .filter(move |j| client.is_none_or(|c| c == j.client))
+    }
+
+    /// The revoked justifications of `client`, or of every client when `None`.
+    pub fn revoked_of(
+        &self,
+        client: Option<IpAddr>,
+    ) -> impl Iterator<Item = &RevokedJustification> + Clone {
+        self.revoked
+            .iter()
+            .filter(move |r| client.is_none_or(|c| c == r.why.client))
+    }
+}
+
+/// The last [`MAX_REVOKED`] revoked justifications, indexed by address so that reading one
+/// address's history costs its own entries, not a walk over all of them under the lock.
+#[derive(Default)]
+struct Revoked {
+    by_addr: HashMap<IpAddr, VecDeque<RevokedJustification>>,
+    /// Addresses in the order their entries were revoked: the front names the oldest entry.
+    order: VecDeque<IpAddr>,
+}
+
+impl Revoked {
+    fn push(&mut self, revoked: RevokedJustification) {
+        if self.order.len() >= MAX_REVOKED
+            && let Some(oldest) = self.order.pop_front()
+            && let Some(list) = self.by_addr.get_mut(&oldest)
+        {
+            // Entries of one address are revoked in order too: its front is the oldest.
+            list.pop_front();
+            if list.is_empty() {
+                self.by_addr.remove(&oldest);
+            }
+        }
+        self.order.push_back(revoked.addr);
+        self.by_addr
+            .entry(revoked.addr)
+            .or_default()
+            .push_back(revoked);
+    }
+
+    fn of(&self, addr: IpAddr) -> Vec<RevokedJustification> {
+        self.by_addr
+            .get(&addr)
+            .map(|list| list.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 struct Inner {
     by_addr: HashMap<IpAddr, Vec<Justification>>,
-    revoked: VecDeque<RevokedJustification>,
+    revoked: Revoked,
     next_prune: Instant,
 }
 
@@ -116,7 +182,7 @@ impl AdmittedIndex {
         AdmittedIndex {
             inner: Mutex::new(Inner {
                 by_addr: HashMap::new(),
-                revoked: VecDeque::new(),
+                revoked: Revoked::default(),
                 next_prune: Instant::now(),
             }),
             max_addresses: max_addresses.max(1),
@@ -206,10 +272,7 @@ impl AdmittedIndex {
                     && k.until <= j.until)
             });
             if list.len() < before {
-                if inner.revoked.len() >= MAX_REVOKED {
-                    inner.revoked.pop_front();
-                }
-                inner.revoked.push_back(RevokedJustification {
+                inner.revoked.push(RevokedJustification {
                     addr,
                     why: j.clone(),
                     at: now,
@@ -252,12 +315,7 @@ impl AdmittedIndex {
         };
         History {
             justifications: inner.by_addr.get(&addr).cloned().unwrap_or_default(),
-            revoked: inner
-                .revoked
-                .iter()
-                .filter(|r| r.addr == addr)
-                .cloned()
-                .collect(),
+            revoked: inner.revoked.of(addr),
         }
     }
 
@@ -330,6 +388,62 @@ mod tests {
                 all: false
             }]
         );
+    }
+
+    #[test]
+    fn revocations_are_remembered_per_address_oldest_forgotten_first() {
+        let now = Instant::now();
+        let mut revoked = Revoked::default();
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        let entry = |addr, name: &str| RevokedJustification {
+            addr,
+            why: j("10.0.0.1", name, now),
+            at: now,
+        };
+        revoked.push(entry(a, "first.example."));
+        for i in 0..MAX_REVOKED - 1 {
+            revoked.push(entry(b, &format!("n{i}.example.")));
+        }
+        assert_eq!(revoked.of(a).len(), 1);
+        revoked.push(entry(a, "second.example."));
+        let left = revoked.of(a);
+        assert_eq!(left.len(), 1, "the oldest entry of all was a's first");
+        assert_eq!(left[0].why.bare_name(), "second.example");
+        assert_eq!(revoked.of(b).len(), MAX_REVOKED - 1);
+        revoked.push(entry(a, "third.example."));
+        assert_eq!(revoked.of(b).len(), MAX_REVOKED - 2);
+        assert_eq!(revoked.order.len(), MAX_REVOKED);
+        let held: usize = revoked.by_addr.values().map(VecDeque::len).sum();
+        assert_eq!(held, MAX_REVOKED);
+    }
+
+    #[test]
+    fn a_history_walks_one_client_or_all() {
+        let now = Instant::now();
+        let addr: IpAddr = "198.51.100.1".parse().unwrap();
+        let history = History {
+            justifications: vec![
+                j("10.0.0.1", "a.example.", now),
+                j("10.0.0.2", "b.example.", now),
+            ],
+            revoked: vec![RevokedJustification {
+                addr,
+                why: j("10.0.0.2", "c.example.", now),
+                at: now,
+            }],
+        };
+        let one = Some("10.0.0.1".parse().unwrap());
+        let names = |c| {
+            history
+                .justifications_of(c)
+                .map(Justification::bare_name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(one), ["a.example"]);
+        assert_eq!(names(None), ["a.example", "b.example"]);
+        assert_eq!(history.revoked_of(one).count(), 0);
+        assert_eq!(history.revoked_of(None).count(), 1);
     }
 
     #[test]
