@@ -277,4 +277,352 @@ mod tests {
         }
         assert_eq!(seen, [(3, 2), (3, 2)]);
     }
+
+    /// What one filtering kept, in a form a table can state.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        /// `name type ttl` of every record passed on, in order.
+        records: Vec<String>,
+        /// Addresses to admit, with their lifetime in seconds.
+        admit: Vec<(IpAddr, u64)>,
+        refused: Vec<IpAddr>,
+        violation: Option<String>,
+        dropped: usize,
+    }
+
+    fn name(text: &str) -> Name {
+        Name::from_ascii(text).unwrap()
+    }
+
+    fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(Ipv4Addr::from(ip))))
+    }
+
+    fn cname(owner: &str, target: &str) -> Record {
+        Record::from_rdata(
+            name(owner),
+            300,
+            RData::CNAME(hickory_proto::rr::rdata::CNAME(name(target))),
+        )
+    }
+
+    fn https(owner: &str, priority: u16, target: &str, hint: [u8; 4]) -> Record {
+        use hickory_proto::rr::rdata::svcb::{IpHint, SVCB};
+        let params = vec![(
+            SvcParamKey::Ipv4Hint,
+            SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::from(hint))])),
+        )];
+        Record::from_rdata(
+            name(owner),
+            300,
+            RData::HTTPS(hickory_proto::rr::rdata::HTTPS(SVCB::new(
+                priority,
+                name(target),
+                params,
+            ))),
+        )
+    }
+
+    #[derive(Clone, Copy)]
+    struct Setup {
+        qtype: RecordType,
+        strict: bool,
+        hints: HintMode,
+        allow_private: bool,
+    }
+
+    const PLAIN: Setup = Setup {
+        qtype: RecordType::A,
+        strict: false,
+        hints: HintMode::Admit,
+        allow_private: false,
+    };
+
+    /// Filters `answers` to `q.example.` with names under `allowed.example.` (and the question)
+    /// allowed.
+    fn run(setup: Setup, answers: &[Record]) -> Outcome {
+        let qname = name("q.example.");
+        let guard = AddressGuard::default();
+        let allowed_zone = name("allowed.example.");
+        let allowed = |n: &Name| allowed_zone.zone_of(n) || *n == qname;
+        let private: [IpNet; 1] = ["10.0.0.0/8".parse().unwrap()];
+        let cx = AnswerContext {
+            qname: &qname,
+            qtype: setup.qtype,
+            ttl: TtlPolicy::default(),
+            guard: &guard,
+            allow_answers: if setup.allow_private { &private } else { &[] },
+            strict_chain: if setup.strict { Some(&allowed) } else { None },
+            name_allowed: &allowed,
+            hints: setup.hints,
+            max_per_family: 32,
+        };
+        let out = filter_answer(&cx, answers);
+        Outcome {
+            records: out
+                .records
+                .iter()
+                .map(|r| format!("{} {} {}", r.name, r.record_type(), r.ttl))
+                .collect(),
+            admit: out.admit.iter().map(|(ip, d)| (*ip, d.as_secs())).collect(),
+            refused: out.refused_addresses.clone(),
+            violation: out.chain_violation.as_ref().map(Name::to_string),
+            dropped: out.dropped_records,
+        }
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn each_answer_is_filtered_as_the_table_says() {
+        let public = [198, 51, 100, 7];
+        let chain_of = |n: usize| -> Vec<Record> {
+            let mut chain: Vec<Record> = (0..n)
+                .map(|i| {
+                    let from = if i == 0 {
+                        "q.example.".to_owned()
+                    } else {
+                        format!("c{i}.allowed.example.")
+                    };
+                    cname(&from, &format!("c{}.allowed.example.", i + 1))
+                })
+                .collect();
+            chain.push(a(&format!("c{n}.allowed.example."), 300, public));
+            chain
+        };
+        let strict = Setup {
+            strict: true,
+            ..PLAIN
+        };
+        // The CNAMEs up to the cut (test data: leaked to be 'static like the other rows).
+        let cut_chain: Vec<&'static str> = chain_of(MAX_CHAIN + 1)
+            .iter()
+            .take(MAX_CHAIN + 1)
+            .map(|r| &*String::leak(format!("{} CNAME 300", r.name)))
+            .collect();
+        struct Case {
+            what: &'static str,
+            setup: Setup,
+            answers: Vec<Record>,
+            records: Vec<&'static str>,
+            admit: Vec<(&'static str, u64)>,
+            refused: Vec<&'static str>,
+            violation: Option<&'static str>,
+        }
+        let cases = vec![
+            Case {
+                what: "an address: kept, TTL as given, admitted for TTL + grace",
+                setup: PLAIN,
+                answers: vec![a("q.example.", 300, public)],
+                records: vec!["q.example. A 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "TTLs clamped: the client is told at most max, the firewall admits at least min",
+                setup: PLAIN,
+                answers: vec![
+                    a("q.example.", 86_400, public),
+                    a("q.example.", 1, [198, 51, 100, 8]),
+                ],
+                records: vec!["q.example. A 3600", "q.example. A 1"],
+                admit: vec![("198.51.100.7", 3630), ("198.51.100.8", 60)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "a record for another name is dropped, not admitted",
+                setup: PLAIN,
+                answers: vec![
+                    a("q.example.", 300, public),
+                    a("elsewhere.example.", 300, [203, 0, 113, 9]),
+                ],
+                records: vec!["q.example. A 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "a CNAME chain is followed in order to its addresses",
+                setup: PLAIN,
+                answers: chain_of(2),
+                records: vec![
+                    "q.example. CNAME 300",
+                    "c1.allowed.example. CNAME 300",
+                    "c2.allowed.example. A 300",
+                ],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "a chain longer than MAX_CHAIN is cut there: its end is never admitted",
+                setup: PLAIN,
+                answers: chain_of(MAX_CHAIN + 1),
+                records: cut_chain,
+                admit: vec![],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "cname: strict stops at the first name the policy does not allow",
+                setup: strict,
+                answers: vec![
+                    cname("q.example.", "c1.allowed.example."),
+                    cname("c1.allowed.example.", "tracker.elsewhere."),
+                    a("tracker.elsewhere.", 300, public),
+                ],
+                records: vec![],
+                admit: vec![],
+                refused: vec![],
+                violation: Some("tracker.elsewhere."),
+            },
+            Case {
+                what: "cname: follow passes the same chain",
+                setup: PLAIN,
+                answers: vec![
+                    cname("q.example.", "tracker.elsewhere."),
+                    a("tracker.elsewhere.", 300, public),
+                ],
+                records: vec!["q.example. CNAME 300", "tracker.elsewhere. A 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "a question for CNAME gets the CNAME, not its target",
+                setup: Setup {
+                    qtype: RecordType::CNAME,
+                    ..PLAIN
+                },
+                answers: vec![
+                    cname("q.example.", "c1.allowed.example."),
+                    a("c1.allowed.example.", 300, public),
+                ],
+                records: vec!["q.example. CNAME 300"],
+                admit: vec![],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "a private address is refused (rebinding); a public one beside it stays",
+                setup: PLAIN,
+                answers: vec![
+                    a("q.example.", 300, [10, 0, 0, 1]),
+                    a("q.example.", 300, public),
+                ],
+                records: vec!["q.example. A 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec!["10.0.0.1"],
+                violation: None,
+            },
+            Case {
+                what: "loopback is refused",
+                setup: PLAIN,
+                answers: vec![a("q.example.", 300, [127, 0, 0, 1])],
+                records: vec![],
+                admit: vec![],
+                refused: vec!["127.0.0.1"],
+                violation: None,
+            },
+            Case {
+                what: "allow_answers lets a private range through",
+                setup: Setup {
+                    allow_private: true,
+                    ..PLAIN
+                },
+                answers: vec![a("q.example.", 300, [10, 0, 0, 1])],
+                records: vec!["q.example. A 300"],
+                admit: vec![("10.0.0.1", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "HTTPS hints are admitted with hints: admit",
+                setup: Setup {
+                    qtype: RecordType::HTTPS,
+                    ..PLAIN
+                },
+                answers: vec![https("q.example.", 1, ".", public)],
+                records: vec!["q.example. HTTPS 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "HTTPS hints are stripped (not admitted) with hints: strip",
+                setup: Setup {
+                    qtype: RecordType::HTTPS,
+                    hints: HintMode::Strip,
+                    ..PLAIN
+                },
+                answers: vec![https("q.example.", 1, ".", public)],
+                records: vec!["q.example. HTTPS 300"],
+                admit: vec![],
+                refused: vec![],
+                violation: None,
+            },
+            Case {
+                what: "an HTTPS alias to a name the policy does not allow is dropped",
+                setup: Setup {
+                    qtype: RecordType::HTTPS,
+                    ..PLAIN
+                },
+                answers: vec![
+                    https("q.example.", 0, "other.elsewhere.", public),
+                    https("q.example.", 0, "svc.allowed.example.", public),
+                ],
+                records: vec!["q.example. HTTPS 300"],
+                admit: vec![("198.51.100.7", 330)],
+                refused: vec![],
+                violation: None,
+            },
+        ];
+        for case in cases {
+            let got = run(case.setup, &case.answers);
+            let expected = Outcome {
+                records: case.records.iter().map(|r| r.to_string()).collect(),
+                admit: case.admit.iter().map(|(a, s)| (ip(a), *s)).collect(),
+                refused: case.refused.iter().map(|a| ip(a)).collect(),
+                violation: case.violation.map(str::to_owned),
+                dropped: case.answers.len() - got.records.len(),
+            };
+            assert_eq!(got, expected, "{}", case.what);
+        }
+    }
+
+    #[test]
+    fn only_a_refused_answer_with_nothing_left_is_rebinding() {
+        let table: &[(&[[u8; 4]], bool)] = &[
+            (&[[10, 0, 0, 1]], true),
+            (&[[10, 0, 0, 1], [198, 51, 100, 7]], false),
+            (&[[198, 51, 100, 7]], false),
+            (&[], false),
+        ];
+        let qname = name("q.example.");
+        let guard = AddressGuard::default();
+        let allowed = |_: &Name| true;
+        for (addresses, rebinding) in table {
+            let answers: Vec<Record> = addresses
+                .iter()
+                .map(|ip| a("q.example.", 60, *ip))
+                .collect();
+            let cx = AnswerContext {
+                qname: &qname,
+                qtype: RecordType::A,
+                ttl: TtlPolicy::default(),
+                guard: &guard,
+                allow_answers: &[],
+                strict_chain: None,
+                name_allowed: &allowed,
+                hints: HintMode::Admit,
+                max_per_family: 32,
+            };
+            let out = filter_answer(&cx, &answers);
+            assert_eq!(out.stripped_to_nothing(), *rebinding, "{addresses:?}");
+        }
+    }
 }

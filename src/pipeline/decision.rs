@@ -134,3 +134,147 @@ pub fn decide<'p>(
 pub fn is_wildcard(rule: &Rule) -> bool {
     rule.kind != RuleKind::Exact
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const POLICY: &str = r#"
+listen: ["127.0.0.1:5353"]
+upstreams: ["192.0.2.53:53"]
+qtypes: [A, AAAA, HTTPS]
+allow:
+  - api.example.com
+  - "*.cdn.example.com"
+  - "**.deep.example.org"
+  - lab.test
+clients:
+  - name: builders
+    from: ["10.1.0.0/16"]
+    allow: [registry.example.net]
+firewall: {enabled: false}
+"#;
+
+    fn policy() -> Policy {
+        Policy::parse(POLICY, Path::new("decision-test.yaml")).unwrap()
+    }
+
+    #[test]
+    fn each_question_gets_its_decision() {
+        let policy = policy();
+        let anyone: IpAddr = "127.0.0.1".parse().unwrap();
+        let builder: IpAddr = "10.1.2.3".parse().unwrap();
+        use RecordType::{A, AAAA, HTTPS, TXT};
+        // (client, name, type, expected: Ok(rule pattern) or Err(reason))
+        let table: &[(IpAddr, &str, RecordType, Result<&str, DenyReason>)] = &[
+            (anyone, "api.example.com.", A, Ok("api.example.com")),
+            (anyone, "API.Example.COM.", AAAA, Ok("api.example.com")),
+            (anyone, "api.example.com.", HTTPS, Ok("api.example.com")),
+            (anyone, "api.example.com.", TXT, Err(DenyReason::Qtype)),
+            (anyone, "x.api.example.com.", A, Err(DenyReason::Policy)),
+            (anyone, "example.com.", A, Err(DenyReason::Policy)),
+            (anyone, "a.cdn.example.com.", A, Ok("*.cdn.example.com")),
+            (anyone, "a.b.cdn.example.com.", A, Err(DenyReason::Policy)),
+            (anyone, "cdn.example.com.", A, Err(DenyReason::Policy)),
+            (
+                anyone,
+                "a.b.c.deep.example.org.",
+                A,
+                Ok("**.deep.example.org"),
+            ),
+            (anyone, "evil.example.", A, Err(DenyReason::Policy)),
+            // Groups: the builders' allowlist is theirs alone.
+            (
+                builder,
+                "registry.example.net.",
+                A,
+                Ok("registry.example.net"),
+            ),
+            (anyone, "registry.example.net.", A, Err(DenyReason::Policy)),
+            // Special-use names are never forwarded, rule or not.
+            (anyone, "localhost.", A, Err(DenyReason::SpecialUse)),
+            (anyone, "printer.local.", A, Err(DenyReason::SpecialUse)),
+            (anyone, "x.onion.", A, Err(DenyReason::SpecialUse)),
+            (
+                anyone,
+                "1.0.0.10.in-addr.arpa.",
+                A,
+                Err(DenyReason::SpecialUse),
+            ),
+            (anyone, "router.home.arpa.", A, Err(DenyReason::SpecialUse)),
+            (
+                anyone,
+                "use-application-dns.net.",
+                A,
+                Err(DenyReason::SpecialUse),
+            ),
+            (anyone, "x.invalid.", A, Err(DenyReason::SpecialUse)),
+            // `.test` is special-use unless a rule names it.
+            (anyone, "lab.test.", A, Ok("lab.test")),
+            (anyone, "other.test.", A, Err(DenyReason::SpecialUse)),
+        ];
+        for (client, name, qtype, expected) in table {
+            let name = Name::from_ascii(name).unwrap();
+            let got = match decide(&policy, *client, &name, *qtype) {
+                Decision::Allow { rule, .. } => Ok(rule.pattern.as_str()),
+                Decision::Deny(reason) => Err(reason),
+            };
+            assert_eq!(&got, expected, "{client} {name} {qtype}");
+        }
+    }
+
+    #[test]
+    fn a_label_with_a_dot_is_not_two_labels() {
+        let policy = policy();
+        let client: IpAddr = "127.0.0.1".parse().unwrap();
+        // Prints as `evil\.api.example.com.`, but is three labels under example.com.
+        let name = Name::from_labels([b"evil.api".as_slice(), b"example", b"com"]).unwrap();
+        assert!(matches!(
+            decide(&policy, client, &name, RecordType::A),
+            Decision::Deny(DenyReason::Policy)
+        ));
+        // `local` as part of a label is not the special-use suffix.
+        let name = Name::from_labels([b"x".as_slice(), b"not.local"]).unwrap();
+        assert!(!is_special_use(&name));
+    }
+
+    #[test]
+    fn the_group_that_allowed_is_named() {
+        let policy = policy();
+        let name = Name::from_ascii("registry.example.net.").unwrap();
+        let Decision::Allow { group, rule } =
+            decide(&policy, "10.1.0.9".parse().unwrap(), &name, RecordType::A)
+        else {
+            panic!("allowed for builders");
+        };
+        assert_eq!(group, "builders");
+        assert!(!is_wildcard(rule));
+        let name = Name::from_ascii("x.cdn.example.com.").unwrap();
+        let Decision::Allow { group, rule } =
+            decide(&policy, "127.0.0.1".parse().unwrap(), &name, RecordType::A)
+        else {
+            panic!("allowed by the wildcard");
+        };
+        assert_eq!(group, "default");
+        assert!(is_wildcard(rule));
+    }
+
+    #[test]
+    fn every_reason_has_its_log_name() {
+        let table = [
+            (DenyReason::Policy, "policy"),
+            (DenyReason::Qtype, "qtype"),
+            (DenyReason::SpecialUse, "special-use"),
+            (DenyReason::Rebinding, "rebinding"),
+            (DenyReason::ExfiltrationBudget, "exfiltration-budget"),
+            (DenyReason::RateLimit, "rate-limit"),
+            (DenyReason::Malformed, "malformed"),
+            (DenyReason::Opcode, "opcode"),
+        ];
+        for (reason, text) in table {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
+}

@@ -74,3 +74,129 @@ pub fn question_of(message: &MessageRequest) -> Result<Question, Rejection> {
         qtype: query.query_type(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::server::Request;
+
+    use super::*;
+
+    fn query(name: &str, qtype: RecordType) -> Query {
+        let mut query = Query::query(Name::from_ascii(name).unwrap(), qtype);
+        query.set_query_class(DNSClass::IN);
+        query
+    }
+
+    /// The message as the server reads it off the wire.
+    fn request(message: &Message) -> Request {
+        let bytes = message.to_vec().unwrap();
+        Request::from_bytes(bytes, "127.0.0.1:40000".parse().unwrap(), Protocol::Udp).unwrap()
+    }
+
+    #[test]
+    fn only_one_standard_in_question_with_empty_sections_goes_further() {
+        let a_record = Record::from_rdata(
+            Name::from_ascii("x.example.").unwrap(),
+            60,
+            RData::A(A::new(192, 0, 2, 1)),
+        );
+        type Shape = fn(&mut Message);
+        let cases: &[(&str, Shape, Result<RecordType, Rejection>)] = &[
+            ("one A question", |_| {}, Ok(RecordType::A)),
+            (
+                "one AAAA question",
+                |m| m.queries = vec![query("api.example.", RecordType::AAAA)],
+                Ok(RecordType::AAAA),
+            ),
+            (
+                "a meta type is the policy's business, not this stage's",
+                |m| m.queries = vec![query("api.example.", RecordType::ANY)],
+                Ok(RecordType::ANY),
+            ),
+            (
+                "no question",
+                |m| m.queries.clear(),
+                Err(Rejection::Malformed),
+            ),
+            (
+                "two questions",
+                |m| m.queries.push(query("other.example.", RecordType::A)),
+                Err(Rejection::Malformed),
+            ),
+            (
+                "an opcode other than QUERY",
+                |m| m.metadata.op_code = OpCode::Status,
+                Err(Rejection::OpCode),
+            ),
+            (
+                "NOTIFY",
+                |m| m.metadata.op_code = OpCode::Notify,
+                Err(Rejection::OpCode),
+            ),
+            (
+                "class CH (version.bind)",
+                |m| {
+                    let mut q = query("version.bind.", RecordType::TXT);
+                    q.set_query_class(DNSClass::CH);
+                    m.queries = vec![q];
+                },
+                Err(Rejection::Class),
+            ),
+            (
+                "class ANY",
+                |m| {
+                    m.queries[0].set_query_class(DNSClass::ANY);
+                },
+                Err(Rejection::Class),
+            ),
+        ];
+        for (what, shape, expected) in cases {
+            let mut message = Message::query();
+            message.add_query(query("api.example.", RecordType::A));
+            shape(&mut message);
+            let got = question_of(&request(&message)).map(|q| q.qtype);
+            assert_eq!(&got, expected, "{what}");
+        }
+        // Records smuggled into a query's answer or authority section.
+        for section in ["answer", "authority"] {
+            let mut message = Message::query();
+            message.add_query(query("api.example.", RecordType::A));
+            match section {
+                "answer" => message.answers.push(a_record.clone()),
+                _ => message.authorities.push(a_record.clone()),
+            }
+            let got = question_of(&request(&message)).map(|q| q.qtype);
+            assert_eq!(got, Err(Rejection::Malformed), "a record in the {section}");
+        }
+    }
+
+    #[test]
+    fn the_name_keeps_its_case_and_is_absolute() {
+        let mut message = Message::query();
+        message.add_query(query("ApI.ExAmple.", RecordType::A));
+        let question = question_of(&request(&message)).unwrap();
+        assert_eq!(question.name.to_string(), "ApI.ExAmple.");
+        assert!(question.name.is_fqdn());
+    }
+
+    #[test]
+    fn each_rejection_has_its_rcode_and_reason() {
+        let table = [
+            (Rejection::OpCode, ResponseCode::NotImp, DenyReason::Opcode),
+            (
+                Rejection::Malformed,
+                ResponseCode::FormErr,
+                DenyReason::Malformed,
+            ),
+            (Rejection::Class, ResponseCode::Refused, DenyReason::Qtype),
+        ];
+        for (rejection, rcode, reason) in table {
+            assert_eq!(rejection.rcode(), rcode, "{rejection:?}");
+            assert_eq!(rejection.deny_reason(), reason, "{rejection:?}");
+        }
+    }
+}
