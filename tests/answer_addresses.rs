@@ -10,18 +10,6 @@ use std::net::IpAddr;
 use common::*;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use serde_json::Value;
-
-fn log_for<'a>(log: &'a [Value], qname: &str) -> Vec<&'a Value> {
-    let want = fqdn(qname);
-    log.iter()
-        .filter(|l| {
-            l["qname"]
-                .as_str()
-                .is_some_and(|q| q.eq_ignore_ascii_case(&want))
-        })
-        .collect()
-}
 
 #[test]
 fn an_answer_naming_an_agents_own_address_is_refused_like_a_private_one() {

@@ -11,14 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-use common::{BIN, addresses, require_root};
+use common::{BIN, addresses, require_root, sa};
 use hickory_proto::rr::RecordType;
 
 const BURST: usize = 20;
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 /// The `drop` lines of the query log.
 fn drops(lab: &Lab) -> Vec<serde_json::Value> {

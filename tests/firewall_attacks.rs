@@ -13,15 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::netns::*;
 use common::upstream::Behaviour;
-use common::{addresses, query, require_root, require_tool};
+use common::{addresses, query, require_root, require_tool, sa};
 use hickory_proto::rr::RecordType;
 
 /// dnsfence's firewall mark (0x0d5f), written in decimal in the policies.
 const MARK: u32 = 0x0d5f;
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 /// A shape-2 policy for the lab (output and forward hooks) allowing `allow`.
 fn policy(lab: &Lab, allow: &[&str]) -> String {

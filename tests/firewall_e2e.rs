@@ -16,16 +16,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-use common::{addresses, query, require_root, require_tool};
+use common::{addresses, query, require_root, require_tool, sa};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
 /// dnsfence's firewall mark (0x0d5f), written in decimal in the policies.
 const MARK: u32 = 0x0d5f;
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()

@@ -32,22 +32,6 @@ fn yaml(upstream: SocketAddr, allow_block: &str, extra: &str) -> String {
     )
 }
 
-fn fence_with(upstream: &Upstream, allow: &[&str], extra: &str) -> Dnsfence {
-    Dnsfence::start(&policy(upstream.addr, allow, extra))
-}
-
-/// Log lines for one name (compared as the log prints it, case-insensitively).
-fn log_for<'a>(log: &'a [Value], qname: &str) -> Vec<&'a Value> {
-    let want = fqdn(qname);
-    log.iter()
-        .filter(|l| {
-            l["qname"]
-                .as_str()
-                .is_some_and(|q| q.eq_ignore_ascii_case(&want))
-        })
-        .collect()
-}
-
 fn reasons(log: &[Value]) -> Vec<&str> {
     log.iter().filter_map(|l| l["reason"].as_str()).collect()
 }

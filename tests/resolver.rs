@@ -11,10 +11,6 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 
-fn fence_with(upstream: &Upstream, allow: &[&str], extra: &str) -> Dnsfence {
-    Dnsfence::start(&policy(upstream.addr, allow, extra))
-}
-
 #[test]
 fn allowed_name_is_answered_with_the_upstreams_records_over_udp_and_tcp() {
     let upstream = Upstream::start();

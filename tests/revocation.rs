@@ -5,18 +5,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-use common::{BIN, require_root};
+use common::{BIN, require_root, sa};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 fn yaml(lab: &Lab, allow: &[&str], extra: &str) -> String {
     let allow: String = allow.iter().map(|r| format!("  - \"{r}\"\n")).collect();

@@ -14,10 +14,6 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-fn fence_with(upstream: &Upstream, allow: &[&str], extra: &str) -> Dnsfence {
-    Dnsfence::start(&policy(upstream.addr, allow, extra))
-}
-
 /// A policy whose upstream_timeout is `timeout` (the shared helper's is 1 s).
 fn policy_with_timeout(upstream: SocketAddr, allow: &str, timeout: &str, extra: &str) -> String {
     format!(

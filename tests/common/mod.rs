@@ -275,6 +275,28 @@ pub fn policy(upstream: SocketAddr, allow: &[&str], extra: &str) -> String {
 }
 
 /// The names of `n` as they appear in a log or an answer (`Name::to_string`).
+/// `dnsfence serve` on the shared test policy ([`policy`]) with `upstream`.
+pub fn fence_with(upstream: &Upstream, allow: &[&str], extra: &str) -> Dnsfence {
+    Dnsfence::start(&policy(upstream.addr, allow, extra))
+}
+
+/// A socket address from an address and a port.
+pub fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Log lines for one name (compared as the log prints it, case-insensitively).
+pub fn log_for<'a>(log: &'a [serde_json::Value], qname: &str) -> Vec<&'a serde_json::Value> {
+    let want = fqdn(qname);
+    log.iter()
+        .filter(|l| {
+            l["qname"]
+                .as_str()
+                .is_some_and(|q| q.eq_ignore_ascii_case(&want))
+        })
+        .collect()
+}
+
 pub fn fqdn(n: &str) -> String {
     name(n).to_string()
 }
