@@ -309,6 +309,13 @@ fn compose_file_gives_the_agent_no_capability_and_dnsfence_only_two() {
     assert!(agent["cap_add"].is_null());
     assert_eq!(strings(&agent["security_opt"]), ["no-new-privileges:true"]);
     assert!(agent["privileged"].is_null() || agent["privileged"] == false);
+    // Not root: root's sockets may answer connections from outside (the ruleset spares uid 0).
+    let user = agent["user"].as_str().unwrap_or("");
+    let (uid, gid) = user.split_once(':').unwrap_or((user, ""));
+    assert!(
+        uid.parse::<u32>().is_ok_and(|u| u != 0) && gid.parse::<u32>().is_ok_and(|g| g != 0),
+        "the agent must run as a numeric non-root uid:gid, not {user:?}"
+    );
     let volumes = strings(&agent["volumes"]);
     assert!(
         volumes.iter().all(|v| !v.contains("/run/dnsfence")),
