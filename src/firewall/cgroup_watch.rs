@@ -19,13 +19,16 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::netlink::{NfSocket, NlError};
-use super::ruleset::{CgroupPlan, CgroupSetDef, Outside, missing_cgroup_message};
+use super::netlink::{Batch, NfSocket, NlError};
+use super::ruleset::{
+    CgroupPlan, CgroupSetDef, Layout, Outside, cgroup_root, missing_cgroup_message,
+};
+use crate::policy::Policy;
 
 /// How often the cgroups are listed: how long a cgroup created beside a contained one waits
 /// before the host's own firewall decides about it again.
@@ -94,6 +97,41 @@ pub(super) fn keys_of(
         .collect()
 }
 
+/// What the watch lists: the contained paths and the cgroup2 root (`None`: no cgroups are
+/// contained). A reload that replaces the table swaps it ([`plan_of`]).
+pub(super) type SharedPlan = Arc<Mutex<Option<(CgroupPlan, PathBuf)>>>;
+
+/// The plan for `policy`'s `contain.cgroups` (`None` without any), or why there can be none
+/// (no cgroup2 mount).
+pub(super) fn plan_of(policy: &Policy) -> Result<Option<(CgroupPlan, PathBuf)>, String> {
+    match policy
+        .firewall
+        .contain
+        .as_ref()
+        .map(|c| CgroupPlan::of(&c.cgroups))
+    {
+        Some(plan) if !plan.is_empty() => Ok(Some((plan, cgroup_root()?))),
+        _ => Ok(None),
+    }
+}
+
+/// Adds to a batch that creates `layout`'s cgroup sets the cgroups outside the contained ones
+/// now, so that no process outside them meets the gate's default for a moment (install, and a
+/// reload's replacement of the table). Returns what was listed.
+pub(crate) fn add_outside_cgroups(
+    batch: &mut Batch,
+    layout: &Layout,
+    plan: Option<&(CgroupPlan, PathBuf)>,
+) -> Outside {
+    let outside = plan
+        .map(|(plan, root)| plan.outside(root))
+        .unwrap_or_default();
+    for (set, keys) in keys_of(&layout.cgroup_sets, &outside) {
+        batch.add_keys(set, &keys);
+    }
+    outside
+}
+
 /// Says which contained cgroups do not exist (at start-up, and whenever that changes).
 pub(super) fn report_missing(before: &[String], now: &Outside, root: &std::path::Path) {
     for path in now.missing.iter().filter(|p| !before.contains(p)) {
@@ -121,18 +159,16 @@ pub(super) struct CgroupWatch {
 
 impl CgroupWatch {
     /// Starts the thread (with its own netlink socket, opened by the caller in the firewall's
-    /// network namespace). `seen` is what install found, so that the first changes are logged
-    /// against it.
+    /// network namespace). `seen` is what install listed, so that the first changes are
+    /// logged against it.
     pub(super) fn start(
         mut sock: NfSocket,
         table: String,
-        plan: CgroupPlan,
-        root: PathBuf,
+        plan: SharedPlan,
         seen: Outside,
     ) -> std::io::Result<CgroupWatch> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
-        let sets = plan.sets();
         let thread = std::thread::Builder::new()
             .name("dnsfence-cgroups".to_string())
             .spawn(move || {
@@ -140,10 +176,11 @@ impl CgroupWatch {
                 let mut truncated = seen.truncated;
                 let mut last_error: Option<String> = None;
                 let mut next = Instant::now() + CGROUP_POLL;
-                // What the kernel was last brought to, the table it was in, and when it was
-                // last read back in full: a poll that finds the same cgroups and the same
-                // table costs a directory listing and one small netlink request.
+                // What the kernel was last brought to, for which plan, in which table (its
+                // handle), and when it was last read back in full: a poll that finds the same
+                // cgroups, plan and table costs a directory listing and one small request.
                 let mut synced: Option<Vec<BTreeSet<u64>>> = Some(seen.by_level);
+                let mut planned = current(&plan);
                 let mut handle = sock.table_handle(&table).ok().flatten();
                 let mut full_at = Instant::now();
                 while !stopping.load(Ordering::Acquire) {
@@ -153,8 +190,19 @@ impl CgroupWatch {
                         continue;
                     }
                     next = now + CGROUP_POLL;
-                    let outside = plan.outside(&root);
-                    report_missing(&missing, &outside, &root);
+                    let now_plan = current(&plan);
+                    if now_plan != planned {
+                        // A reload changed the contained cgroups: read everything back.
+                        planned = now_plan;
+                        synced = None;
+                        missing.clear();
+                    }
+                    let Some((plan_now, root)) = planned.as_ref() else {
+                        continue;
+                    };
+                    let sets = plan_now.sets();
+                    let outside = plan_now.outside(root);
+                    report_missing(&missing, &outside, root);
                     missing.clone_from(&outside.missing);
                     if outside.truncated && !truncated {
                         tracing::warn!(
@@ -218,6 +266,14 @@ impl CgroupWatch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The plan now (a poisoned lock still holds the last plan written).
+fn current(plan: &SharedPlan) -> Option<(CgroupPlan, PathBuf)> {
+    match plan.lock() {
+        Ok(p) => p.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
     }
 }
 

@@ -69,7 +69,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::policy::{OnExit, Policy};
 use admission::{Key, Msg, Request};
 use netlink::{NfSocket, NlError, Op};
-use ruleset::{CgroupPlan, Family, Layout, normalize_ip, parse_element_key};
+use ruleset::{Family, Layout, normalize_ip, parse_element_key};
 
 /// Requests waiting for the admission thread, at most.
 const QUEUE_DEPTH: usize = 4096;
@@ -156,6 +156,8 @@ pub struct Firewall {
     confirmed: Arc<admission::Confirmed>,
     /// With `contain.cgroups`: keeps the sets of cgroups outside the contained ones current.
     cgroup_watch: Option<cgroup_watch::CgroupWatch>,
+    /// What the watch lists; a reload swaps it ([`Firewall::follow_cgroups`]).
+    cgroup_plan: cgroup_watch::SharedPlan,
 }
 
 /// What `check` and `serve` both say about this host's side of `firewall.contain` (one
@@ -279,23 +281,8 @@ impl Firewall {
 
         // The cgroups outside the contained ones go into the sets in the same transaction
         // that creates them: the host's other processes never meet the gate's default.
-        let cgroups = match fw.contain.as_ref().map(|c| CgroupPlan::of(&c.cgroups)) {
-            Some(plan) if !plan.is_empty() => {
-                let root = ruleset::cgroup_root().map_err(FirewallError::Policy)?;
-                let seen = plan.outside(&root);
-                Some((plan, root, seen))
-            }
-            _ => None,
-        };
-        let outside = cgroups
-            .as_ref()
-            .map(|(_, _, seen)| seen.clone())
-            .unwrap_or_default();
-        let with_cgroups = |b: &mut netlink::Batch| {
-            for (set, keys) in cgroup_watch::keys_of(&layout.cgroup_sets, &outside) {
-                b.add_keys(set, &keys);
-            }
-        };
+        let plan = cgroup_watch::plan_of(policy).map_err(FirewallError::Policy)?;
+        let mut outside = ruleset::Outside::default();
 
         let mut control = NfSocket::open().map_err(err)?;
         let mut seed = Vec::new();
@@ -303,7 +290,7 @@ impl Firewall {
             None => {
                 let mut b = control.begin(&table);
                 b.add_layout(&layout);
-                with_cgroups(&mut b);
+                outside = cgroup_watch::add_outside_cgroups(&mut b, &layout, plan.as_ref());
                 control.commit(b).map_err(err)?;
                 tracing::info!(target: "dnsfence::firewall", table = %table, "created the nftables table");
             }
@@ -321,7 +308,7 @@ impl Firewall {
                     let mut b = control.begin(&table);
                     b.del_table();
                     b.add_layout(&layout);
-                    with_cgroups(&mut b);
+                    outside = cgroup_watch::add_outside_cgroups(&mut b, &layout, plan.as_ref());
                     control.commit(b).map_err(err)?;
                     tracing::warn!(
                         target: "dnsfence::firewall",
@@ -334,20 +321,21 @@ impl Firewall {
         }
 
         // A kept table: bring its cgroup sets up to date before anything is answered.
+        if let (Some((p, root)), true) = (plan.as_ref(), outside == ruleset::Outside::default()) {
+            outside = p.outside(root);
+        }
         cgroup_watch::sync(&mut control, &table, &layout.cgroup_sets, &outside).map_err(err)?;
-        let cgroup_watch = match cgroups {
-            Some((plan, root, seen)) => Some(
-                cgroup_watch::CgroupWatch::start(
-                    NfSocket::open().map_err(err)?,
-                    table.clone(),
-                    plan,
-                    root,
-                    seen,
-                )
-                .map_err(FirewallError::Thread)?,
-            ),
-            None => None,
-        };
+        // The watch runs whatever the policy says now: a reload may add cgroups.
+        let cgroup_plan: cgroup_watch::SharedPlan = Arc::new(std::sync::Mutex::new(plan));
+        let cgroup_watch = Some(
+            cgroup_watch::CgroupWatch::start(
+                NfSocket::open().map_err(err)?,
+                table.clone(),
+                Arc::clone(&cgroup_plan),
+                outside,
+            )
+            .map_err(FirewallError::Thread)?,
+        );
 
         let refresh = match refresh {
             TimeoutRefresh::Detect => match probe::readd_refreshes_timeout(&mut control) {
@@ -418,7 +406,21 @@ impl Firewall {
             thread: Some(thread),
             confirmed,
             cgroup_watch,
+            cgroup_plan,
         })
+    }
+
+    /// Makes the cgroup watch list `policy`'s `contain.cgroups` from now on (a reload that
+    /// replaced the table calls it after the swap; the replacement itself should fill the new
+    /// cgroup sets with [`cgroup_watch::add_outside_cgroups`] in its transaction). Within one
+    /// [`CGROUP_POLL`] the sets are read back and corrected.
+    pub fn follow_cgroups(&self, policy: &Policy) -> Result<(), FirewallError> {
+        let plan = cgroup_watch::plan_of(policy).map_err(FirewallError::Policy)?;
+        match self.cgroup_plan.lock() {
+            Ok(mut p) => *p = plan,
+            Err(poisoned) => *poisoned.into_inner() = plan,
+        }
+        Ok(())
     }
 
     /// How this firewall extends lifetimes: [`TimeoutRefresh::ReAdd`] or
