@@ -98,6 +98,7 @@ fn contain() -> impl Strategy<Value = Option<Contain>> {
             cgroups,
             interfaces,
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+            subids_from: None,
         });
     prop_oneof![2 => Just(None), 3 => contain.prop_map(Some)]
 }

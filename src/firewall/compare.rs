@@ -31,7 +31,7 @@ fn is_kernel_default(name: &str, kind: u16, value: &[u8]) -> bool {
 fn holds_nested_data(name: &str, kind: u16) -> bool {
     matches!(
         (name, kind),
-        ("cmp", 3) | ("bitwise", 4 | 5 | 7) | ("immediate", 2)
+        ("cmp", 3) | ("bitwise", 4 | 5 | 7) | ("immediate", 2) | ("range", 3 | 4)
     )
 }
 

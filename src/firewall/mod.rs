@@ -387,9 +387,14 @@ impl Firewall {
             .map(|c| c.hook.name())
             .collect();
         let contained = match &fw.contain {
-            Some(c) => format!(
+            Some(c) if layout.subordinate_ids.is_empty() => format!(
                 "the contained agents only ({}; firewall.contain)",
                 c.summary()
+            ),
+            Some(c) => format!(
+                "the contained agents only ({}; {}; firewall.contain)",
+                c.summary(),
+                layout.subordinate_ids
             ),
             None => "everything on these hooks (no firewall.contain)".to_string(),
         };

@@ -468,6 +468,9 @@ pub struct Contain {
     /// Interface names, an optional trailing `*` matching every name with that prefix.
     pub interfaces: Vec<String>,
     pub sources: Vec<IpNet>,
+    /// Where `subuid` and `subgid` are read (the ranges `newuidmap`/`newgidmap` grant the
+    /// contained uids, which their user namespaces' sockets are owned by); `None`: `/etc`.
+    pub subids_from: Option<std::path::PathBuf>,
 }
 
 impl Contain {

@@ -49,9 +49,30 @@ const NFTA_SOCKET_KEY: u16 = 1;
 const NFTA_SOCKET_DREG: u16 = 2;
 const NFTA_SOCKET_LEVEL: u16 = 3;
 const NFT_SOCKET_CGROUPV2: u32 = 3;
+const NFTA_BYTEORDER_SREG: u16 = 1;
+const NFTA_BYTEORDER_DREG: u16 = 2;
+const NFTA_BYTEORDER_OP: u16 = 3;
+const NFTA_BYTEORDER_LEN: u16 = 4;
+const NFTA_BYTEORDER_SIZE: u16 = 5;
+const NFT_BYTEORDER_HTON: u32 = 1;
+const NFTA_RANGE_SREG: u16 = 1;
+const NFTA_RANGE_OP: u16 = 2;
+const NFTA_RANGE_FROM_DATA: u16 = 3;
+const NFTA_RANGE_TO_DATA: u16 = 4;
+const NFT_RANGE_NEQ: u32 = 1;
+/// `NFTA_DATA_VALUE`: the one attribute inside an `nft_data` (a value, not a verdict).
+const NFTA_DATA_VALUE: u16 = 1;
 
 fn be32(v: u32) -> Vec<u8> {
     v.to_be_bytes().to_vec()
+}
+
+/// An `nft_data` value: one nested `NFTA_DATA_VALUE` attribute holding the bytes.
+fn data_value(kind: u16, value: &[u8]) -> DefaultNla {
+    let inner = DefaultNla::new(NFTA_DATA_VALUE, value.to_vec());
+    let mut buf = vec![0; inner.buffer_len()];
+    inner.emit(&mut buf);
+    DefaultNla::new(kind | netlink_packet_core::NLA_F_NESTED, buf)
 }
 
 fn raw(name: &str, attrs: Vec<DefaultNla>) -> nft::Expressions {
@@ -177,6 +198,25 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
             }
             raw("log", attrs)
         }
+        Expr::HostToBig32 => raw(
+            "byteorder",
+            vec![
+                DefaultNla::new(NFTA_BYTEORDER_SREG, be32(1)),
+                DefaultNla::new(NFTA_BYTEORDER_DREG, be32(1)),
+                DefaultNla::new(NFTA_BYTEORDER_OP, be32(NFT_BYTEORDER_HTON)),
+                DefaultNla::new(NFTA_BYTEORDER_LEN, be32(4)),
+                DefaultNla::new(NFTA_BYTEORDER_SIZE, be32(4)),
+            ],
+        ),
+        Expr::RangeNeq { from, to } => raw(
+            "range",
+            vec![
+                DefaultNla::new(NFTA_RANGE_SREG, be32(1)),
+                DefaultNla::new(NFTA_RANGE_OP, be32(NFT_RANGE_NEQ)),
+                data_value(NFTA_RANGE_FROM_DATA, from),
+                data_value(NFTA_RANGE_TO_DATA, to),
+            ],
+        ),
         Expr::CtStatus => raw(
             "ct",
             vec![

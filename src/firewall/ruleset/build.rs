@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -15,6 +16,7 @@ use super::model::{
     Chain, ChainHook, ChainKind, DNS_PORTS, Family, Layout, Match, NdType, Proto, Rule, SetDef,
     Verdict,
 };
+use super::subids;
 use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
 
 /// `ff02::2`, all routers on the link: where router solicitations go.
@@ -95,7 +97,16 @@ struct Parts {
 impl Parts {
     fn of(policy: &Policy) -> Result<Parts, String> {
         let fw = &policy.firewall;
-        let contain = fw.contain.as_ref().map(Contained::of);
+        let contain = match &fw.contain {
+            Some(c) => {
+                let dir = c
+                    .subids_from
+                    .as_deref()
+                    .unwrap_or(Path::new(subids::DEFAULT_DIR));
+                Some(Contained::of(c).with_subordinate_ids(dir)?)
+            }
+            None => None,
+        };
         let listens = policy
             .listen
             .iter()
@@ -599,6 +610,11 @@ impl Layout {
             .map(Contained::cgroup_sets)
             .unwrap_or_default();
         Ok(Layout {
+            subordinate_ids: parts
+                .contain
+                .as_ref()
+                .map(Contained::subordinate_summary)
+                .unwrap_or_default(),
             table: fw.table.clone(),
             sets,
             cgroup_sets,

@@ -48,6 +48,7 @@ use ipnet::IpNet;
 
 use super::build::normalize_net;
 use super::model::{CgroupSetDef, Family, Match, Rule, Verdict};
+use super::subids::{self, Subordinate};
 use crate::policy::Contain;
 
 /// The contained cgroup paths as a tree, and what to list to find the cgroups outside them.
@@ -187,6 +188,8 @@ impl CgroupPlan {
 pub(super) struct Contained {
     uids: Vec<u32>,
     gids: Vec<u32>,
+    /// The ranges `/etc/subuid` and `/etc/subgid` grant the contained uids (see `subids`).
+    subordinate: Subordinate,
     cgroups: CgroupPlan,
     interfaces: Vec<String>,
     sources: Vec<IpNet>,
@@ -203,10 +206,23 @@ impl Contained {
         Contained {
             uids: c.uids.clone(),
             gids: c.gids.clone(),
+            subordinate: Subordinate::default(),
             cgroups: CgroupPlan::of(&c.cgroups),
             interfaces: c.interfaces.clone(),
             sources,
         }
+    }
+
+    /// Reads the subordinate ids the files in `dir` grant the contained uids, now: a range
+    /// added later is contained from the next build of the ruleset (start or reload).
+    pub(super) fn with_subordinate_ids(mut self, dir: &Path) -> Result<Contained, String> {
+        self.subordinate = subids::read(dir, &subids::owners(&self.uids))?;
+        Ok(self)
+    }
+
+    /// What the subordinate ids add, for the start-up line (empty: nothing).
+    pub(super) fn subordinate_summary(&self) -> String {
+        self.subordinate.summary()
     }
 
     /// The cgroup sets the `output` gate looks up (none without `cgroups`).
@@ -220,7 +236,9 @@ impl Contained {
     /// Empty when the policy names no process (validation refuses that with the output hook).
     pub(super) fn local_gate(&self) -> Vec<Rule> {
         let mut base: Vec<Match> = self.uids.iter().map(|&u| Match::SkUidNot(u)).collect();
+        base.extend(self.subordinate.uids.iter().map(|&r| Match::SkUidNotIn(r)));
         base.extend(self.gids.iter().map(|&g| Match::SkGidNot(g)));
+        base.extend(self.subordinate.gids.iter().map(|&r| Match::SkGidNotIn(r)));
         let accept = |matches: Vec<Match>| Rule {
             matches,
             verdict: Some(Verdict::Accept),
@@ -423,6 +441,7 @@ mod tests {
             cgroups: vec!["a/b".into()],
             interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+            subids_from: None,
         };
         Contained::of(&c)
     }
@@ -482,6 +501,45 @@ mod tests {
         assert_eq!(out.missing, ["system.slice/gone.service"]);
         assert!(!out.truncated);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn local_gate_contains_the_subordinate_ids_of_contained_users() {
+        let dir = std::env::temp_dir().join(format!("dnsfence-gate-subids-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("subuid"), "1000:100000:65536\n1001:200000:10\n").unwrap();
+        std::fs::write(dir.join("subgid"), "1000:100000:65536\n").unwrap();
+        let c = Contain {
+            uids: vec![1000],
+            ..Contain::default()
+        };
+        let gate = Contained::of(&c).with_subordinate_ids(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let rules: Vec<String> = gate.local_gate().iter().map(Rule::text).collect();
+        assert_eq!(
+            rules,
+            ["meta skuid != 1000 meta skuid != 100000-165535 meta skgid != 100000-165535 accept"]
+        );
+        assert_eq!(
+            gate.subordinate_summary(),
+            "subuids 100000-165535; subgids 100000-165535"
+        );
+        // As `nft --debug=netlink` encodes `meta skuid != 100000-165535`.
+        let exprs = gate.local_gate()[0].exprs();
+        assert_eq!(
+            exprs[2..5],
+            [
+                crate::firewall::ruleset::Expr::Meta {
+                    key: crate::firewall::ruleset::MetaKey::SkUid,
+                    dreg: 1
+                },
+                crate::firewall::ruleset::Expr::HostToBig32,
+                crate::firewall::ruleset::Expr::RangeNeq {
+                    from: vec![0x00, 0x01, 0x86, 0xa0],
+                    to: vec![0x00, 0x02, 0x86, 0x9f],
+                },
+            ]
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::model::{Family, LOG_BURST, LOG_PREFIX, LOG_RATE_PER_SECOND, Match, Rule, Verdict};
+use super::model::{
+    Family, IdRange, LOG_BURST, LOG_PREFIX, LOG_RATE_PER_SECOND, Match, Rule, Verdict,
+};
 
 impl Rule {
     /// The rule as netlink expressions, in order.
@@ -88,6 +90,10 @@ pub(crate) enum Expr {
     },
     /// `[ cmp eq|neq reg 1 <data> ]`
     Cmp { neq: bool, data: Vec<u8> },
+    /// `[ byteorder reg 1 = hton(reg 1, 4, 4) ]`
+    HostToBig32,
+    /// `[ range neq reg 1 <from> <to> ]` (inclusive, compared as big-endian bytes)
+    RangeNeq { from: Vec<u8>, to: Vec<u8> },
     /// `[ bitwise reg 1 = ( reg 1 & <mask> ) ^ <xor> ]`
     Bitwise { mask: Vec<u8>, xor: Vec<u8> },
     /// `[ lookup reg 1 set <set> ]`
@@ -160,6 +166,17 @@ fn net_cmp(out: &mut Vec<Expr>, offset: u32, net: &IpNet, neq: bool) {
             data: octets(net.network()),
         });
     }
+}
+
+/// `meta skuid != FIRST-LAST` as nft encodes it: the id is host order, the range
+/// expression compares bytes, so the id is turned big-endian first.
+fn id_range_neq(out: &mut Vec<Expr>, key: MetaKey, r: IdRange) {
+    out.push(meta(key));
+    out.push(Expr::HostToBig32);
+    out.push(Expr::RangeNeq {
+        from: r.first.to_be_bytes().to_vec(),
+        to: r.last.to_be_bytes().to_vec(),
+    });
 }
 
 fn cmp_eq(data: impl Into<Vec<u8>>) -> Expr {
@@ -257,6 +274,8 @@ impl Match {
                 out.push(meta(MetaKey::SkGid));
                 out.push(cmp_neq(g.to_ne_bytes()));
             }
+            Match::SkUidNotIn(r) => id_range_neq(out, MetaKey::SkUid, *r),
+            Match::SkGidNotIn(r) => id_range_neq(out, MetaKey::SkGid, *r),
             Match::CgroupOutside { level } => {
                 out.push(Expr::SocketCgroupV2 { level: *level });
                 out.push(Expr::Lookup {

@@ -104,6 +104,7 @@ mod contain;
 mod keys;
 mod lower;
 mod model;
+mod subids;
 mod text;
 
 pub(crate) use contain::{

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub(crate) use super::subids::IdRange;
+
 /// Name of the IPv4 allow set.
 pub(crate) const SET4: &str = "allow4";
 /// Name of the IPv6 allow set.
@@ -210,6 +212,11 @@ pub(crate) enum Match {
     SkUidNot(u32),
     /// `meta skgid != G`
     SkGidNot(u32),
+    /// `meta skuid != FIRST-LAST`: a socket owned by none of these uids (a contained user's
+    /// subordinate uids, `/etc/subuid`).
+    SkUidNotIn(IdRange),
+    /// `meta skgid != FIRST-LAST` (`/etc/subgid`)
+    SkGidNotIn(IdRange),
     /// `socket cgroupv2 level N @outside_cgroupsN`: the socket's ancestor N levels below the
     /// root is one of the cgroups known to be outside every contained one (the set's elements
     /// are cgroup ids, kept current by the firewall's cgroup watch; see `contain`).
@@ -476,4 +483,7 @@ pub(crate) struct Layout {
     /// With `contain.cgroups`: one set per level of the contained paths (empty otherwise).
     pub(crate) cgroup_sets: Vec<CgroupSetDef>,
     pub(crate) chains: Vec<Chain>,
+    /// The subordinate ids the `output` gate contains (`subuids 100000-165535`), for the
+    /// start-up line; empty when there are none.
+    pub(crate) subordinate_ids: String,
 }

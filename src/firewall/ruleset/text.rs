@@ -108,6 +108,8 @@ impl Match {
             Match::SkUidNotRoot => "meta skuid != 0".to_string(),
             Match::SkUidNot(u) => format!("meta skuid != {u}"),
             Match::SkGidNot(g) => format!("meta skgid != {g}"),
+            Match::SkUidNotIn(r) => format!("meta skuid != {}-{}", r.first, r.last),
+            Match::SkGidNotIn(r) => format!("meta skgid != {}-{}", r.first, r.last),
             Match::CgroupOutside { level } => {
                 format!(
                     "socket cgroupv2 level {level} @{}",

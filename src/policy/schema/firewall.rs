@@ -26,7 +26,14 @@ const FIREWALL_KEYS: &[&str] = &[
     "contain",
 ];
 
-const CONTAIN_KEYS: &[&str] = &["uids", "gids", "cgroups", "interfaces", "sources"];
+const CONTAIN_KEYS: &[&str] = &[
+    "uids",
+    "gids",
+    "cgroups",
+    "interfaces",
+    "sources",
+    "subids_from",
+];
 
 /// The longest nftables table name a policy may use. The kernel takes longer ones, but the
 /// ruleset derives chain and set names from it and prints it for `nft`; 32 keeps all of that
@@ -242,6 +249,32 @@ fn contain_entries(r: &mut Report, node: &Node) -> Option<Contain> {
             "firewall.contain.cgroups",
             validate::check_cgroup_path,
         );
+        if !c.cgroups.is_empty() && c.uids.is_empty() {
+            r.warn(
+                n.pos,
+                "firewall.contain.cgroups without uids: a cgroup holds only the processes \
+                 started in it, and the agent's user can start others elsewhere (cron, at, \
+                 systemd-run --user, ssh localhost) or move itself into a cgroup it may \
+                 write (a delegated one under user@UID.service), uncontained; add the \
+                 agent's uid to firewall.contain.uids",
+            );
+        }
+    }
+    if let Some(n) = f.get("subids_from")
+        && let Some(dir) = read::text(r, n, "firewall.contain.subids_from")
+    {
+        if dir.starts_with('/') && !dir.contains('\0') {
+            c.subids_from = Some(std::path::PathBuf::from(dir));
+        } else {
+            r.error(
+                n.pos,
+                format!(
+                    "firewall.contain.subids_from must be an absolute directory (where \
+                     subuid and subgid are, /etc by default), found {}",
+                    quote(dir)
+                ),
+            );
+        }
     }
     if let Some(n) = f.get("interfaces") {
         c.interfaces = texts(r, n, "firewall.contain.interfaces", |t| {
