@@ -1468,3 +1468,46 @@ fn log_denied_nflog_takes_a_group() {
         .to_string();
     assert!(e.contains("firewall.nflog_group"), "{e}");
 }
+
+#[test]
+fn contain_subids_from_is_an_absolute_directory_defaulting_to_etc() {
+    let p = firewall_policy("  contain: {uids: [1000]}\n").unwrap();
+    assert_eq!(p.firewall.contain.unwrap().subids_from, None);
+    let p = firewall_policy("  contain: {uids: [1000], subids_from: /srv/host/etc}\n").unwrap();
+    assert_eq!(
+        p.firewall.contain.unwrap().subids_from,
+        Some(PathBuf::from("/srv/host/etc"))
+    );
+    let errs = firewall_errors("  contain: {uids: [1000], subids_from: etc}\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with(
+            "policy.yaml:4:40: firewall.contain.subids_from must be an absolute directory"
+        ),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn contain_cgroups_without_uids_warn_that_the_agent_can_leave_them() {
+    let p = firewall_policy("  contain: {cgroups: [system.slice/agent.service]}\n").unwrap();
+    let w: Vec<String> = warnings(&p)
+        .into_iter()
+        .filter(|w| w.contains("firewall.contain"))
+        .collect();
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].starts_with("policy.yaml:4:22: firewall.contain.cgroups without uids")
+            && w[0].contains("systemd-run --user"),
+        "{}",
+        w[0]
+    );
+    let p = firewall_policy("  contain: {uids: [1000], cgroups: [system.slice/agent.service]}\n")
+        .unwrap();
+    assert!(
+        !warnings(&p).iter().any(|w| w.contains("firewall.contain")),
+        "{:#?}",
+        warnings(&p)
+    );
+}
