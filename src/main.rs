@@ -239,6 +239,12 @@ enum FirewallAction {
         #[command(flatten)]
         table: TableArg,
     },
+    /// Ask this kernel whether re-adding a set element refreshes its timeout (Linux 6.12 and
+    /// later) and try both refresh paths through the admission thread, in scratch tables
+    /// without chains that are deleted afterwards. Exit 0 when the path dnsfence chooses
+    /// extends a lifetime here, 1 when it does not, 2 on error. Used by tests/old_kernel.rs.
+    #[command(hide = true)]
+    Probe,
 }
 
 /// Which table: the policy's `firewall.table`, a name, or the default `dnsfence`.
@@ -369,6 +375,7 @@ fn firewall_command(action: FirewallAction) -> ExitCode {
     let (arg, remove) = match &action {
         FirewallAction::Status { table } => (table, false),
         FirewallAction::Remove { table } => (table, true),
+        FirewallAction::Probe => return firewall_probe(),
     };
     let table = match table_name(arg) {
         Ok(table) => table,
@@ -433,6 +440,50 @@ fn firewall_command(action: FirewallAction) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(error) => exit_with(Err(error.to_string())),
+    }
+}
+
+/// `dnsfence firewall probe`: one `key: value` line per finding, for people and for the
+/// old-kernel test, which parses them from a guest's serial console.
+fn firewall_probe() -> ExitCode {
+    let probe = match firewall::probe_kernel() {
+        Ok(probe) => probe,
+        Err(error) => return exit_with(Err(error.to_string())),
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_string(), |r| r.trim().to_string());
+    let seconds = |d: Option<std::time::Duration>| {
+        d.map_or_else(|| "none".to_string(), |d| d.as_secs().to_string())
+    };
+    println!("kernel: {kernel}");
+    println!(
+        "readd refreshes timeout: {}",
+        if probe.readd_refreshes_timeout { "yes" } else { "no" }
+    );
+    println!("chosen refresh: {}", probe.chosen.name());
+    let mut chosen_extends = false;
+    for check in &probe.checks {
+        println!(
+            "refresh {}: admitted {} s then {} s: timeout {} s, expires in {} s: {}",
+            check.path.name(),
+            firewall::CHECK_FIRST.as_secs(),
+            firewall::CHECK_LONGER.as_secs(),
+            seconds(check.timeout),
+            seconds(check.expires_in),
+            if check.extended() { "extended" } else { "not extended" }
+        );
+        if check.path == probe.chosen {
+            chosen_extends = check.extended();
+        }
+    }
+    if chosen_extends {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "dnsfence: on this kernel the {} path does not extend an element's lifetime",
+            probe.chosen.name()
+        );
+        ExitCode::FAILURE
     }
 }
 

@@ -52,7 +52,9 @@ mod status;
 
 pub use cgroup_watch::CGROUP_POLL;
 pub use netlink::{DropReader, DroppedPacket};
-pub use probe::TimeoutRefresh;
+pub use probe::{
+    CHECK_FIRST, CHECK_LONGER, KernelProbe, RefreshCheck, TimeoutRefresh, probe_kernel,
+};
 pub use status::{
     ChainStatus, SetStatus, TableStatus, remove_table, running_servers, table_status,
 };
