@@ -458,7 +458,11 @@ fn firewall_probe() -> ExitCode {
     println!("kernel: {kernel}");
     println!(
         "readd refreshes timeout: {}",
-        if probe.readd_refreshes_timeout { "yes" } else { "no" }
+        if probe.readd_refreshes_timeout {
+            "yes"
+        } else {
+            "no"
+        }
     );
     println!("chosen refresh: {}", probe.chosen.name());
     let mut chosen_extends = false;
@@ -470,7 +474,11 @@ fn firewall_probe() -> ExitCode {
             firewall::CHECK_LONGER.as_secs(),
             seconds(check.timeout),
             seconds(check.expires_in),
-            if check.extended() { "extended" } else { "not extended" }
+            if check.extended() {
+                "extended"
+            } else {
+                "not extended"
+            }
         );
         if check.path == probe.chosen {
             chosen_extends = check.extended();

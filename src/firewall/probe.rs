@@ -240,8 +240,15 @@ fn admit_twice(table: &str, path: TimeoutRefresh) -> Result<(), FirewallError> {
         delete_readd: path == TimeoutRefresh::DeleteReAdd,
         client_share: 16,
     };
-    let thread = admission::spawn(sock, cfg, Vec::new(), rx, Arc::clone(&stop), Arc::clone(&confirmed))
-        .map_err(FirewallError::Thread)?;
+    let thread = admission::spawn(
+        sock,
+        cfg,
+        Vec::new(),
+        rx,
+        Arc::clone(&stop),
+        Arc::clone(&confirmed),
+    )
+    .map_err(FirewallError::Thread)?;
     let admitter = Admitter {
         tx: tx.clone(),
         per_client: false,

@@ -95,6 +95,18 @@ pub const TOOLS: &[Tool] = &[
         name: "systemd-analyze",
         package: "systemd",
     },
+    Tool {
+        name: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+    },
+    Tool {
+        name: "cpio",
+        package: "cpio",
+    },
+    Tool {
+        name: "ldd",
+        package: "libc-bin",
+    },
 ];
 
 /// Where the program `name` is on `path` (a `PATH`-style list), the way `execvp` (and so
