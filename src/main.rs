@@ -1027,10 +1027,9 @@ async fn reload_on_hangup(
                 if received.is_none() {
                     return;
                 }
-                // Failures are logged (every error, FILE:LINE:COLUMN) and in the query log.
-                service_manager::reloading();
+                // Failures are logged (every error, FILE:LINE:COLUMN) and in the query log;
+                // `reload` tells the service manager (RELOADING=1 .. READY=1).
                 let _ = control.reload(Trigger::Signal).await;
-                service_manager::reloaded();
             }
         }
     }

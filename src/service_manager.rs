@@ -39,12 +39,24 @@ pub async fn stopping_after(shutdown: impl Future<Output = ()>) {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-/// `RELOADING=1`: a reload has begun.
+/// `RELOADING=1` with `MONOTONIC_USEC=` (systemd's `Type=notify-reload` refuses a reload
+/// notification without the monotonic time it began): a reload has begun, whatever triggered
+/// it (SIGHUP, `dnsfence ctl reload`, `serve --watch`).
 pub fn reloading() {
-    notify(&[
-        NotifyState::Reloading,
-        NotifyState::Status("reloading the policy"),
-    ]);
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading the policy"),
+        ]),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the monotonic clock for MONOTONIC_USEC");
+            notify(&[
+                NotifyState::Reloading,
+                NotifyState::Status("reloading the policy"),
+            ]);
+        }
+    }
 }
 
 /// `READY=1` again once a reload is over, whatever its outcome (an invalid policy leaves the

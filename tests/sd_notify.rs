@@ -5,7 +5,8 @@
 //! - `READY=1` arrives only once the kernel holds dnsfence's table (checked with `nft` the
 //!   moment the message is read) and the resolver answers; a dnsfence that cannot bind its
 //!   listener never says it;
-//! - `RELOADING=1` then `READY=1` around a SIGHUP reload;
+//! - `RELOADING=1` (with `MONOTONIC_USEC=`) then `READY=1` around a reload, whichever
+//!   triggered it: SIGHUP, `dnsfence ctl reload` (also a refused one) or `serve --watch`;
 //! - `WATCHDOG=1` keep-alives when the watchdog is on;
 //! - `STOPPING=1` on SIGTERM, before it exits.
 
@@ -174,7 +175,7 @@ fn ready_only_after_the_table_is_in_the_kernel_then_reloading_watchdog_and_stopp
     .unwrap();
     signal(&child, nix::sys::signal::Signal::SIGHUP);
     let reload = manager.wait_for("RELOADING=1", Duration::from_secs(10));
-    assert!(!reload.is_empty());
+    assert!(monotonic_usec(&reload).is_some(), "{reload:?}");
     manager.wait_for("READY=1", Duration::from_secs(10));
     assert_eq!(
         common::addresses(&more(&ns)),
@@ -193,6 +194,137 @@ fn ready_only_after_the_table_is_in_the_kernel_then_reloading_watchdog_and_stopp
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `MONOTONIC_USEC=` of the last message (the one `wait_for` stopped at).
+fn monotonic_usec(messages: &[Vec<String>]) -> Option<u64> {
+    messages
+        .last()?
+        .iter()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn ctl_reload_and_watch_reloads_say_reloading_with_the_monotonic_time_then_ready() {
+    if !common::require_root("ctl_reload_and_watch_reloads_say_reloading") {
+        return;
+    }
+    for tool in ["ip", "nft", "timeout"] {
+        require_tool(tool);
+    }
+    let ns = Netns::create(&format!("dfw-{}", std::process::id()));
+    let upstream = ns.run(|| {
+        let u = common::Upstream::start_at("127.0.0.53:53".parse().unwrap());
+        u.a("ok.test", "192.0.2.7", 60);
+        u.a("more.test", "192.0.2.8", 60);
+        u.a("watched.test", "192.0.2.9", 60);
+        u
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let with_control = |allow: &str| {
+        format!(
+            "{}control:\n  socket: \"{}\"\n",
+            policy(upstream.addr).replace("allow: [ok.test]", allow),
+            socket.display()
+        )
+    };
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(&policy_path, with_control("allow: [ok.test]")).unwrap();
+    let notify = dir.path().join("notify.sock");
+    let manager = Manager::bind(&notify);
+    let mut child = ns
+        .command(common::BIN)
+        .args(["serve", "--watch", "--policy"])
+        .arg(&policy_path)
+        .env("NOTIFY_SOCKET", &notify)
+        .env_remove("WATCHDOG_PID")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start dnsfence");
+    manager.wait_for("READY=1", Duration::from_secs(20));
+    let answers = |ns: &Netns, name: &'static str| {
+        ns.run(move || {
+            common::query_udp(
+                "127.0.0.1:53".parse().unwrap(),
+                &common::query(name, hickory_proto::rr::RecordType::A),
+            )
+            .expect("dnsfence answers")
+        })
+    };
+    let ctl_reload = || {
+        std::process::Command::new(common::BIN)
+            .args(["ctl", "--socket"])
+            .arg(&socket)
+            .arg("reload")
+            .output()
+            .unwrap()
+    };
+    assert!(
+        common::addresses(&answers(&ns, "more.test")).is_empty(),
+        "control: denied before"
+    );
+
+    // `ctl reload`. Written in place (same digest check for --watch, which may also notice
+    // it): the first RELOADING=1 is followed by READY=1 with the name answered.
+    let tmp = dir.path().join(".p");
+    std::fs::write(&tmp, with_control("allow: [ok.test, more.test]")).unwrap();
+    std::fs::rename(&tmp, &policy_path).unwrap();
+    let asked = Instant::now();
+    let out = ctl_reload();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = manager.wait_for("RELOADING=1", Duration::from_secs(10));
+    let first_usec = monotonic_usec(&first).expect("MONOTONIC_USEC with RELOADING=1");
+    manager.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(common::addresses(&answers(&ns, "more.test")), ["192.0.2.8"]);
+
+    // A refused `ctl reload` (invalid file) brackets the same way and leaves the policy.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Until quiet for longer than --watch's poll: its own reload of the same file is over.
+    while manager.next(Duration::from_millis(1500)).is_some() {}
+    let broken = format!(
+        "{}bogus_key: 1\n",
+        with_control("allow: [ok.test, more.test]")
+    );
+    std::fs::write(&tmp, broken).unwrap();
+    std::fs::rename(&tmp, &policy_path).unwrap();
+    let out = ctl_reload();
+    assert_eq!(out.status.code(), Some(1));
+    let refused = manager.wait_for("RELOADING=1", Duration::from_secs(10));
+    let refused_usec = monotonic_usec(&refused).expect("MONOTONIC_USEC");
+    // Microseconds of the monotonic clock: as far apart as the two reloads were.
+    let apart = Duration::from_micros(refused_usec.saturating_sub(first_usec));
+    let elapsed = asked.elapsed();
+    assert!(
+        refused_usec > first_usec && apart <= elapsed + Duration::from_secs(1),
+        "MONOTONIC_USEC {first_usec} then {refused_usec}: {apart:?} apart, {elapsed:?} passed"
+    );
+    manager.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(common::addresses(&answers(&ns, "more.test")), ["192.0.2.8"]);
+
+    // `--watch`: a changed file reloads by itself, with the same notifications.
+    // Until quiet for longer than --watch's poll: its own reload of the same file is over.
+    while manager.next(Duration::from_millis(1500)).is_some() {}
+    std::fs::write(&tmp, with_control("allow: [ok.test, watched.test]")).unwrap();
+    std::fs::rename(&tmp, &policy_path).unwrap();
+    let watched = manager.wait_for("RELOADING=1", Duration::from_secs(10));
+    assert!(monotonic_usec(&watched).is_some(), "{watched:?}");
+    manager.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(
+        common::addresses(&answers(&ns, "watched.test")),
+        ["192.0.2.9"]
+    );
+    assert!(common::addresses(&answers(&ns, "more.test")).is_empty());
+
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
 }
 
 #[test]

@@ -36,12 +36,13 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::firewall::Carry;
 use crate::health::Readiness;
 use crate::pipeline::grants::{Grant, GrantScope, grant_label};
 use crate::pipeline::{Generation, Pipeline};
 use crate::policy::{ConnectionsOnRevoke, Policy, Rule, RuleKind};
 use crate::querylog::{EventRecord, QueryLog};
-use source::{PolicySource, restart_only_changes};
+use source::{PolicySource, restart_only_changes, ruleset_changed};
 
 /// Who asked, from the control socket's `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -279,9 +280,18 @@ impl Control {
     }
 
     /// Reloads the policy file: validated like `check`, refused whole if a restart-only key
-    /// changed, else swapped in and what it no longer allows revoked.
+    /// changed, else swapped in and what it no longer allows revoked. The one reload of every
+    /// trigger: each tells the service manager `RELOADING=1`, then `READY=1` whatever the
+    /// outcome (a refused reload leaves the previous policy serving).
     pub async fn reload(&self, trigger: Trigger) -> Result<serde_json::Value, Refusal> {
         let _one_at_a_time = self.changes.lock().await;
+        crate::service_manager::reloading();
+        let result = self.reload_now(trigger).await;
+        crate::service_manager::reloaded();
+        result
+    }
+
+    async fn reload_now(&self, trigger: Trigger) -> Result<serde_json::Value, Refusal> {
         let source = self.source.clone();
         let loaded = tokio::task::spawn_blocking(move || source.load())
             .await
@@ -317,8 +327,47 @@ impl Control {
             tracing::warn!("{warning}");
         }
         let changed = loaded.digest != current.digest.as_ref();
+        let reshape = ruleset_changed(&current.policy, &loaded.policy);
+        let previous_cidrs = current.policy.firewall.allow_cidrs.clone();
         let next = current.reloaded(Arc::new(loaded.policy), &loaded.digest);
         drop(current);
+        // The ruleset first, while the previous policy still decides queries: if the kernel
+        // refuses the new one, nothing of this reload has been applied. What old-policy queries
+        // admit meanwhile lands in the new sets and is judged by the revocation pass below.
+        let ruleset = match (reshape, self.pipeline.admitter()) {
+            (true, Some(admitter)) => {
+                let now = Instant::now();
+                let justified = self
+                    .pipeline
+                    .admitted()
+                    .still_justified(now, |addr, why| next.still_justifies(addr, why, now));
+                let cut_ranges = if next.policy.revoke.connections == ConnectionsOnRevoke::Cut {
+                    let now_allowed = &next.policy.firewall.allow_cidrs;
+                    previous_cidrs
+                        .into_iter()
+                        .filter(|r| !now_allowed.contains(r))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                match admitter
+                    .replace(next.policy.clone(), Carry::Justified(justified), cut_ranges)
+                    .await
+                {
+                    Ok(replaced) => Some(replaced),
+                    Err(error) => {
+                        return Err(self.reload_failed(
+                            trigger,
+                            Some(&loaded.digest),
+                            vec![format!("firewall: {error}")],
+                            "the new ruleset could not be installed; the previous policy and \
+                             ruleset keep serving",
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
         let previous = self.pipeline.replace(next);
         self.drain(previous).await;
         let cut = self.pipeline.policy().revoke.connections == ConnectionsOnRevoke::Cut;
@@ -328,6 +377,7 @@ impl Control {
             policy = %loaded.digest,
             trigger = trigger.as_str(),
             changed,
+            ruleset_replaced = ruleset.as_ref().is_some_and(|r| r.changed),
             revoked = revoked.as_ref().map_or(0, |r| r.elements),
             "policy reloaded"
         );
@@ -339,6 +389,17 @@ impl Control {
         if let Trigger::Control(peer) = trigger {
             event = event.with("uid", peer.uid).with("pid", peer.pid);
         }
+        if let Some(replaced) = ruleset.as_ref().filter(|r| r.changed) {
+            event = event.with(
+                "ruleset",
+                json!({
+                    "replaced": true,
+                    "carried": replaced.carried,
+                    "dropped": replaced.dropped,
+                    "hooks": replaced.drop_hooks, "connections_cut": replaced.connections, "cut_error": replaced.cut_error,
+                }),
+            );
+        }
         event = match &revoked {
             Ok(count) => event.with("revoked", count),
             Err(error) => event.with("revoke_error", error),
@@ -349,6 +410,14 @@ impl Control {
             "policy": loaded.digest,
             "changed": changed,
         });
+        if let Some(replaced) = &ruleset {
+            body["ruleset"] = json!({
+                "replaced": replaced.changed,
+                "carried": replaced.carried,
+                "dropped": replaced.dropped,
+                "hooks": replaced.drop_hooks, "connections_cut": replaced.connections, "cut_error": replaced.cut_error,
+            });
+        }
         match revoked {
             Ok(count) => body["revoked"] = json!(count),
             Err(error) => body["revoke_error"] = json!(error),

@@ -162,13 +162,45 @@ pub fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
             || old.limits.tcp_idle_timeout != new.limits.tcp_idle_timeout,
         "the TCP front end is set up once, at start",
     );
-    // Compared through their Debug form so that a key added to the firewall section later is
-    // covered without touching this list.
+    // The firewall keys a reload cannot apply; the others (hooks, allow_cidrs, per_client,
+    // contain, inbound, max_addresses_per_answer, max_elements_per_client) are applied by
+    // replacing the ruleset atomically (see `ruleset_changed`).
+    let (of, nf) = (&old.firewall, &new.firewall);
     check(
-        "firewall",
-        format!("{:?}", old.firewall) != format!("{:?}", new.firewall),
-        "the ruleset (table, mark, hooks, per_client, allow_cidrs, set size) is installed once, \
-         at start; changing it live is not supported yet",
+        "firewall.enabled",
+        of.enabled != nf.enabled,
+        "the firewall is installed (or not) once, at start",
+    );
+    check(
+        "firewall.table",
+        of.table != nf.table,
+        "the table is created once, at start (a reload replaces its contents, not its name)",
+    );
+    check(
+        "firewall.mark",
+        of.mark != nf.mark,
+        "dnsfence's upstream sockets carry the mark they were opened with",
+    );
+    check(
+        "firewall.set_size",
+        of.set_size != nf.set_size,
+        "the admission thread's maps are sized once, at start",
+    );
+    check(
+        "firewall.log_denied or firewall.nflog_group",
+        of.log_denied != nf.log_denied || of.nflog_group != nf.nflog_group,
+        "the NFLOG reader that explains drops is bound once, at start",
+    );
+    check(
+        "firewall.contain.cgroups",
+        of.contain.as_ref().map(|c| &c.cgroups) != nf.contain.as_ref().map(|c| &c.cgroups),
+        "the cgroup watch that keeps the sets of cgroups outside the contained ones is \
+         started once, at start, for those paths",
+    );
+    check(
+        "firewall.on_exit",
+        of.on_exit != nf.on_exit,
+        "what happens to the table at exit is fixed at start",
     );
     check(
         "control.socket",
@@ -176,6 +208,13 @@ pub fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
         "the control socket is bound once, at start",
     );
     refused
+}
+
+/// Whether the firewall part changed in a way a reload applies by replacing the ruleset
+/// (compared as a whole, so that a key added later is never silently ignored: the
+/// replacement itself does nothing when the kernel's table already has the new layout).
+pub fn ruleset_changed(old: &Policy, new: &Policy) -> bool {
+    format!("{:?}", old.firewall) != format!("{:?}", new.firewall)
 }
 
 #[cfg(test)]

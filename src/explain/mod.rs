@@ -241,7 +241,12 @@ impl Explainer {
             return false;
         }
         let history = self.pipeline.admitted().history(packet.dst);
-        let verdict = judge(&history, packet.src, packet.dport, self.per_client, now);
+        // A reload may have switched `per_client` since start: the firewall knows the current.
+        let per_client = self
+            .pipeline
+            .admitter()
+            .map_or(self.per_client, |a| a.per_client());
+        let verdict = judge(&history, packet.src, packet.dport, per_client, now);
         // Admitted now, yet dropped: the kernel's element ran out moments before dnsfence's
         // record of it (they start a few microseconds apart). A TTL ignored all the same.
         let explanation = verdict.explanation.unwrap_or(Explanation::Expired);

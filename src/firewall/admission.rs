@@ -42,6 +42,7 @@
 //! that often while answers for it keep coming, so one deleted behind dnsfence's back (by hand,
 //! with `nft`) is back within seconds, and until then connections to it fail closed.
 
+mod replace;
 mod revoke;
 
 use std::collections::HashMap;
@@ -128,19 +129,25 @@ impl Confirmed {
 
 /// One caller's request.
 pub(crate) struct Request {
-    /// The client, in per-client mode only (normalized, same family as every address).
+    /// The client (normalized). The thread pairs it with the addresses only while the sets
+    /// are per client: a reload can switch that between the ask and the commit.
     pub(crate) client: Option<IpAddr>,
     /// Destinations with their lifetimes, already clamped.
     pub(crate) items: Vec<(IpAddr, Duration)>,
     pub(crate) reply: oneshot::Sender<Result<(), AdmitError>>,
 }
 
+pub(crate) use replace::ReplaceRequest;
+pub(crate) use replace::drop_hooks;
+pub use replace::{Carry, Replaced};
 pub(crate) use revoke::RevokeRequest;
 
 pub(crate) enum Msg {
     Admit(Request),
     /// Delete elements (and maybe their connections): see `revoke.rs`.
     Revoke(RevokeRequest),
+    /// Replace the table, carrying elements over: see `replace.rs`.
+    Replace(ReplaceRequest),
     /// Wakes the thread so that it notices the stop flag.
     Wake,
     /// Asks the thread to answer, for health checks; it answers with the live elements it
@@ -292,6 +299,8 @@ struct Admission {
     stop: Arc<AtomicBool>,
     max_batch_elems: usize,
     confirmed: Arc<Confirmed>,
+    /// The callers' view of `cfg.per_client`, updated when a replacement switches it.
+    shared_per_client: Arc<AtomicBool>,
 }
 
 /// Starts the thread. `seed` holds the expiries of elements already in the sets.
@@ -302,6 +311,7 @@ pub(crate) fn spawn(
     rx: mpsc::Receiver<Msg>,
     stop: Arc<AtomicBool>,
     confirmed: Arc<Confirmed>,
+    shared_per_client: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut lifetimes = Lifetimes::new(cfg.set_size as usize);
     let now = Instant::now();
@@ -317,6 +327,7 @@ pub(crate) fn spawn(
         stop,
         max_batch_elems,
         confirmed,
+        shared_per_client,
     };
     std::thread::Builder::new()
         .name("dnsfence-admit".to_string())
@@ -338,6 +349,10 @@ impl Admission {
                         self.revoke(r);
                         continue;
                     }
+                    Some(Msg::Replace(r)) => {
+                        self.replace(r);
+                        continue;
+                    }
                     Some(Msg::Wake) => continue,
                     Some(Msg::Ping(reply)) => {
                         let _ = reply.send(self.lifetimes.live(Instant::now()));
@@ -357,7 +372,11 @@ impl Admission {
                 match self.rx.try_recv() {
                     // In queue order: the admissions before it first.
                     Ok(Msg::Revoke(r)) => {
-                        revoke_after = Some(r);
+                        revoke_after = Some(Msg::Revoke(r));
+                        break;
+                    }
+                    Ok(Msg::Replace(r)) => {
+                        revoke_after = Some(Msg::Replace(r));
                         break;
                     }
                     Ok(Msg::Admit(r)) => {
@@ -376,8 +395,10 @@ impl Admission {
                 }
             }
             self.process(group);
-            if let Some(r) = revoke_after {
-                self.revoke(r);
+            match revoke_after {
+                Some(Msg::Revoke(r)) => self.revoke(r),
+                Some(Msg::Replace(r)) => self.replace(r),
+                _ => {}
             }
         }
         // Stopping: refuse whatever is still queued.
@@ -393,6 +414,9 @@ impl Admission {
                 Msg::Revoke(r) => {
                     let _ = r.reply.send(Err(AdmitError::Closed));
                 }
+                Msg::Replace(r) => {
+                    let _ = r.reply.send(Err(super::FirewallError::Stopped));
+                }
                 // Dropping the reply tells the asker the thread does not answer.
                 Msg::Wake | Msg::Ping(_) => {}
             }
@@ -403,7 +427,10 @@ impl Admission {
     /// sets only), counting every request of the group; returns the others.
     fn within_shares(&mut self, group: Vec<Request>) -> Vec<Request> {
         if !self.cfg.per_client {
-            return group;
+            return group
+                .into_iter()
+                .map(|r| Request { client: None, ..r })
+                .collect();
         }
         let now = Instant::now();
         let share = self.cfg.client_share as usize;
@@ -414,6 +441,17 @@ impl Admission {
                 kept.push(r);
                 continue;
             };
+            // Asked while the sets were shared; they are per client now.
+            if let Some(&(addr, _)) = r
+                .items
+                .iter()
+                .find(|(addr, _)| Family::of(*addr) != Family::of(client))
+            {
+                let _ = r
+                    .reply
+                    .send(Err(AdmitError::FamilyMismatch { client, addr }));
+                continue;
+            }
             let queued = pending.entry(client).or_default();
             let fresh: std::collections::HashSet<IpAddr> = r
                 .items
@@ -601,6 +639,7 @@ mod tests {
                 stop: Arc::new(AtomicBool::new(false)),
                 max_batch_elems: MAX_BATCH_ELEMS,
                 confirmed: Arc::new(Confirmed::new(2)),
+                shared_per_client: Arc::new(AtomicBool::new(false)),
             };
             let mut answers = Vec::new();
             let group = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.1"]

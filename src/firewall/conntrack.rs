@@ -60,14 +60,19 @@ pub(crate) fn cut(targets: &[Cut]) -> Result<usize, String> {
         .iter()
         .filter_map(|(client, addr)| client.map(|c| (c.to_canonical(), addr.to_canonical())))
         .collect();
+    cut_matching(|src: IpAddr, dst: IpAddr| {
+        any.contains(&dst.to_canonical())
+            || pairs.contains(&(src.to_canonical(), dst.to_canonical()))
+    })
+}
+
+/// Deletes the conntrack entries whose original (source, destination) `wanted` selects (a
+/// reload that removed an `allow_cidrs` range cuts the connections into it); returns how many.
+pub(crate) fn cut_matching(wanted: impl Fn(IpAddr, IpAddr) -> bool) -> Result<usize, String> {
     let mut sock = CtSocket::open()?;
     let mut deleted = 0;
     for family in [AF_INET, AF_INET6] {
-        let wanted = |src: IpAddr, dst: IpAddr| {
-            any.contains(&dst.to_canonical())
-                || pairs.contains(&(src.to_canonical(), dst.to_canonical()))
-        };
-        let doomed = sock.dump(family, wanted)?;
+        let doomed = sock.dump(family, &wanted)?;
         deleted += sock.delete(family, &doomed)?;
     }
     Ok(deleted)

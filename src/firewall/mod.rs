@@ -50,6 +50,7 @@ mod ruleset;
 pub mod shared_link;
 mod status;
 
+pub use admission::{Carry, Replaced};
 pub use cgroup_watch::CGROUP_POLL;
 pub use netlink::{DropReader, DroppedPacket};
 pub use probe::{
@@ -94,6 +95,9 @@ pub enum FirewallError {
     /// The admission thread could not be started.
     #[error("could not start the firewall admission thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The admission thread has stopped (dnsfence is shutting down).
+    #[error("the firewall admission thread has stopped")]
+    Stopped,
 }
 
 /// Why addresses could not be admitted. The server answers SERVFAIL.
@@ -147,10 +151,9 @@ pub struct Revoked {
 pub struct Firewall {
     table: String,
     refresh: TimeoutRefresh,
-    drop_hooks: Vec<&'static str>,
-    contained: String,
+    shape: Arc<std::sync::Mutex<Shape>>,
     on_exit: OnExit,
-    per_client: bool,
+    per_client: Arc<AtomicBool>,
     control: NfSocket,
     tx: mpsc::Sender<Msg>,
     stop: Arc<AtomicBool>,
@@ -181,12 +184,31 @@ pub fn contain_host_warnings(policy: &Policy) -> Result<Vec<String>, String> {
     }
 }
 
+/// What the start and stop lines say about the installed ruleset; a replacement updates it.
+#[derive(Debug, Clone)]
+struct Shape {
+    drop_hooks: Vec<&'static str>,
+    contained: String,
+}
+
+fn contained_text(policy: &Policy) -> String {
+    match &policy.firewall.contain {
+        Some(c) => format!(
+            "the contained agents only ({}; firewall.contain)",
+            c.summary()
+        ),
+        None => "everything on these hooks (no firewall.contain)".to_string(),
+    }
+}
+
 /// A cheap, clonable handle to admit addresses from any task.
 #[derive(Clone)]
 pub struct Admitter {
     tx: mpsc::Sender<Msg>,
-    per_client: bool,
+    /// Whether the sets are per client now (a replacement may switch it).
+    per_client: Arc<AtomicBool>,
     confirmed: Arc<admission::Confirmed>,
+    shape: Arc<std::sync::Mutex<Shape>>,
 }
 
 /// Checks a table name given on the command line by the policy's one rule for
@@ -373,6 +395,7 @@ impl Firewall {
             client_share: fw.elements_per_client().clamp(1, fw.set_size.max(1)),
         };
         let confirmed = Arc::new(admission::Confirmed::new(fw.set_size as usize));
+        let per_client = Arc::new(AtomicBool::new(fw.per_client));
         let thread = admission::spawn(
             admit_sock,
             cfg,
@@ -380,33 +403,27 @@ impl Firewall {
             rx,
             Arc::clone(&stop),
             Arc::clone(&confirmed),
+            Arc::clone(&per_client),
         )
         .map_err(FirewallError::Thread)?;
-        let drop_hooks = layout
-            .chains
-            .iter()
-            .filter(|c| c.policy() == ruleset::Verdict::Drop)
-            .map(|c| c.hook.name())
-            .collect();
         let contained = match &fw.contain {
-            Some(c) if layout.subordinate_ids.is_empty() => format!(
-                "the contained agents only ({}; firewall.contain)",
-                c.summary()
-            ),
-            Some(c) => format!(
+            Some(c) if !layout.subordinate_ids.is_empty() => format!(
                 "the contained agents only ({}; {}; firewall.contain)",
                 c.summary(),
                 layout.subordinate_ids
             ),
-            None => "everything on these hooks (no firewall.contain)".to_string(),
+            _ => contained_text(policy),
         };
+        let shape = Arc::new(std::sync::Mutex::new(Shape {
+            drop_hooks: admission::drop_hooks(&layout),
+            contained,
+        }));
         Ok(Firewall {
             table,
             refresh,
-            drop_hooks,
-            contained,
+            shape,
             on_exit: fw.on_exit,
-            per_client: fw.per_client,
+            per_client,
             control,
             tx,
             stop,
@@ -441,15 +458,22 @@ impl Firewall {
         &self.table
     }
 
-    /// The hooks whose chains drop what no rule accepts, in the order they were installed.
-    pub fn drop_hooks(&self) -> &[&'static str] {
-        &self.drop_hooks
+    /// The hooks whose chains drop what no rule accepts, in the order they were installed
+    /// (by the last replacement, if any).
+    pub fn drop_hooks(&self) -> Vec<&'static str> {
+        self.shape
+            .lock()
+            .map(|s| s.drop_hooks.clone())
+            .unwrap_or_default()
     }
 
     /// Who meets the default-drop rules, for the start-up line: the agents `firewall.contain`
     /// names, or everything.
-    pub fn contained(&self) -> &str {
-        &self.contained
+    pub fn contained(&self) -> String {
+        self.shape
+            .lock()
+            .map(|s| s.contained.clone())
+            .unwrap_or_default()
     }
 
     /// Whether [`Firewall::shutdown`] leaves the table in place (`on_exit: keep`).
@@ -461,8 +485,9 @@ impl Firewall {
     pub fn admitter(&self) -> Admitter {
         Admitter {
             tx: self.tx.clone(),
-            per_client: self.per_client,
+            per_client: Arc::clone(&self.per_client),
             confirmed: Arc::clone(&self.confirmed),
+            shape: Arc::clone(&self.shape),
         }
     }
 
@@ -564,9 +589,44 @@ impl Admitter {
         answer.await.ok()
     }
 
-    /// Whether the sets pair clients with destinations (`firewall.per_client`).
+    /// Whether the sets pair clients with destinations (`firewall.per_client`), now.
     pub fn per_client(&self) -> bool {
-        self.per_client
+        self.per_client.load(Ordering::Acquire)
+    }
+
+    /// Replaces the ruleset with the one `policy` asks for, in one transaction that also adds
+    /// the elements `carry` keeps (with what is left of their lifetimes), ordered after every
+    /// admission queued before it. When the kernel's table already has that layout nothing
+    /// changes (`changed: false`). On any error the old table stays installed and in use.
+    /// See `admission/replace.rs`.
+    /// `cut_ranges`: `allow_cidrs` ranges that are gone, whose connections are cut once the new
+    /// table is in (pass none to keep them).
+    pub async fn replace(
+        &self,
+        policy: Arc<Policy>,
+        carry: Carry,
+        cut_ranges: Vec<ipnet::IpNet>,
+    ) -> Result<Replaced, FirewallError> {
+        let (reply, answer) = oneshot::channel();
+        let contained = contained_text(&policy);
+        let request = admission::ReplaceRequest {
+            policy,
+            carry,
+            cut_ranges,
+            reply,
+        };
+        self.tx
+            .send(Msg::Replace(request))
+            .await
+            .map_err(|_| FirewallError::Stopped)?;
+        let replaced = answer.await.map_err(|_| FirewallError::Stopped)??;
+        if replaced.changed
+            && let Ok(mut shape) = self.shape.lock()
+        {
+            shape.drop_hooks = replaced.drop_hooks.clone();
+            shape.contained = contained;
+        }
+        Ok(replaced)
     }
 
     /// Deletes the elements for `targets` from the allow sets in one transaction, ordered after
@@ -612,21 +672,26 @@ impl Admitter {
             });
         }
         let client = normalize_ip(client);
+        let per_client = self.per_client();
         let mut items = Vec::with_capacity(addrs.len());
         for &(addr, lifetime) in addrs {
-            if self.per_client && Family::of(addr) != Family::of(client) {
+            if per_client && Family::of(addr) != Family::of(client) {
                 return Err(AdmitError::FamilyMismatch { client, addr });
             }
             items.push((addr, admission::clamp(lifetime)));
         }
-        let client = self.per_client.then_some(client);
         // Every address acknowledged moments ago for at least this long: no round trip.
-        if self.confirmed.covers(client, &items, Instant::now()) {
+        if self
+            .confirmed
+            .covers(per_client.then_some(client), &items, Instant::now())
+        {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
+        // Always the client: the thread pairs it only if the sets are per client when it
+        // commits (a reload may switch that meanwhile).
         let req = Request {
-            client,
+            client: Some(client),
             items,
             reply,
         };
@@ -653,8 +718,12 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let a = Admitter {
             tx,
-            per_client: false,
+            per_client: Arc::new(AtomicBool::new(false)),
             confirmed: Arc::new(admission::Confirmed::new(1)),
+            shape: Arc::new(std::sync::Mutex::new(Shape {
+                drop_hooks: vec![],
+                contained: String::new(),
+            })),
         };
         let addrs = [(IpAddr::from([192, 0, 2, 1]), Duration::from_secs(1))];
         let fut = a.admit(IpAddr::from([127, 0, 0, 1]), &addrs);

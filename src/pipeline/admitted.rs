@@ -306,6 +306,38 @@ impl AdmittedIndex {
         lost
     }
 
+    /// Per address, the clients with a live justification that `still_allowed` accepts, and
+    /// the latest expiry among those: what a replaced ruleset carries over. Changes nothing
+    /// (the revocation pass that follows records what was lost).
+    pub fn still_justified(
+        &self,
+        now: Instant,
+        mut still_allowed: impl FnMut(IpAddr, &Justification) -> bool,
+    ) -> HashMap<IpAddr, Vec<(IpAddr, Instant)>> {
+        let snapshot: Vec<(IpAddr, Vec<Justification>)> = match self.inner.lock() {
+            Ok(inner) => inner
+                .by_addr
+                .iter()
+                .map(|(addr, list)| (*addr, list.clone()))
+                .collect(),
+            Err(_) => return HashMap::new(),
+        };
+        let mut justified: HashMap<IpAddr, Vec<(IpAddr, Instant)>> = HashMap::new();
+        for (addr, list) in snapshot {
+            for j in list {
+                if j.until <= now || !still_allowed(addr, &j) {
+                    continue;
+                }
+                let clients = justified.entry(addr).or_default();
+                match clients.iter_mut().find(|(c, _)| *c == j.client) {
+                    Some((_, until)) => *until = (*until).max(j.until),
+                    None => clients.push((j.client, j.until)),
+                }
+            }
+        }
+        justified
+    }
+
     /// What the index knows about `addr` (canonical: IPv4-mapped as IPv4): for `why` and
     /// for explaining a dropped packet.
     pub fn history(&self, addr: IpAddr) -> History {
