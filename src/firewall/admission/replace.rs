@@ -159,7 +159,7 @@ pub(crate) fn carried_elements(
         }
     }
     let mut carried: Vec<(Key, Instant)> = next.into_iter().collect();
-    carried.sort_by(|a, b| b.1.cmp(&a.1));
+    carried.sort_by_key(|c| std::cmp::Reverse(c.1));
     carried
 }
 
