@@ -11,8 +11,11 @@
 //! [`Control`] is the one place that changes what agents may reach while dnsfence runs. All its
 //! changes are serialized (one at a time) and follow the same steps:
 //!
-//! 1. build the next [`Generation`] (a reloaded policy, or the same policy with other grants)
-//!    and swap it in: queries that start from now on are decided by it;
+//! 1. build the next [`Generation`] (a reloaded policy, or the same policy with other grants);
+//!    if a reload changed the firewall's shape, first replace the ruleset in one transaction
+//!    that carries over the elements the next generation still justifies
+//!    ([`crate::firewall::Admitter::replace`]; refused: nothing of the reload applies); then
+//!    swap the generation in: queries that start from now on are decided by it;
 //! 2. wait until the last query that started under the previous generation has finished (it
 //!    may still admit addresses under the old policy, bounded by the upstream timeout);
 //! 3. judge every justification in the admitted index again with the new generation's own

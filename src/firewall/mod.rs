@@ -8,6 +8,11 @@
 //! all, so a restart does not cut live allowances; a table that differs in any way is deleted
 //! and re-created in the same transaction, so there is no moment without a firewall.
 //!
+//! [`Admitter::replace`] installs another ruleset while dnsfence runs (a reload that changed
+//! hooks, `per_client`, `allow_cidrs`, `contain`; a cgroup re-created under a new id): the old
+//! table is deleted and the new one created in one transaction that also re-adds the elements
+//! still justified, with their remaining timeouts; refused, the old table stays in use.
+//!
 //! [`Admitter::admit`] is the hot path: before a DNS reply leaves, every address in it is added
 //! to the right set with a timeout derived from its TTL, and the call resolves only once the
 //! kernel acknowledged the transaction. The agent can therefore connect to an address as soon as
