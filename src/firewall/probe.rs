@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::admission::{self, Msg};
 use super::netlink::{Elem, NfSocket, NlError};
 use super::ruleset::{Family, SetDef};
-use super::{Admitter, FirewallError, firewall_error};
+use super::{Admitter, FirewallError, Shape, firewall_error};
 
 /// How an element's lifetime is extended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +233,7 @@ fn admit_twice(table: &str, path: TimeoutRefresh) -> Result<(), FirewallError> {
     let (tx, rx) = mpsc::channel(8);
     let stop = Arc::new(AtomicBool::new(false));
     let confirmed = Arc::new(admission::Confirmed::new(16));
+    let per_client = Arc::new(AtomicBool::new(false));
     let cfg = admission::Config {
         table: table.to_string(),
         per_client: false,
@@ -247,12 +248,17 @@ fn admit_twice(table: &str, path: TimeoutRefresh) -> Result<(), FirewallError> {
         rx,
         Arc::clone(&stop),
         Arc::clone(&confirmed),
+        Arc::clone(&per_client),
     )
     .map_err(FirewallError::Thread)?;
     let admitter = Admitter {
         tx: tx.clone(),
-        per_client: false,
+        per_client,
         confirmed,
+        shape: Arc::new(std::sync::Mutex::new(Shape {
+            drop_hooks: Vec::new(),
+            contained: String::new(),
+        })),
     };
     // Its own thread, so that a runtime of the caller's (if any) is never blocked on.
     let result = std::thread::scope(|s| {
