@@ -20,6 +20,8 @@
 //! the admission history in the query log.
 //! [`host_watch`] keeps the pipeline's list of this host's addresses current (a query from one
 //! of them is the loopback client).
+//! [`host_resolver`] tells at start whether a resolver on the host could carry a contained
+//! agent's names out (`firewall.contain.host_dns`).
 //! [`control`] changes the policy while dnsfence runs (reload, revocation, temporary grants,
 //! the control socket and `dnsfence ctl`).
 
@@ -28,6 +30,7 @@ pub mod control;
 pub mod explain;
 pub mod firewall;
 pub mod health;
+pub mod host_resolver;
 pub mod host_watch;
 pub mod metrics;
 pub mod pipeline;

@@ -860,6 +860,9 @@ fn serve(
             hooks = firewall.drop_hooks().join(", "),
             contained = firewall.contained(),
         );
+        for note in dnsfence::host_resolver::startup_notes(&policy, Path::new("/")) {
+            eprintln!("dnsfence: {note}");
+        }
         readiness.set_firewall_installed();
         Some(firewall)
     } else {

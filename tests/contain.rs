@@ -89,8 +89,21 @@ fn connect_as(lab: &Lab, uid: u32, to: &str) -> Result<(), String> {
 /// `dig` from a process of `uid` on the gateway, asking `server` (UDP, or TCP with `tcp`) for
 /// the A records of `name`: the addresses it got, or why none came.
 fn dig_as(lab: &Lab, uid: u32, server: &str, name: &str, tcp: bool) -> Result<Vec<String>, String> {
+    dig_port_as(lab, uid, server, 53, name, tcp)
+}
+
+/// [`dig_as`] to another port than 53.
+fn dig_port_as(
+    lab: &Lab,
+    uid: u32,
+    server: &str,
+    port: u16,
+    name: &str,
+    tcp: bool,
+) -> Result<Vec<String>, String> {
     let at = format!("@{server}");
-    let mut argv = vec!["dig", &at, "+time=2", "+tries=1", "+short"];
+    let port = port.to_string();
+    let mut argv = vec!["dig", &at, "-p", &port, "+time=2", "+tries=1", "+short"];
     if tcp {
         argv.push("+tcp");
     }
@@ -103,6 +116,8 @@ fn dig_as(lab: &Lab, uid: u32, server: &str, name: &str, tcp: bool) -> Result<Ve
     Ok(said.lines().map(str::to_owned).collect())
 }
 
+/// (With `host_dns: direct`, the behaviour from before `host_dns`: the host's own DNS goes
+/// where it is sent.)
 #[test]
 fn shape_1_contains_only_the_named_uid_and_root_and_other_users_keep_full_egress() {
     if !require_root(
@@ -115,7 +130,7 @@ fn shape_1_contains_only_the_named_uid_and_root_and_other_users_keep_full_egress
     let yaml = policy(
         &lab,
         "output",
-        &format!("  contain: {{uids: [{AGENT_UID}]}}\n"),
+        &format!("  contain: {{uids: [{AGENT_UID}], host_dns: direct}}\n"),
     );
     lab.start_fence(&yaml);
     let started = lab.fence_stderr();
@@ -269,4 +284,206 @@ fn shape_2_contains_the_agents_interface_and_leaves_other_namespaces_and_the_gat
         .expect("a non-agent namespace asks any resolver it likes");
     assert_eq!(addresses(&reply), ["198.51.100.66"]);
     drop(ssh);
+}
+
+/// A DNS relay run by root on the gateway, standing in for systemd-resolved, nscd or dnsmasq
+/// (uncontained programs that resolve for any local process and send the question on as
+/// themselves): UDP on `127.0.0.1:<port>` (not a DNS port, so a contained process may reach
+/// it through `lo`), each query forwarded from a fresh socket to `to`, the answer sent back.
+/// Bounded: at most 64 queries, stops when dropped.
+struct Relay {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(lab: &Lab, port: u16, to: SocketAddr) -> Relay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let thread = lab.gw.spawn(move || {
+            let listener = UdpSocket::bind(("127.0.0.1", port)).expect("bind the relay");
+            listener
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            bound_tx.send(()).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut relayed = 0;
+            while !stopped.load(Ordering::Relaxed) && relayed < 64 {
+                let Ok((len, client)) = listener.recv_from(&mut buf) else {
+                    continue;
+                };
+                relayed += 1;
+                let out = UdpSocket::bind("0.0.0.0:0").unwrap();
+                out.set_read_timeout(Some(Duration::from_millis(1500)))
+                    .unwrap();
+                if out.send_to(&buf[..len], to).is_err() {
+                    continue;
+                }
+                let mut answer = [0u8; 4096];
+                if let Ok((n, _)) = out.recv_from(&mut answer) {
+                    let _ = listener.send_to(&answer[..n], client);
+                }
+            }
+        });
+        bound_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the relay is listening");
+        Relay {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `host_dns: dnsfence` (the default with `contain`): the host's own DNS reaches dnsfence and
+/// nothing else, so a relay on the host cannot carry a contained agent's names out. The same
+/// checks under `host_dns: direct` first, as the control: there root reaches the other
+/// resolver and the agent's denied name leaves through the relay.
+#[test]
+fn shape_1_host_dns_through_dnsfence_closes_the_host_relays_and_keeps_dnsfence_working() {
+    if !require_root(
+        "shape_1_host_dns_through_dnsfence_closes_the_host_relays_and_keeps_dnsfence_working",
+    ) {
+        return;
+    }
+    let lab = Lab::new("hostdns");
+    lab.upstream.a("api.allowed.test", "198.51.100.10", 300);
+    lab.other_dns4.a("api.allowed.test", "198.51.100.66", 300);
+    lab.other_dns4.a("secret.exfil.test", "198.51.100.77", 300);
+    let other: SocketAddr = addr::OTHER_DNS4.parse().unwrap();
+    // A relay that asks the other resolver (systemd-resolved with its own DNS=), and one that
+    // asks dnsfence (resolved with DNS= pointed at dnsfence, as the README says to).
+    let to_other = Relay::start(&lab, 5300, other);
+    let to_dnsfence = Relay::start(&lab, 5301, "10.77.0.1:53".parse().unwrap());
+    let contain = |host_dns: &str| {
+        policy(
+            &lab,
+            "output",
+            &format!("  contain: {{uids: [{AGENT_UID}]{host_dns}}}\n"),
+        )
+    };
+
+    // Control, host_dns: direct: root asks the other resolver and is answered; the agent's
+    // denied name leaves through the relay and comes back with the other server's answer.
+    lab.start_fence(&contain(", host_dns: direct"));
+    lab.other_dns4.clear_seen();
+    for tcp in [false, true] {
+        assert_eq!(
+            dig_as(&lab, 0, OTHER_DNS, "api.allowed.test", tcp),
+            Ok(vec!["198.51.100.66".to_string()]),
+            "with host_dns: direct root reaches the other resolver (tcp: {tcp})"
+        );
+    }
+    assert_eq!(
+        dig_port_as(
+            &lab,
+            AGENT_UID,
+            "127.0.0.1",
+            5300,
+            "secret.exfil.test",
+            false
+        ),
+        Ok(vec!["198.51.100.77".to_string()]),
+        "with host_dns: direct the relay carries the agent's name out\n{}",
+        lab.ruleset()
+    );
+    assert_eq!(lab.other_dns4.seen_for("secret.exfil.test").len(), 1);
+    assert_eq!(connect_as(&lab, 0, "198.51.100.99:853"), Ok(()));
+    lab.stop_fence();
+
+    // host_dns: dnsfence (the default): the same attempts get nothing through.
+    lab.start_fence(&contain(""));
+    let started = lab.fence_stderr();
+    assert!(
+        started.contains("the host's own DNS (53, 853) reaches dnsfence only"),
+        "the start line must say where the host's DNS goes:\n{started}"
+    );
+    lab.other_dns4.clear_seen();
+    lab.upstream.clear_seen();
+    for tcp in [false, true] {
+        let reply = dig_as(&lab, 0, OTHER_DNS, "api.allowed.test", tcp);
+        assert!(
+            reply.is_err(),
+            "root's DNS reached another resolver (tcp: {tcp}): {reply:?}\n{}",
+            lab.ruleset()
+        );
+    }
+    assert!(
+        connect_as(&lab, 0, "198.51.100.99:853").is_err(),
+        "root reached port 853 of another resolver"
+    );
+    let leaked = dig_port_as(
+        &lab,
+        AGENT_UID,
+        "127.0.0.1",
+        5300,
+        "secret.exfil.test",
+        false,
+    );
+    assert!(
+        leaked.is_err(),
+        "the relay carried the agent's name out: {leaked:?}"
+    );
+    assert!(
+        lab.other_dns4.seen().is_empty(),
+        "the other resolver saw queries: {:?}",
+        lab.other_dns4.seen()
+    );
+    // Root's other egress is untouched (the same tool that failed above on 853 and 53).
+    assert_eq!(connect_as(&lab, 0, NOT_ADMITTED), Ok(()));
+    // dnsfence's own marked upstream queries still leave: root asking dnsfence gets the
+    // allowed name from the upstream.
+    assert_eq!(
+        dig_as(&lab, 0, "10.77.0.1", "api.allowed.test", false),
+        Ok(vec!["198.51.100.10".to_string()])
+    );
+    assert_eq!(lab.upstream.seen_for("api.allowed.test").len(), 1);
+    // A relay pointed at dnsfence works, under dnsfence's policy: allowed names resolve, a
+    // denied one is NXDOMAIN and never reaches any upstream.
+    assert_eq!(
+        dig_port_as(
+            &lab,
+            AGENT_UID,
+            "127.0.0.1",
+            5301,
+            "api.allowed.test",
+            false
+        ),
+        Ok(vec!["198.51.100.10".to_string()])
+    );
+    assert_eq!(
+        dig_port_as(
+            &lab,
+            AGENT_UID,
+            "127.0.0.1",
+            5301,
+            "secret.exfil.test",
+            false
+        ),
+        Ok(vec![])
+    );
+    assert!(lab.upstream.seen_for("secret.exfil.test").is_empty());
+    // The contained uid's DNS to another server is still intercepted and answered by dnsfence.
+    for tcp in [false, true] {
+        assert_eq!(
+            dig_as(&lab, AGENT_UID, OTHER_DNS, "api.allowed.test", tcp),
+            Ok(vec!["198.51.100.10".to_string()]),
+            "the contained uid's DNS must still be answered by dnsfence (tcp: {tcp})\n{}",
+            lab.ruleset()
+        );
+    }
+    assert!(lab.other_dns4.seen().is_empty());
+    drop((to_other, to_dnsfence));
 }

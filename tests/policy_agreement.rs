@@ -14,8 +14,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use dnsfence::policy::{
-    Contain, FirewallPolicy, Hook, Limits, Policy, TtlPolicy, firewall_problems, limits_problems,
-    ttl_problems,
+    Contain, FirewallPolicy, Hook, HostDns, Limits, Policy, TtlPolicy, firewall_problems,
+    limits_problems, ttl_problems,
 };
 
 fn hook_word(h: Hook) -> &'static str {
@@ -91,15 +91,19 @@ fn contain() -> impl Strategy<Value = Option<Contain>> {
         pick(&["system.slice/agent.service", "agents", "a/../b"]),
         pick(&["veth*", "to-a1", "*", "a-name-too-long-for-linux"]),
         pick(&["10.77.0.0/24", "fd77::/64", "0.0.0.0/0"]),
+        prop_oneof![Just(HostDns::Dnsfence), Just(HostDns::Direct)],
     )
-        .prop_map(|(uids, gids, cgroups, interfaces, sources)| Contain {
-            uids,
-            gids,
-            cgroups,
-            interfaces,
-            sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
-            subids_from: None,
-        });
+        .prop_map(
+            |(uids, gids, cgroups, interfaces, sources, host_dns)| Contain {
+                host_dns,
+                subids_from: None,
+                uids,
+                gids,
+                cgroups,
+                interfaces,
+                sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+            },
+        );
     prop_oneof![2 => Just(None), 3 => contain.prop_map(Some)]
 }
 
@@ -109,12 +113,13 @@ fn contain_yaml(c: &Option<Contain>) -> String {
     };
     let list = |items: Vec<String>| items.join(", ");
     format!(
-        "  contain:\n    uids: [{}]\n    gids: [{}]\n    cgroups: [{}]\n    interfaces: [{}]\n    sources: [{}]\n",
+        "  contain:\n    uids: [{}]\n    gids: [{}]\n    cgroups: [{}]\n    interfaces: [{}]\n    sources: [{}]\n    host_dns: {}\n",
         list(c.uids.iter().map(u32::to_string).collect()),
         list(c.gids.iter().map(u32::to_string).collect()),
         list(c.cgroups.iter().map(|s| format!("{s:?}")).collect()),
         list(c.interfaces.iter().map(|s| format!("{s:?}")).collect()),
         list(c.sources.iter().map(|s| format!("\"{s}\"")).collect()),
+        c.host_dns.as_str(),
     )
 }
 

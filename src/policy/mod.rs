@@ -471,6 +471,38 @@ pub struct Contain {
     /// Where `subuid` and `subgid` are read (the ranges `newuidmap`/`newgidmap` grant the
     /// contained uids, which their user namespaces' sockets are owned by); `None`: `/etc`.
     pub subids_from: Option<std::path::PathBuf>,
+    /// Where the host's own (uncontained) DNS may go; only the `output` hook sees it.
+    pub host_dns: HostDns,
+}
+
+/// `firewall.contain.host_dns`: where the DNS of the processes `contain` leaves alone may go.
+///
+/// A resolver on the host (systemd-resolved, nscd, dnsmasq) answers anyone who asks it, a
+/// contained agent too (through NSS, D-Bus, varlink or a loopback port that is not 53), and
+/// sends the question on as an uncontained process: a denied name would leave the host, a
+/// channel for data in names. [`HostDns::Dnsfence`] closes it by letting the host's DNS go
+/// to dnsfence only, so every relay on the host has to ask dnsfence (and its policy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostDns {
+    /// DNS (UDP/TCP 53, DNS over TLS or QUIC on 853) of every process on the host that leaves
+    /// through an interface other than `lo` goes to dnsfence's listen addresses or nowhere
+    /// (dnsfence's own marked upstream queries excepted). The default: without `contain`, the
+    /// host's DNS never had another way out either.
+    #[default]
+    Dnsfence,
+    /// The host's own DNS goes wherever it is sent; a relay on the host can carry a contained
+    /// agent's names out (the start-up line warns when it finds one).
+    Direct,
+}
+
+impl HostDns {
+    /// The word the policy writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostDns::Dnsfence => "dnsfence",
+            HostDns::Direct => "direct",
+        }
+    }
 }
 
 impl Contain {

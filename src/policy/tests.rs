@@ -1375,6 +1375,40 @@ fn contain_gids_without_uids_warns_that_only_the_primary_group_counts() {
 }
 
 #[test]
+fn host_dns_goes_through_dnsfence_unless_the_policy_says_direct() {
+    let host_dns = |section: &str| {
+        let p = firewall_policy(section).unwrap();
+        let about: Vec<String> = warnings(&p)
+            .into_iter()
+            .filter(|w| w.contains("host_dns"))
+            .collect();
+        (p.firewall.contain.as_ref().unwrap().host_dns, about)
+    };
+    assert_eq!(
+        host_dns("  contain: {uids: [1000]}\n"),
+        (HostDns::Dnsfence, vec![])
+    );
+    assert_eq!(
+        host_dns("  contain: {uids: [1000], host_dns: direct}\n"),
+        (HostDns::Direct, vec![])
+    );
+    assert_eq!(
+        host_dns("  contain: {uids: [1000], host_dns: dnsfence}\n").0,
+        HostDns::Dnsfence
+    );
+    // Only the output hook sees the host's own DNS: said where it is written.
+    let (_, w) =
+        host_dns("  hooks: [forward]\n  contain: {interfaces: [veth*], host_dns: direct}\n");
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].starts_with(
+            "policy.yaml:5:44: firewall.contain.host_dns has no effect without output"
+        ),
+        "{w:#?}"
+    );
+}
+
+#[test]
 fn contain_errors_name_file_line_and_column() {
     for (section, expected) in [
         (
@@ -1428,6 +1462,10 @@ fn contain_errors_name_file_line_and_column() {
         (
             "  contain: {users: [1000]}\n",
             "policy.yaml:4:13: unknown key \"users\" in firewall.contain",
+        ),
+        (
+            "  contain: {uids: [1], host_dns: resolved}\n",
+            "policy.yaml:4:34: firewall.contain.host_dns cannot be \"resolved\"; write one of: dnsfence, direct",
         ),
     ] {
         let errs = firewall_errors(section);

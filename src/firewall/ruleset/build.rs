@@ -17,7 +17,7 @@ use super::model::{
     Verdict,
 };
 use super::subids;
-use crate::policy::{FirewallPolicy, Hook, Policy, Transport};
+use crate::policy::{FirewallPolicy, Hook, HostDns, Policy, Transport};
 
 /// `ff02::2`, all routers on the link: where router solicitations go.
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
@@ -92,6 +92,9 @@ struct Parts {
     inbound: Vec<(Proto, u16)>,
     /// `firewall.contain`; `None`: everything is contained.
     contain: Option<Contained>,
+    /// `firewall.contain.host_dns: dnsfence`: the uncontained host's own DNS goes to dnsfence
+    /// only (without `contain` every process is contained, and so is its DNS).
+    host_dns_to_dnsfence: bool,
 }
 
 impl Parts {
@@ -128,6 +131,10 @@ impl Parts {
         }
         Ok(Parts {
             contain,
+            host_dns_to_dnsfence: fw
+                .contain
+                .as_ref()
+                .is_some_and(|c| c.host_dns == HostDns::Dnsfence),
             mark: fw.mark,
             per_client: fw.per_client,
             log: fw.log_denied.then_some(fw.nflog_group),
@@ -491,14 +498,12 @@ impl Parts {
         tail
     }
 
-    /// Agents on this host.
-    fn output_chain(&self) -> Chain {
-        let mut rules = self.local_gate();
-        rules.extend(self.upstream_accept());
-        rules.extend(self.upstream_drop());
-        // DNS to dnsfence's own listen addresses (locally destined packets leave through lo),
-        // then no other DNS anywhere: on loopback not even to the listen ports (a local stub
-        // or forwarder would be a way around dnsfence), then the rest of loopback.
+    /// DNS to dnsfence itself from this host: to each listen address through `lo` (where
+    /// locally destined packets leave), to the non-loopback ones by their address, and
+    /// intercepted DNS (rewritten to a loopback listen address but still leaving on the
+    /// interface its first destination routed to).
+    fn local_dns_to_dnsfence(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
         for &l in &self.listens {
             for p in Proto::BOTH {
                 rules.push(rule(listen_matches(l, p, &[Match::OifLo]), Verdict::Accept));
@@ -506,6 +511,45 @@ impl Parts {
         }
         rules.extend(self.listen_accept(false));
         rules.extend(self.intercepted_accept());
+        rules
+    }
+
+    /// `host_dns: dnsfence`: every process's DNS and DNS over TLS or QUIC that leaves through
+    /// another interface than `lo` (by its port, and by the port its connection was opened
+    /// to, before a NAT rule rewrote it). On `lo` a host program may still ask a local stub
+    /// (127.0.0.53): what the stub sends on leaves the host and meets these rules.
+    fn host_dns_drop(&self) -> Vec<Rule> {
+        let off_loopback = [Match::OifNameNot("lo".into())];
+        let ports: BTreeSet<u16> = DNS_PORTS.into_iter().collect();
+        let mut rules = self.dns_drop(&off_loopback, &ports);
+        rules.extend(self.nat_dns_drop(&off_loopback, &ports));
+        rules
+    }
+
+    /// Agents on this host.
+    ///
+    /// With `host_dns: dnsfence` the upstream accept, DNS to dnsfence and the off-loopback
+    /// DNS drop come before the gate, so they apply to the host's own processes as well:
+    /// a resolver on the host (which a contained agent can ask through NSS or D-Bus) reaches
+    /// nothing but dnsfence. Otherwise the gate comes first and the table is the one from
+    /// before `host_dns` existed.
+    fn output_chain(&self) -> Chain {
+        let mut rules = Vec::new();
+        if self.host_dns_to_dnsfence {
+            rules.extend(self.upstream_accept());
+            rules.extend(self.local_dns_to_dnsfence());
+            rules.extend(self.host_dns_drop());
+            rules.extend(self.local_gate());
+            rules.extend(self.upstream_drop());
+        } else {
+            rules.extend(self.local_gate());
+            rules.extend(self.upstream_accept());
+            rules.extend(self.upstream_drop());
+            // DNS to dnsfence's own listen addresses, then no other DNS anywhere (below).
+            rules.extend(self.local_dns_to_dnsfence());
+        }
+        // No other DNS anywhere: on loopback not even to the listen ports (a local stub or
+        // forwarder would be a way around dnsfence), then the rest of loopback.
         let loopback_dns: BTreeSet<u16> = DNS_PORTS
             .iter()
             .copied()
@@ -814,6 +858,70 @@ mod tests {
             .unwrap();
         let drop = out.iter().position(|r| r == "udp dport 53 drop").unwrap();
         assert!(accept < drop);
+    }
+
+    /// With `host_dns: dnsfence`, the rules that keep the host's own DNS on dnsfence come
+    /// before the gate (so they apply to uncontained processes), in this order: dnsfence's
+    /// marked upstream queries, DNS to dnsfence (and intercepted DNS), then every other DNS
+    /// off loopback. With `direct` the chain is exactly the one from before `host_dns`.
+    #[test]
+    fn host_dns_through_dnsfence_puts_upstream_accept_and_dns_drops_before_the_gate() {
+        let contained = |host_dns| {
+            let mut p = policy(vec![Hook::Output], false);
+            p.firewall.contain = Some(crate::policy::Contain {
+                uids: vec![1000],
+                host_dns,
+                ..Default::default()
+            });
+            chain(&Layout::from_policy(&p).unwrap(), ChainHook::Output)
+        };
+        let rules = contained(HostDns::Dnsfence);
+        let pos = |s: &str| {
+            rules
+                .iter()
+                .position(|r| r == s)
+                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
+        };
+        let gate = pos("meta skuid != 1000 accept");
+        let upstream = pos("meta mark 0x0000002a ip daddr 192.0.2.53 udp dport 53 accept");
+        let own_lo = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
+        let own = pos("ip daddr 10.9.0.1 tcp dport 53 accept");
+        let intercepted = pos("ct status dnat ip daddr 127.0.0.1 tcp dport 53 accept");
+        let host_drops: Vec<usize> = [
+            "oifname != \"lo\" udp dport 53 drop",
+            "oifname != \"lo\" tcp dport 53 drop",
+            "oifname != \"lo\" udp dport 853 drop",
+            "oifname != \"lo\" tcp dport 853 drop",
+            "oifname != \"lo\" ct direction original meta l4proto udp ct original proto-dst 53 drop",
+        ]
+        .iter()
+        .map(|r| pos(r))
+        .collect();
+        assert_eq!(upstream, 0);
+        assert!(upstream < own_lo && own_lo < own && own < intercepted);
+        for drop in host_drops {
+            assert!(intercepted < drop && drop < gate, "{rules:#?}");
+        }
+        // After the gate, the agents' rules as before; the accepts before it are not repeated.
+        assert!(gate < pos("ip daddr 192.0.2.53 drop"));
+        assert!(gate < pos("udp dport 53 drop"));
+        assert_eq!(rules.iter().filter(|r| **r == rules[own]).count(), 1);
+        assert_eq!(rules.last().map(String::as_str), Some("drop"));
+
+        let direct = contained(HostDns::Direct);
+        assert_eq!(direct[0], "meta skuid != 1000 accept");
+        assert!(!direct.iter().any(|r| r.contains("oifname != \"lo\"")));
+        // `direct` is the gate followed by the chain of a policy without `contain`, but for
+        // the intercepted DNS accept.
+        let everyone = chain(
+            &Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap(),
+            ChainHook::Output,
+        );
+        let without: Vec<&String> = direct[1..]
+            .iter()
+            .filter(|r| !r.starts_with("ct status dnat"))
+            .collect();
+        assert_eq!(without, everyone.iter().collect::<Vec<_>>());
     }
 
     #[test]

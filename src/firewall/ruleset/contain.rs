@@ -441,7 +441,7 @@ mod tests {
             cgroups: vec!["a/b".into()],
             interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
-            subids_from: None,
+            ..Contain::default()
         };
         Contained::of(&c)
     }

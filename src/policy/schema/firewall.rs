@@ -7,7 +7,7 @@ use super::super::lint;
 use super::super::raw::{Node, Value};
 use super::super::read;
 use super::super::validate;
-use super::super::{Contain, FirewallPolicy, Hook, InboundPort, OnExit, Transport};
+use super::super::{Contain, FirewallPolicy, Hook, HostDns, InboundPort, OnExit, Transport};
 
 const FIREWALL_KEYS: &[&str] = &[
     "enabled",
@@ -33,6 +33,7 @@ const CONTAIN_KEYS: &[&str] = &[
     "interfaces",
     "sources",
     "subids_from",
+    "host_dns",
 ];
 
 /// The longest nftables table name a policy may use. The kernel takes longer ones, but the
@@ -207,7 +208,7 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
         }
     }
     if let Some(node) = f.get("contain") {
-        fw.contain = contain(r, node);
+        fw.contain = contain(r, node, fw.hooks.contains(&Hook::Output));
     }
     super::report(r, &f, validate::firewall_problems(&fw));
     fw
@@ -216,13 +217,13 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
 /// `firewall.contain`: each entry checked where it is written; what concerns the whole (no
 /// one named, a hook with nothing to match) is `validate`'s, reported at `contain`. After an
 /// entry's error it is `None`, so the whole is not judged on what is left.
-fn contain(r: &mut Report, node: &Node) -> Option<Contain> {
+fn contain(r: &mut Report, node: &Node, output_hook: bool) -> Option<Contain> {
     let errors_before = r.error_count();
-    let c = contain_entries(r, node)?;
+    let c = contain_entries(r, node, output_hook)?;
     (r.error_count() == errors_before).then_some(c)
 }
 
-fn contain_entries(r: &mut Report, node: &Node) -> Option<Contain> {
+fn contain_entries(r: &mut Report, node: &Node, output_hook: bool) -> Option<Contain> {
     let f = read::fields(r, node, "firewall.contain", CONTAIN_KEYS)?;
     let mut c = Contain::default();
     if let Some(n) = f.get("uids") {
@@ -295,6 +296,22 @@ fn contain_entries(r: &mut Report, node: &Node) -> Option<Contain> {
                 );
             } else {
                 c.sources.push(net);
+            }
+        }
+    }
+    if let Some(n) = f.get("host_dns") {
+        let what = "firewall.contain.host_dns";
+        let options = [("dnsfence", HostDns::Dnsfence), ("direct", HostDns::Direct)];
+        if let Some(v) = read::choice(r, n, what, &options) {
+            c.host_dns = v;
+            if !output_hook {
+                r.warn(
+                    n.pos,
+                    format!(
+                        "{what} has no effect without output in firewall.hooks (it filters \
+                         the DNS of processes on this host); remove it or add output"
+                    ),
+                );
             }
         }
     }
