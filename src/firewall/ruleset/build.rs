@@ -171,52 +171,46 @@ impl Parts {
             .unwrap_or_default()
     }
 
-    /// Where the `output` nat chain sends a local process's DNS, per family: the first
-    /// loopback listen address of that family (a wildcard one counts as `127.0.0.1`/`::1`).
-    fn local_intercept_targets(&self) -> Vec<SocketAddr> {
+    /// Per family (IPv4 first), the first listen address of that family that `target` turns
+    /// into a place to send intercepted DNS to; a family with none has no target.
+    fn intercept_targets(&self, target: impl Fn(Listen) -> Option<IpAddr>) -> Vec<SocketAddr> {
         [Family::V4, Family::V6]
             .into_iter()
             .filter_map(|family| {
                 self.listens
                     .iter()
                     .filter(|l| Family::of(l.ip) == family)
-                    .find_map(|l| {
-                        if l.ip.is_loopback() {
-                            Some(SocketAddr::new(l.ip, l.port))
-                        } else if l.ip.is_unspecified() {
-                            let lo = match family {
-                                Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                                Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                            };
-                            Some(SocketAddr::new(lo, l.port))
-                        } else {
-                            None
-                        }
-                    })
+                    .find_map(|&l| target(l).map(|ip| SocketAddr::new(ip, l.port)))
             })
             .collect()
+    }
+
+    /// Where the `output` nat chain sends a local process's DNS, per family: the first
+    /// loopback listen address of that family (a wildcard one counts as `127.0.0.1`/`::1`).
+    fn local_intercept_targets(&self) -> Vec<SocketAddr> {
+        self.intercept_targets(|l| match l.ip {
+            ip if ip.is_loopback() => Some(ip),
+            IpAddr::V4(ip) if ip.is_unspecified() => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            IpAddr::V6(ip) if ip.is_unspecified() => Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            _ => None,
+        })
     }
 
     /// Where the `prerouting` nat chain sends a routed agent's DNS, per family: the first
     /// listen address of that family that is neither loopback (the kernel drops packets
     /// routed to loopback) nor a wildcard (no address to write).
     fn routed_intercept_targets(&self) -> Vec<SocketAddr> {
-        [Family::V4, Family::V6]
-            .into_iter()
-            .filter_map(|family| {
-                self.listens
-                    .iter()
-                    .find(|l| {
-                        Family::of(l.ip) == family && !l.ip.is_loopback() && !l.ip.is_unspecified()
-                    })
-                    .map(|l| SocketAddr::new(l.ip, l.port))
-            })
-            .collect()
+        self.intercept_targets(|l| (!l.ip.is_loopback() && !l.ip.is_unspecified()).then_some(l.ip))
     }
 
-    /// DNS (UDP and TCP 53) rewritten to dnsfence, one rule per protocol and target.
-    fn intercept(targets: &[SocketAddr]) -> Vec<Rule> {
-        let mut rules = Vec::new();
+    /// A nat chain on `hook`: what the `pass` rules accept is left alone, everything else's DNS
+    /// (UDP and TCP 53) is rewritten to dnsfence, one rule per protocol and target. No chain
+    /// when there is no target.
+    fn intercept_chain(hook: ChainHook, pass: Vec<Rule>, targets: &[SocketAddr]) -> Option<Chain> {
+        if targets.is_empty() {
+            return None;
+        }
+        let mut rules = pass;
         for &to in targets {
             for p in Proto::BOTH {
                 rules.push(Rule {
@@ -226,40 +220,30 @@ impl Parts {
                 });
             }
         }
-        rules
+        Some(Chain {
+            hook,
+            kind: ChainKind::Nat,
+            rules,
+        })
     }
 
     /// The `output` nat chain: a contained process's DNS to any address goes to dnsfence
     /// (dnsfence's own marked queries and, with `contain`, everyone else's are left alone).
     fn intercept_output_chain(&self) -> Option<Chain> {
-        let targets = self.local_intercept_targets();
-        if targets.is_empty() {
-            return None;
-        }
-        let mut rules = self.local_gate();
-        rules.push(rule(vec![Match::Mark(self.mark)], Verdict::Accept));
-        rules.extend(Self::intercept(&targets));
-        Some(Chain {
-            hook: ChainHook::Output,
-            kind: ChainKind::Nat,
-            rules,
-        })
+        let mut pass = self.local_gate();
+        pass.push(rule(vec![Match::Mark(self.mark)], Verdict::Accept));
+        Self::intercept_chain(ChainHook::Output, pass, &self.local_intercept_targets())
     }
 
     /// The `prerouting` nat chain: a routed agent's DNS to any address goes to dnsfence.
     fn intercept_prerouting_chain(&self) -> Option<Chain> {
-        let targets = self.routed_intercept_targets();
-        if targets.is_empty() {
-            return None;
-        }
-        let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
-        rules.extend(self.routed_gate(false));
-        rules.extend(Self::intercept(&targets));
-        Some(Chain {
-            hook: ChainHook::Prerouting,
-            kind: ChainKind::Nat,
-            rules,
-        })
+        let mut pass = vec![rule(vec![Match::IifLo], Verdict::Accept)];
+        pass.extend(self.routed_gate(false));
+        Self::intercept_chain(
+            ChainHook::Prerouting,
+            pass,
+            &self.routed_intercept_targets(),
+        )
     }
 
     /// In `output`, intercepted DNS: after the nat chain its destination is dnsfence's, but
@@ -700,6 +684,14 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Where `rule` stands in a chain's `rules` (the first place); panics listing the chain.
+    fn at(rules: &[String], rule: &str) -> usize {
+        rules
+            .iter()
+            .position(|r| r == rule)
+            .unwrap_or_else(|| panic!("no rule {rule:?} in {rules:#?}"))
+    }
+
     #[test]
     fn dns_redirected_by_nat_is_dropped_before_loopback_is_accepted() {
         // Docker's embedded DNS: 127.0.0.11:53 is DNATed to a random port before the filter
@@ -707,12 +699,7 @@ mod tests {
         // dnsfence's own listeners are the reply direction and must not match.
         let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
         let rules = chain(&l, ChainHook::Output);
-        let pos = |s: &str| {
-            rules
-                .iter()
-                .position(|r| r == s)
-                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
-        };
+        let pos = |s: &str| at(&rules, s);
         let own = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
         let lo = pos("oif \"lo\" accept");
         for rule in [
@@ -751,12 +738,7 @@ mod tests {
     fn output_order_puts_upstream_and_dns_drops_before_established() {
         let l = Layout::from_policy(&policy(vec![Hook::Output], false)).unwrap();
         let rules = chain(&l, ChainHook::Output);
-        let pos = |s: &str| {
-            rules
-                .iter()
-                .position(|r| r == s)
-                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
-        };
+        let pos = |s: &str| at(&rules, s);
         let mark = pos("meta mark 0x0000002a ip daddr 192.0.2.53 udp dport 53 accept");
         let drop = pos("ip daddr 192.0.2.53 drop");
         let drop6 = pos("ip6 daddr 2001:db8::53 drop");
@@ -852,11 +834,11 @@ mod tests {
         // The rewritten packet still leaves on its original interface: the filter accepts it
         // by its new destination before the DNS drops.
         let out = chain(&l, ChainHook::Output);
-        let accept = out
-            .iter()
-            .position(|r| r == "ct status dnat ip daddr 127.0.0.1 udp dport 53 accept")
-            .unwrap();
-        let drop = out.iter().position(|r| r == "udp dport 53 drop").unwrap();
+        let accept = at(
+            &out,
+            "ct status dnat ip daddr 127.0.0.1 udp dport 53 accept",
+        );
+        let drop = at(&out, "udp dport 53 drop");
         assert!(accept < drop);
     }
 
@@ -876,12 +858,7 @@ mod tests {
             chain(&Layout::from_policy(&p).unwrap(), ChainHook::Output)
         };
         let rules = contained(HostDns::Dnsfence);
-        let pos = |s: &str| {
-            rules
-                .iter()
-                .position(|r| r == s)
-                .unwrap_or_else(|| panic!("no rule {s:?} in {rules:#?}"))
-        };
+        let pos = |s: &str| at(&rules, s);
         let gate = pos("meta skuid != 1000 accept");
         let upstream = pos("meta mark 0x0000002a ip daddr 192.0.2.53 udp dport 53 accept");
         let own_lo = pos("oif \"lo\" ip daddr 127.0.0.1 udp dport 53 accept");
@@ -979,10 +956,7 @@ mod tests {
         assert_eq!(l.chains[0].policy(), Verdict::Accept);
         assert_eq!(l.chains[0].priority(), -300);
         let fwd = chain(&l, ChainHook::Forward);
-        let ct = fwd
-            .iter()
-            .position(|r| r == "ct state established,related accept")
-            .unwrap();
+        let ct = at(&fwd, "ct state established,related accept");
         assert_eq!(fwd[0], "ip daddr 192.0.2.53 drop");
         for r in [
             "udp dport 53 drop",
@@ -993,8 +967,7 @@ mod tests {
             "icmpv6 type nd-router-solicit drop",
             "icmpv6 type nd-redirect drop",
         ] {
-            let at = fwd.iter().position(|x| x == r).unwrap();
-            assert!(at < ct, "{r} after ct");
+            assert!(at(&fwd, r) < ct, "{r} after ct");
         }
         assert_eq!(fwd[ct + 1], "ip saddr . ip daddr @allow4 accept");
         assert_eq!(fwd[ct + 2], "ip6 saddr . ip6 daddr @allow6 accept");
@@ -1004,15 +977,9 @@ mod tests {
         );
         let inp = chain(&l, ChainHook::Input);
         assert_eq!(inp[0], "iif \"lo\" accept");
-        let listen = inp
-            .iter()
-            .position(|r| r == "ip daddr 10.9.0.1 udp dport 53 accept")
-            .unwrap();
-        let dns = inp.iter().position(|r| r == "udp dport 53 drop").unwrap();
-        let ct = inp
-            .iter()
-            .position(|r| r == "ct state established,related accept")
-            .unwrap();
+        let listen = at(&inp, "ip daddr 10.9.0.1 udp dport 53 accept");
+        let dns = at(&inp, "udp dport 53 drop");
+        let ct = at(&inp, "ct state established,related accept");
         assert!(listen < dns && dns < ct);
         assert!(!inp.iter().any(|r| r.contains("127.0.0.1")));
     }
