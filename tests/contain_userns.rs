@@ -58,6 +58,9 @@ firewall:
   contain:
     uids: [{AGENT_UID}]
     subids_from: \"{dir}\"
+    # The controls ask their own resolver as uncontained processes; this test is about the
+    # user namespace, not the host's DNS (tests/contain.rs covers host_dns).
+    host_dns: direct
 ",
         upstream = addr::UPSTREAM,
         table = lab.table(),
