@@ -659,6 +659,27 @@ impl Admitter {
         answer.await.map_err(|_| AdmitError::Closed)?
     }
 
+    /// Whether [`Admitter::admit`] would return at once for these addresses: every one is in
+    /// the kernel for at least its lifetime, as acknowledged moments ago. Never waits, sends
+    /// nothing; `false` means "ask `admit`", never "refused".
+    pub fn covered(&self, client: IpAddr, addrs: &[(IpAddr, Duration)]) -> bool {
+        let client = normalize_ip(client);
+        if addrs.len() > MAX_ADDRESSES_PER_ADMISSION
+            || (self.per_client
+                && addrs
+                    .iter()
+                    .any(|&(a, _)| Family::of(a) != Family::of(client)))
+        {
+            return false;
+        }
+        let items: Vec<(IpAddr, Duration)> = addrs
+            .iter()
+            .map(|&(addr, lifetime)| (addr, admission::clamp(lifetime)))
+            .collect();
+        self.confirmed
+            .covers(self.per_client.then_some(client), &items, Instant::now())
+    }
+
     /// Admits every address for `lifetime` each (clamped to 1 s ..= 7 days); resolves only once
     /// the kernel ACKed the whole batch. With per-client sets, `client` (IPv4-mapped addresses
     /// count as IPv4) must be of the same family as every address.

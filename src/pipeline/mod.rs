@@ -22,6 +22,7 @@ pub mod address_guard;
 pub mod admitted;
 pub mod answer_filter;
 pub mod decision;
+pub mod fast;
 pub mod grants;
 pub mod limits;
 pub mod local_source;
@@ -30,6 +31,7 @@ pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -39,17 +41,19 @@ use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
 use crate::firewall::Admitter;
-use crate::policy::{CnameMode, DenyWith, Group, Policy};
+use crate::policy::{CnameMode, DenyWith, Group, Mode, Policy, Rule};
 use crate::querylog::{LoggedAddress, LoggedAddresses, PolicyTag, QueryRecord, ShortText};
 use address_guard::{AddressGuard, AddressVerdict};
 use admitted::{AdmittedIndex, Justification};
 use answer_filter::{AnswerContext, filter_answer};
 use decision::{Decision, DenyReason, decide, is_special_use, is_wildcard};
+use fast::{ReplyKey, ReplyProbe, WireAnswer, WireQuery};
 use grants::{Grant, Grants};
-use limits::{InflightShares, RateLimiter, WildcardBudget};
+use limits::{InflightShares, InflightSlot, RateLimiter, WildcardBudget};
 use local_source::HostAddresses;
 use request::Question;
 use upstream::Upstreams;
+use upstream::cache::{MAX_ENTRIES, Slru};
 
 /// The transport a query arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +91,8 @@ impl Reply {
 
 /// Everything one policy decides with; immutable, swapped whole (see the module docs).
 pub struct Generation {
+    /// Unique per generation of this process: what the reply cache files answers under.
+    id: u64,
     pub policy: Arc<Policy>,
     /// SHA-256 of the policy file, hex.
     pub digest: Arc<str>,
@@ -101,6 +107,7 @@ impl Generation {
     /// The first generation of a server.
     pub fn new(policy: Arc<Policy>, digest: &str) -> Generation {
         Generation {
+            id: next_generation_id(),
             guard: guard_for(&policy),
             rate: Arc::new(RateLimiter::new(&policy.limits)),
             budget: Arc::new(WildcardBudget::new(policy.exfiltration)),
@@ -126,6 +133,7 @@ impl Generation {
             Arc::new(WildcardBudget::new(policy.exfiltration))
         };
         Generation {
+            id: next_generation_id(),
             guard: guard_for(&policy),
             rate,
             budget,
@@ -139,6 +147,7 @@ impl Generation {
     /// The same policy with other grants.
     pub fn with_grants(&self, grants: Grants) -> Generation {
         Generation {
+            id: next_generation_id(),
             policy: self.policy.clone(),
             digest: self.digest.clone(),
             tag: self.tag,
@@ -212,6 +221,11 @@ impl Generation {
     }
 }
 
+fn next_generation_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 fn guard_for(policy: &Policy) -> AddressGuard {
     let mut never: Vec<IpAddr> = policy.upstreams.iter().map(SocketAddr::ip).collect();
     never.extend(address_guard::host_addresses());
@@ -239,7 +253,30 @@ pub struct Pipeline {
     /// This host's addresses: a query from one of them is the loopback client (see
     /// [`local_source`]).
     host: Arc<HostAddresses>,
+    /// Encoded answers for the fast path ([`fast`]), filled by the full path.
+    replies: Slru<ReplyKey, WireAnswer>,
+    /// Queries the fast path answered from `replies`.
+    fast_hits: AtomicU64,
 }
+
+/// What a question that passed the limits holds while it is answered.
+struct Passed<'g, 'p> {
+    group: &'g str,
+    rule: Option<&'g Rule>,
+    grant: Option<&'g Grant>,
+    _in_flight: tokio::sync::SemaphorePermit<'p>,
+    _client_slot: InflightSlot<'p>,
+}
+
+type Outcome = (Reply, QueryRecord);
+
+/// What the log says of a cache hit: rcode, addresses sent, addresses refused, upstream.
+type HitLog = (
+    ResponseCode,
+    LoggedAddresses,
+    Vec<IpAddr>,
+    Option<SocketAddr>,
+);
 
 impl Pipeline {
     pub fn new(
@@ -256,6 +293,8 @@ impl Pipeline {
             in_flight: Semaphore::new(policy.limits.max_inflight),
             in_flight_per_client: InflightShares::default(),
             admitted: AdmittedIndex::new(max_addresses),
+            replies: Slru::with_capacity(MAX_ENTRIES),
+            fast_hits: AtomicU64::new(0),
             current: ArcSwap::from_pointee(generation),
             upstreams,
             admitter,
@@ -296,13 +335,19 @@ impl Pipeline {
 
     /// The upstream stage's counters (cache, reply times), for metrics.
     pub fn upstream_stats(&self) -> upstream::stats::UpstreamStats {
-        self.upstreams.stats()
+        let mut stats = self.upstreams.stats();
+        stats.cache_hits += self.fast_hits.load(Ordering::Relaxed);
+        stats
     }
 
     /// Drops the cached answers for names `keep` rejects (names a reload or a grant's end
     /// denied), so that nothing of theirs is served from memory if they are allowed again.
     pub fn forget_cached(&self, keep: impl Fn(&Name) -> bool) {
         self.upstreams.retain_cached(keep);
+        // Encoded answers are filed under their generation, which a reload or a grant's end
+        // replaces: none of them is served again; drop them so they do not wait for eviction.
+        let current = self.current.load().id;
+        self.replies.retain(|key| key.generation == current);
     }
 
     /// The reply to a message that was rejected before reaching the policy.
@@ -322,6 +367,279 @@ impl Pipeline {
         (Reply::empty(rcode), record)
     }
 
+    /// The limits every query passes before it is answered, on both paths, in this order: the
+    /// rate limit, the decision (`decided`, with audit mode), the exfiltration budget, the
+    /// in-flight limit and the client's share of it. `Err` carries the local answer.
+    // Both arms carry the query's record by value: it is written once, at the end.
+    #[allow(clippy::result_large_err)]
+    fn gate<'g, 'p>(
+        &'p self,
+        generation: &'g Generation,
+        client_ip: IpAddr,
+        question: &Question,
+        decided: (Decision<'g>, Option<&'g Grant>),
+        started: Instant,
+        mut record: QueryRecord,
+    ) -> Result<(Passed<'g, 'p>, QueryRecord), Outcome> {
+        let policy = generation.policy.as_ref();
+        let budget_key = limits::client_key(client_ip);
+        if let Some(rate) = generation.rate.as_ref()
+            && !rate.allow(budget_key, started)
+        {
+            return Err(refuse(record, DenyReason::RateLimit));
+        }
+
+        // In audit mode a denial for `policy` or `qtype` goes on as if allowed (with no rule),
+        // and the record keeps the reason it would have been denied for.
+        let (decision, grant) = decided;
+        let (group_name, rule) = match decision {
+            Decision::Allow { group, rule } => (group, Some(rule)),
+            Decision::Deny(reason) if audits(policy, reason, question) => {
+                record.audit = true;
+                record.reason = Some(reason.as_str());
+                (policy.group_for(client_ip).name.as_str(), None)
+            }
+            Decision::Deny(reason) => return Err(deny(policy, record, reason)),
+        };
+        record.group = Some(ShortText::from(group_name));
+        record.rule = rule.map(|rule| ShortText::from(rule.pattern.as_str()));
+        record.grant = grant.map(|grant| grant.id);
+        if let Some(rule) = rule
+            && is_wildcard(rule)
+        {
+            let charged =
+                generation
+                    .budget
+                    .charge(budget_key, &rule.pattern, &question.name, Instant::now());
+            if let Err(exceeded) = charged {
+                record.error = Some(exceeded.to_string());
+                if !audits(policy, DenyReason::ExfiltrationBudget, question) {
+                    return Err(deny(policy, record, DenyReason::ExfiltrationBudget));
+                }
+                record.audit = true;
+                record.reason = Some(DenyReason::ExfiltrationBudget.as_str());
+            }
+        }
+        record.decision = if record.audit { "deny" } else { "allow" };
+        let Ok(in_flight) = self.in_flight.try_acquire() else {
+            record.error = Some("too many queries in flight".to_owned());
+            return Err(refuse(record, DenyReason::RateLimit));
+        };
+        // Taken after the global permit, so the map of counts holds at most max_inflight
+        // clients; released when the query ends or its future is dropped.
+        let share = policy.limits.max_inflight_per_client;
+        let client_slot = match self.in_flight_per_client.try_take(budget_key, share) {
+            Ok(slot) => slot,
+            Err(held) => {
+                record.error = Some(format!(
+                    "client has {held} queries in flight (limits.max_inflight_per_client {share})"
+                ));
+                return Err(refuse(record, DenyReason::RateLimit));
+            }
+        };
+        let passed = Passed {
+            group: group_name,
+            rule,
+            grant,
+            _in_flight: in_flight,
+            _client_slot: client_slot,
+        };
+        Ok((passed, record))
+    }
+
+    /// The fast path ([`fast`]): answers `message` into `reply` when it is a plain query that is
+    /// denied or whose answer is in the reply cache with its addresses admitted moments ago;
+    /// returns its log record. `None` (and `reply` untouched) for everything else, which takes
+    /// the full path. `udp_cap` is the largest UDP payload dnsfence sends.
+    pub fn answer_wire(
+        &self,
+        message: &[u8],
+        client: SocketAddr,
+        transport: Transport,
+        udp_cap: u16,
+        reply: &mut Vec<u8>,
+    ) -> Option<QueryRecord> {
+        let query = fast::parse_query(message)?;
+        let generation = self.current.load();
+        let generation: &Generation = &generation;
+        let policy = generation.policy.as_ref();
+        // Audit mode decides by the clock and explains itself in the log: the full path's job.
+        if !matches!(policy.mode, Mode::Enforce) {
+            return None;
+        }
+        let question = Question {
+            name: query.name()?,
+            qtype: query.qtype,
+        };
+        // As on the full path: a query from one of this host's addresses is loopback's.
+        let client_ip = self.host.client_for(client.ip());
+        let started = Instant::now();
+        let decided = generation.decide(client_ip, &question.name, question.qtype, started);
+        let max_size = match transport {
+            Transport::Udp => query.udp_limit(udp_cap),
+            Transport::Tcp => u16::MAX,
+        };
+        let mut hit = None;
+        if let (Decision::Allow { group, .. }, grant) = &decided {
+            if grant.is_some() {
+                return None;
+            }
+            hit = Some(self.cached_reply(
+                generation, group, &query, client_ip, max_size, udp_cap, reply,
+            )?);
+        }
+        let mut record = new_record(client, transport, Some(&question));
+        record.policy = generation.tag;
+        match self.gate(generation, client_ip, &question, decided, started, record) {
+            Ok((_passed, mut record)) => {
+                // Only an allowed question passes the gate, and only with a hit.
+                let Some((rcode, answers, refused, upstream)) = hit else {
+                    reply.clear();
+                    return None;
+                };
+                self.fast_hits.fetch_add(1, Ordering::Relaxed);
+                record.rcode = rcode;
+                record.answers = answers;
+                record.refused = refused;
+                record.upstream = upstream;
+                Some(record)
+            }
+            Err((answer, record)) => {
+                fast::write_empty(reply, &query, answer.rcode, udp_cap);
+                Some(record)
+            }
+        }
+    }
+
+    /// Writes the cached answer to `query` into `reply` if there is one, it fits `max_size` and
+    /// the firewall acknowledged its addresses for `client` moments ago for at least as long as
+    /// its TTL asks; returns what the log says of it.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_reply(
+        &self,
+        generation: &Generation,
+        group: &str,
+        query: &WireQuery<'_>,
+        client: IpAddr,
+        max_size: u16,
+        udp_cap: u16,
+        reply: &mut Vec<u8>,
+    ) -> Option<HitLog> {
+        let mut lower = [0u8; 256];
+        let wire = query.wire_name();
+        let lower = lower.get_mut(..wire.len())?;
+        lower.copy_from_slice(wire);
+        lower.make_ascii_lowercase();
+        let probe = ReplyProbe {
+            generation: generation.id,
+            group,
+            qtype: u16::from(query.qtype),
+            name: lower,
+        };
+        let hash = self.replies.hash_of(&probe);
+        let (found, address_ttl) = self.replies.get(
+            hash,
+            |key| probe.matches(key),
+            Instant::now(),
+            |answer, age| {
+                let edns = query.edns_payload.is_some();
+                if answer.reply_len(query.question_len(), edns) > usize::from(max_size) {
+                    return None;
+                }
+                let age = fast::age_secs(age);
+                let address_ttl = answer.write(reply, query, age, udp_cap);
+                let logged = answer
+                    .logged
+                    .iter()
+                    .map(|a| LoggedAddress {
+                        addr: a.addr,
+                        ttl: a.ttl.saturating_sub(age),
+                    })
+                    .collect::<LoggedAddresses>();
+                let found = (
+                    answer.rcode,
+                    logged,
+                    answer.refused.to_vec(),
+                    answer.upstream,
+                );
+                Some((found, (address_ttl, answer.addresses.clone())))
+            },
+        )??;
+        let (address_ttl, addresses) = address_ttl;
+        if let Some(admitter) = &self.admitter
+            && !addresses.is_empty()
+        {
+            let lifetime = answer_filter::admission_lifetime(address_ttl, &generation.policy.ttl);
+            let wanted: Vec<(IpAddr, Duration)> =
+                addresses.iter().map(|&addr| (addr, lifetime)).collect();
+            if !admitter.covered(client, &wanted) {
+                reply.clear();
+                return None;
+            }
+        }
+        Some(found)
+    }
+
+    /// Files the full path's answer for the fast path, when it depends on nothing but the
+    /// generation, the group and the question.
+    #[allow(clippy::too_many_arguments)]
+    fn share(
+        &self,
+        generation: &Generation,
+        group: &str,
+        question: &Question,
+        reply: &Reply,
+        record: &QueryRecord,
+        addresses: &[(IpAddr, Duration)],
+        fresh_for: Duration,
+    ) {
+        if !generation.grants.is_empty()
+            || record.audit
+            || record.grant.is_some()
+            || record.error.is_some()
+            || !matches!(reply.rcode, ResponseCode::NoError | ResponseCode::NXDomain)
+            || fresh_for.is_zero()
+        {
+            return;
+        }
+        let name = fast::lower_wire(&question.name);
+        let Some((body, answers, authorities, ttls, address_ttl)) = WireAnswer::encode(
+            &name,
+            question.qtype,
+            reply.rcode,
+            &reply.answers,
+            reply.soa.as_ref(),
+        ) else {
+            return;
+        };
+        let answer = WireAnswer {
+            rcode: reply.rcode,
+            answers,
+            authorities,
+            body,
+            ttls: ttls.into(),
+            address_ttl,
+            addresses: addresses.iter().map(|&(addr, _)| addr).collect(),
+            logged: record.answers.iter().copied().collect(),
+            refused: record.refused.clone().into(),
+            upstream: record.upstream,
+        };
+        let probe = ReplyProbe {
+            generation: generation.id,
+            group,
+            qtype: u16::from(question.qtype),
+            name: &name,
+        };
+        let hash = self.replies.hash_of(&probe);
+        self.replies.put(
+            hash,
+            probe.to_key(),
+            answer,
+            Instant::now(),
+            fresh_for.min(upstream::cache::MAX_TTL),
+        );
+    }
+
     /// Runs the whole pipeline for one question.
     pub async fn answer(
         &self,
@@ -339,63 +657,14 @@ impl Pipeline {
         // A local process that binds one of this host's addresses (inside some group's range)
         // is still a local process: it gets loopback's group, budgets and per-client key.
         let client_ip = self.host.client_for(client.ip());
-        let budget_key = limits::client_key(client_ip);
         let started = Instant::now();
-        if let Some(rate) = generation.rate.as_ref()
-            && !rate.allow(budget_key, started)
-        {
-            return refuse(record, DenyReason::RateLimit);
-        }
-
-        // In audit mode a denial for `policy` or `qtype` goes on as if allowed (with no rule),
-        // and the record keeps the reason it would have been denied for.
-        let (decision, grant) =
-            generation.decide(client_ip, &question.name, question.qtype, started);
-        let (group_name, rule) = match decision {
-            Decision::Allow { group, rule } => (group, Some(rule)),
-            Decision::Deny(reason) if audits(policy, reason, question) => {
-                record.audit = true;
-                record.reason = Some(reason.as_str());
-                (policy.group_for(client_ip).name.as_str(), None)
-            }
-            Decision::Deny(reason) => return deny(policy, record, reason),
-        };
-        record.group = Some(ShortText::from(group_name));
-        record.rule = rule.map(|rule| ShortText::from(rule.pattern.as_str()));
-        record.grant = grant.map(|grant| grant.id);
-        if let Some(rule) = rule
-            && is_wildcard(rule)
-        {
-            let charged =
-                generation
-                    .budget
-                    .charge(budget_key, &rule.pattern, &question.name, Instant::now());
-            if let Err(exceeded) = charged {
-                record.error = Some(exceeded.to_string());
-                if !audits(policy, DenyReason::ExfiltrationBudget, question) {
-                    return deny(policy, record, DenyReason::ExfiltrationBudget);
-                }
-                record.audit = true;
-                record.reason = Some(DenyReason::ExfiltrationBudget.as_str());
-            }
-        }
-        record.decision = if record.audit { "deny" } else { "allow" };
-        let Ok(_in_flight) = self.in_flight.try_acquire() else {
-            record.error = Some("too many queries in flight".to_owned());
-            return refuse(record, DenyReason::RateLimit);
-        };
-        // Taken after the global permit, so the map of counts holds at most max_inflight
-        // clients; released when this future ends or is dropped.
-        let share = policy.limits.max_inflight_per_client;
-        let _client_slot = match self.in_flight_per_client.try_take(budget_key, share) {
-            Ok(slot) => slot,
-            Err(held) => {
-                record.error = Some(format!(
-                    "client has {held} queries in flight (limits.max_inflight_per_client {share})"
-                ));
-                return refuse(record, DenyReason::RateLimit);
-            }
-        };
+        let decided = generation.decide(client_ip, &question.name, question.qtype, started);
+        let (passed, mut record) =
+            match self.gate(generation, client_ip, question, decided, started, record) {
+                Ok(passed) => passed,
+                Err(outcome) => return outcome,
+            };
+        let (group_name, rule, grant) = (passed.group, passed.rule, passed.grant);
 
         // The upstream gets the name in lower case: the letter case a client chooses would
         // otherwise reach the authoritative servers as one bit per letter, outside every budget.
@@ -409,6 +678,8 @@ impl Pipeline {
             }
         };
         record.upstream = Some(answer.upstream);
+        // How long the upstream cache keeps this answer: the encoded copy lives no longer.
+        let fresh_for = upstream::cache::cache_ttl(&answer);
 
         let group = policy.group_for(client_ip);
         let allow_answers: Vec<IpNet> = rule
@@ -516,6 +787,15 @@ impl Pipeline {
             answers: filtered.records,
             soa,
         };
+        self.share(
+            generation,
+            group_name,
+            question,
+            &reply,
+            &record,
+            &filtered.admit,
+            fresh_for,
+        );
         (reply, record)
     }
 }
@@ -558,13 +838,7 @@ fn refuse(mut record: QueryRecord, reason: DenyReason) -> (Reply, QueryRecord) {
     (Reply::empty(ResponseCode::Refused), record)
 }
 
-/// Types whose answers cannot be filtered (the policy refuses them in `qtypes`).
-fn is_meta_qtype(qtype: RecordType) -> bool {
-    matches!(
-        qtype,
-        RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT | RecordType::TSIG
-    )
-}
+use fast::is_meta_qtype;
 
 fn servfail(mut record: QueryRecord) -> (Reply, QueryRecord) {
     record.rcode = ResponseCode::ServFail;

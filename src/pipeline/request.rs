@@ -50,21 +50,42 @@ impl Rejection {
     }
 }
 
-/// Extracts the single question of `message`, or says why there is none to answer.
-pub fn question_of(message: &MessageRequest) -> Result<Question, Rejection> {
-    if message.metadata.op_code != OpCode::Query {
+/// The one rule for a message's shape, shared by the full path ([`question_of`], on hickory's
+/// parse) and the fast path (`super::fast`, on the raw header): a standard `QUERY`, exactly one
+/// question, no answer or authority records, class `IN`.
+pub fn check_shape(
+    op_code: OpCode,
+    questions: usize,
+    answers: usize,
+    authorities: usize,
+    class: DNSClass,
+) -> Result<(), Rejection> {
+    if op_code != OpCode::Query {
         return Err(Rejection::OpCode);
     }
+    if questions != 1 || answers != 0 || authorities != 0 {
+        return Err(Rejection::Malformed);
+    }
+    if class != DNSClass::IN {
+        return Err(Rejection::Class);
+    }
+    Ok(())
+}
+
+/// Extracts the single question of `message`, or says why there is none to answer.
+pub fn question_of(message: &MessageRequest) -> Result<Question, Rejection> {
     let queries = message.queries.queries();
+    let class = queries.first().map_or(DNSClass::IN, |q| q.query_class());
+    check_shape(
+        message.metadata.op_code,
+        queries.len(),
+        message.answers.len(),
+        message.authorities.len(),
+        class,
+    )?;
     let [query] = queries else {
         return Err(Rejection::Malformed);
     };
-    if !message.answers.is_empty() || !message.authorities.is_empty() {
-        return Err(Rejection::Malformed);
-    }
-    if query.query_class() != DNSClass::IN {
-        return Err(Rejection::Class);
-    }
     let mut name = query.original().name().clone();
     // A name on the wire is always absolute; make it so for the resolver, which would otherwise
     // append a search domain.

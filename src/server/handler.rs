@@ -16,18 +16,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_proto::ProtoError;
 use hickory_proto::op::Edns;
-use hickory_proto::op::{
-    EmitAndCount, Header, MessageType, Metadata, ResponseCode, emit_message_parts,
-};
-use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::{BinDecodable, BinEncoder, NameEncoding};
+use hickory_proto::op::{Header, MessageType, Metadata, ResponseCode};
+use hickory_proto::serialize::binary::BinDecodable;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 
 use super::MAX_UDP_PAYLOAD;
 use crate::pipeline::decision::DenyReason;
+use crate::pipeline::fast::{Questions, encode};
 use crate::pipeline::request::question_of;
 use crate::pipeline::{Pipeline, Transport};
 use crate::querylog::{QueryLog, QueryRecord};
@@ -48,6 +45,23 @@ pub struct Pending {
 impl Handler {
     pub fn new(pipeline: Arc<Pipeline>, log: QueryLog) -> Handler {
         Handler { pipeline, log }
+    }
+
+    /// Answers `message` from `peer` on the fast path (a denial, or a cache hit whose
+    /// addresses the firewall holds): no hickory message, no task, nothing awaited. `None`
+    /// (with `reply` untouched) when it needs [`Handler::answer`].
+    pub fn answer_fast(
+        &self,
+        message: &[u8],
+        peer: SocketAddr,
+        transport: Transport,
+        reply: &mut Vec<u8>,
+    ) -> Option<Pending> {
+        let started = Instant::now();
+        let record = self
+            .pipeline
+            .answer_wire(message, peer, transport, MAX_UDP_PAYLOAD, reply)?;
+        Some(Pending { record, started })
     }
 
     /// Answers `message` from `peer`: writes the reply into `reply` (left empty when the
@@ -171,58 +185,6 @@ impl Handler {
     }
 }
 
-/// The question section of a reply: the request's, byte for byte as the client sent it.
-#[derive(Clone, Copy)]
-struct Questions<'q> {
-    bytes: &'q [u8],
-    count: usize,
-}
-
-impl Questions<'_> {
-    const NONE: Questions<'static> = Questions {
-        bytes: &[],
-        count: 0,
-    };
-}
-
-impl EmitAndCount for Questions<'_> {
-    fn emit(&mut self, encoder: &mut BinEncoder<'_>) -> Result<usize, ProtoError> {
-        let start = encoder.offset();
-        encoder.emit_vec(self.bytes)?;
-        let end = start + self.bytes.len();
-        // Names of the answer point back into the question (as hickory's own responses do).
-        if self.count > 0
-            && matches!(encoder.name_encoding(), NameEncoding::Compressed)
-            && end <= usize::from(u16::MAX)
-        {
-            encoder.store_label_pointer(start, end);
-        }
-        Ok(self.count)
-    }
-}
-
-/// Encodes a reply into `out` in at most `max_size` bytes: records that do not fit are left out
-/// and the header says TC.
-fn encode(
-    out: &mut Vec<u8>,
-    metadata: &Metadata,
-    mut questions: Questions<'_>,
-    answers: &[Record],
-    soa: Option<&Record>,
-    edns: Option<&Edns>,
-    max_size: u16,
-) -> Result<Header, ProtoError> {
-    out.clear();
-    let mut encoder = BinEncoder::new(out);
-    encoder.set_max_size(max_size);
-    emit_message_parts(
-        metadata,
-        &mut questions,
-        &mut answers.iter(),
-        &mut soa.into_iter(),
-        &mut std::iter::empty::<&Record>(),
-        edns,
-        None,
-        &mut encoder,
-    )
-}
+#[cfg(test)]
+#[path = "fast_path_tests.rs"]
+mod fast_path_tests;

@@ -209,9 +209,14 @@ async fn serve_connection(
         let replies = replies.clone();
         tasks.spawn(async move {
             let mut reply = Vec::with_capacity(512);
-            let pending = handler
-                .answer(message, peer, Transport::Tcp, &mut reply)
-                .await;
+            let pending = match handler.answer_fast(&message, peer, Transport::Tcp, &mut reply) {
+                Some(pending) => pending,
+                None => {
+                    handler
+                        .answer(message, peer, Transport::Tcp, &mut reply)
+                        .await
+                }
+            };
             let sent = if reply.is_empty() {
                 Ok(())
             } else {

@@ -1,5 +1,9 @@
 //! DNS over UDP: one receive loop per socket; a task per datagram that has to wait.
 //!
+//! Each datagram first meets the fast path ([`Handler::answer_fast`]): a denial or a cache hit
+//! whose addresses the firewall holds is answered from the datagram's bytes into one reused
+//! buffer, and sent, before the next datagram is read. The rest go on as below.
+//!
 //! The receive loop asks the [`Handler`](super::Handler) for each datagram's reply and sends
 //! it. Most queries (cache hits whose addresses the kernel acknowledged moments ago, every
 //! local denial) never wait for anything: they are answered right there, in the loop, without
@@ -36,6 +40,8 @@ pub async fn serve_udp(
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // The fast path's replies, one after another, in one buffer.
+    let mut fast_reply = Vec::with_capacity(usize::from(super::MAX_UDP_PAYLOAD));
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buf) => received,
@@ -52,11 +58,27 @@ pub async fn serve_udp(
         if peer.port() == 0 {
             continue;
         }
+        let datagram = buf.get(..len).unwrap_or_default();
+        if let Some(pending) = handler.answer_fast(datagram, peer, Transport::Udp, &mut fast_reply)
+        {
+            let sent = match socket.try_send_to(&fast_reply, peer) {
+                Ok(_) => Ok(()),
+                // A full socket buffer: wait for room (the loop reads nothing meanwhile, so a
+                // flood meets back-pressure instead of a queue).
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    socket.send_to(&fast_reply, peer).await.map(drop)
+                }
+                Err(error) => Err(error),
+            }
+            .map_err(|error| format!("UDP send to {peer}: {error}"));
+            handler.finish(pending, sent);
+            continue;
+        }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "UDP overload: datagram dropped");
             continue;
         };
-        let message = buf.get(..len).unwrap_or_default().to_vec();
+        let message = datagram.to_vec();
         let handler = handler.clone();
         let socket = socket.clone();
         let mut query = Box::pin(async move {

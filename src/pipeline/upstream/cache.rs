@@ -49,9 +49,10 @@ enum Segment {
     Protected,
 }
 
-struct Node {
-    key: Key,
-    answer: UpstreamAnswer,
+struct Node<K, V> {
+    hash: u64,
+    key: K,
+    value: V,
     stored: Instant,
     expires: Instant,
     segment: Segment,
@@ -75,19 +76,21 @@ impl List {
     };
 }
 
-/// One shard: a slab of nodes, an index by key, and the two segments' lists.
-struct Shard {
-    nodes: Vec<Option<Node>>,
+/// One shard: a slab of nodes, an index by key hash, and the two segments' lists. The index
+/// holds one node per hash: a key whose hash collides with another's replaces it (a lookup
+/// compares the whole key, so a collision costs a miss, never a wrong answer).
+struct Shard<K, V> {
+    nodes: Vec<Option<Node<K, V>>>,
     free: Vec<usize>,
-    index: HashMap<Key, usize>,
+    index: HashMap<u64, usize>,
     probation: List,
     protected: List,
     capacity: usize,
     protected_capacity: usize,
 }
 
-impl Shard {
-    fn new(capacity: usize) -> Shard {
+impl<K, V> Shard<K, V> {
+    fn new(capacity: usize) -> Shard<K, V> {
         Shard {
             nodes: Vec::new(),
             free: Vec::new(),
@@ -99,7 +102,7 @@ impl Shard {
         }
     }
 
-    fn node(&mut self, at: usize) -> Option<&mut Node> {
+    fn node(&mut self, at: usize) -> Option<&mut Node<K, V>> {
         self.nodes.get_mut(at).and_then(Option::as_mut)
     }
 
@@ -147,20 +150,30 @@ impl Shard {
     fn remove(&mut self, at: usize) {
         self.unlink(at);
         if let Some(node) = self.nodes.get_mut(at).and_then(Option::take) {
-            self.index.remove(&node.key);
+            self.index.remove(&node.hash);
             self.free.push(at);
         }
     }
 
-    fn get(&mut self, key: &Key, now: Instant) -> Option<UpstreamAnswer> {
-        let at = *self.index.get(key)?;
+    /// Runs `read` on the value stored under `hash` whose key `is_key` accepts, with the time
+    /// it has spent in the cache, and marks it used; `None` when absent or expired.
+    fn get<R>(
+        &mut self,
+        hash: u64,
+        is_key: impl FnOnce(&K) -> bool,
+        now: Instant,
+        read: impl FnOnce(&V, Duration) -> R,
+    ) -> Option<R> {
+        let at = *self.index.get(&hash)?;
         let node = self.node(at)?;
+        if !is_key(&node.key) {
+            return None;
+        }
         if now >= node.expires {
             self.remove(at);
             return None;
         }
-        let age = u32::try_from(now.duration_since(node.stored).as_secs()).unwrap_or(u32::MAX);
-        let mut answer = node.answer.clone();
+        let out = read(&node.value, now.saturating_duration_since(node.stored));
         // Asked again: into (or to the front of) protected.
         self.unlink(at);
         self.push_front(at, Segment::Protected);
@@ -169,14 +182,11 @@ impl Shard {
             self.unlink(tail);
             self.push_front(tail, Segment::Probation);
         }
-        for record in answer.answers.iter_mut().chain(answer.soa.as_mut()) {
-            record.ttl = record.ttl.saturating_sub(age);
-        }
-        Some(answer)
+        Some(out)
     }
 
-    fn put(&mut self, key: Key, answer: &UpstreamAnswer, now: Instant, ttl: Duration) {
-        if let Some(&at) = self.index.get(&key) {
+    fn put(&mut self, hash: u64, key: K, value: V, now: Instant, ttl: Duration) {
+        if let Some(&at) = self.index.get(&hash) {
             self.remove(at);
         }
         while self.index.len() >= self.capacity {
@@ -191,8 +201,9 @@ impl Shard {
             self.remove(victim);
         }
         let node = Node {
-            key: key.clone(),
-            answer: answer.clone(),
+            hash,
+            key,
+            value,
             stored: now,
             expires: now + ttl,
             segment: Segment::Probation,
@@ -211,15 +222,87 @@ impl Shard {
                 self.nodes.len() - 1
             }
         };
-        self.index.insert(key, at);
+        self.index.insert(hash, at);
         self.push_front(at, Segment::Probation);
+    }
+}
+
+/// The bounded, scan-resistant store behind both caches: values by key hash, in shards, each
+/// behind its own lock (held for one lookup or insertion, never across an await).
+pub(crate) struct Slru<K, V> {
+    shards: Vec<Mutex<Shard<K, V>>>,
+    hasher: RandomState,
+}
+
+impl<K, V> Slru<K, V> {
+    pub(crate) fn with_capacity(entries: usize) -> Slru<K, V> {
+        let per_shard = (entries / SHARDS).max(1);
+        Slru {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The keyed hash of `key` (anything hashable that stands for a key, so that a lookup
+    /// need not build one).
+    pub(crate) fn hash_of(&self, key: impl std::hash::Hash) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> Option<std::sync::MutexGuard<'_, Shard<K, V>>> {
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (hash as usize) % self.shards.len().max(1);
+        let shard = self.shards.get(index)?;
+        Some(shard.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Reads the live value stored for `hash` whose key `is_key` accepts, with its age.
+    pub(crate) fn get<R>(
+        &self,
+        hash: u64,
+        is_key: impl FnOnce(&K) -> bool,
+        now: Instant,
+        read: impl FnOnce(&V, Duration) -> R,
+    ) -> Option<R> {
+        self.shard(hash)?.get(hash, is_key, now, read)
+    }
+
+    /// Keeps `value` under `key` (whose hash is `hash`) for `ttl`.
+    pub(crate) fn put(&self, hash: u64, key: K, value: V, now: Instant, ttl: Duration) {
+        if let Some(mut shard) = self.shard(hash) {
+            shard.put(hash, key, value, now, ttl);
+        }
+    }
+
+    /// Drops every value whose key `keep` rejects.
+    pub(crate) fn retain(&self, keep: impl Fn(&K) -> bool) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let doomed: Vec<usize> = shard
+                .nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(at, node)| node.as_ref().filter(|n| !keep(&n.key)).map(|_| at))
+                .collect();
+            for at in doomed {
+                shard.remove(at);
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).index.len())
+            .sum()
     }
 }
 
 /// A bounded, TTL-honouring, scan-resistant cache of upstream answers.
 pub struct AnswerCache {
-    shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
+    entries: Slru<Key, UpstreamAnswer>,
 }
 
 impl Default for AnswerCache {
@@ -230,28 +313,28 @@ impl Default for AnswerCache {
 
 impl AnswerCache {
     pub fn with_capacity(entries: usize) -> AnswerCache {
-        let per_shard = (entries / SHARDS).max(1);
         AnswerCache {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard::new(per_shard)))
-                .collect(),
-            hasher: RandomState::new(),
+            entries: Slru::with_capacity(entries),
         }
-    }
-
-    fn shard(&self, key: &Key) -> Option<std::sync::MutexGuard<'_, Shard>> {
-        // `Name` hashes case-insensitively, like it compares.
-        let hash = self.hasher.hash_one(key);
-        #[allow(clippy::cast_possible_truncation)]
-        let index = (hash as usize) % self.shards.len().max(1);
-        let shard = self.shards.get(index)?;
-        Some(shard.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The cached answer, with TTLs reduced by its age, if still valid.
     pub fn get(&self, name: &Name, qtype: RecordType, now: Instant) -> Option<UpstreamAnswer> {
-        let key = (name.clone(), qtype);
-        self.shard(&key)?.get(&key, now)
+        // `Name` hashes case-insensitively, like it compares.
+        let hash = self.entries.hash_of((name, qtype));
+        self.entries.get(
+            hash,
+            |(n, t)| *t == qtype && n == name,
+            now,
+            |answer, age| {
+                let age = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
+                let mut answer = answer.clone();
+                for record in answer.answers.iter_mut().chain(answer.soa.as_mut()) {
+                    record.ttl = record.ttl.saturating_sub(age);
+                }
+                answer
+            },
+        )
     }
 
     /// Keeps `answer` for the question, unless its TTL is 0.
@@ -260,33 +343,18 @@ impl AnswerCache {
         if ttl.is_zero() {
             return;
         }
-        let key = (name.clone(), qtype);
-        if let Some(mut shard) = self.shard(&key) {
-            shard.put(key, answer, now, ttl);
-        }
+        let hash = self.entries.hash_of((name, qtype));
+        self.entries
+            .put(hash, (name.clone(), qtype), answer.clone(), now, ttl);
     }
 
     /// Drops every answer whose name `keep` rejects.
     pub fn retain(&self, keep: impl Fn(&Name) -> bool) {
-        for shard in &self.shards {
-            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            let doomed: Vec<usize> = shard
-                .index
-                .iter()
-                .filter(|((name, _), _)| !keep(name))
-                .map(|(_, &at)| at)
-                .collect();
-            for at in doomed {
-                shard.remove(at);
-            }
-        }
+        self.entries.retain(|(name, _)| keep(name));
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).index.len())
-            .sum()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -296,7 +364,7 @@ impl AnswerCache {
 
 /// How long an answer may be reused: its smallest record TTL, or for a negative answer the
 /// SOA's negative TTL, min(SOA TTL, SOA minimum). A negative answer without SOA is not kept.
-fn cache_ttl(answer: &UpstreamAnswer) -> Duration {
+pub fn cache_ttl(answer: &UpstreamAnswer) -> Duration {
     let secs = if answer.answers.is_empty() {
         match &answer.soa {
             Some(soa) => match &soa.data {
