@@ -25,7 +25,7 @@
 //! query does not set (AA, TC, Z, an rcode), EDNS with options, another version or flags other
 //! than DO, a meta type (ANY, AXFR, ...), records beyond the OPT or bytes after it all go to
 //! the full path, which answers them as it always has. The rate limit, the exfiltration budget
-//! and the in-flight limits are the full path's own code ([`Pipeline::gate`](super::Pipeline)).
+//! and the in-flight limits are the full path's own code (`Pipeline::gate`).
 //! An answer leaves only if the firewall acknowledged every one of its addresses for this
 //! client moments ago, for at least the lifetime the answer's TTL asks; otherwise the query goes
 //! to the full path, which admits them (and answers SERVFAIL if the kernel refuses). A reply

@@ -9,6 +9,10 @@
 //! [`Pipeline::answer`] runs the stages for one question and returns the reply to send together
 //! with the log record describing it. Nothing here touches sockets: the server owns transports.
 //!
+//! [`Pipeline::answer_wire`] is the shortcut for the common cases, a local denial and a cache
+//! hit ([`fast`]): the same decision and the same limits (`Pipeline::gate`, shared with the
+//! full path), on the message's bytes, with answers the full path encoded before.
+//!
 //! # Generations
 //!
 //! Everything a policy decides with (the policy, the address guard built from it, the rate and

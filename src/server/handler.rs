@@ -7,8 +7,10 @@
 //! can be read, or when it is a response: answering responses would make dnsfence a
 //! reflector) and is logged as `malformed` either way.
 //!
-//! Requests are parsed with hickory-server's request type; replies are encoded here, once, with
-//! hickory-proto's message encoder: the question section as the client sent it, dnsfence's own
+//! [`Handler::answer_fast`] comes first: the pipeline's fast path answers denials and cache
+//! hits from the message's bytes (`pipeline/fast.rs`), and says `None` for everything else.
+//! Otherwise requests are parsed with hickory-server's request type; replies are encoded with
+//! the one encoder the reply cache's answers also come from (`pipeline::fast::encode`): the question section as the client sent it, dnsfence's own
 //! EDNS (so a UDP reply never exceeds [`MAX_UDP_PAYLOAD`] bytes and is truncated with TC
 //! instead of fragmented), the answer records and, for negative answers, the SOA.
 

@@ -15,6 +15,9 @@
 //! dropped when it is looked up. The cache is split into shards by key hash, each with its own
 //! lock (held for a lookup, never across an await), so threads rarely wait on each other.
 //!
+//! The same segmented LRU ([`Slru`]) also holds the fast path's encoded answers
+//! (`pipeline/fast.rs`), under their own keys and bound.
+//!
 //! (`moka`, which hickory uses, does this with TinyLFU; it would bring a dependency tree and
 //! background housekeeping for what is a hundred lines here.)
 
