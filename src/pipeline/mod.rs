@@ -603,6 +603,9 @@ impl Pipeline {
             || record.error.is_some()
             || !matches!(reply.rcode, ResponseCode::NoError | ResponseCode::NXDomain)
             || fresh_for.is_zero()
+            // Every record takes at least 11 bytes: an answer this long is never kept, so it
+            // is not encoded a second time only to be thrown away.
+            || (reply.answers.len() + 1) * 11 > fast::MAX_CACHED_ANSWER
         {
             return;
         }
