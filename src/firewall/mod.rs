@@ -664,8 +664,9 @@ impl Admitter {
     /// nothing; `false` means "ask `admit`", never "refused".
     pub fn covered(&self, client: IpAddr, addrs: &[(IpAddr, Duration)]) -> bool {
         let client = normalize_ip(client);
+        let per_client = self.per_client();
         if addrs.len() > MAX_ADDRESSES_PER_ADMISSION
-            || (self.per_client
+            || (per_client
                 && addrs
                     .iter()
                     .any(|&(a, _)| Family::of(a) != Family::of(client)))
@@ -677,7 +678,7 @@ impl Admitter {
             .map(|&(addr, lifetime)| (addr, admission::clamp(lifetime)))
             .collect();
         self.confirmed
-            .covers(self.per_client.then_some(client), &items, Instant::now())
+            .covers(per_client.then_some(client), &items, Instant::now())
     }
 
     /// Admits every address for `lifetime` each (clamped to 1 s ..= 7 days); resolves only once
