@@ -12,6 +12,16 @@
 //! group (unless a group names loopback), the budgets' loopback key, and `127.0.0.1` (or `::1`)
 //! as its per-client key, exactly as if it had been sent from `127.0.0.1`.
 //!
+//! A source this host does *not* own is taken as it is. A query over loopback can carry one:
+//! IPv6 lets any local user bind any address (`IPV6_FREEBIND`) and checks nothing on output,
+//! so a local process could claim a routed agent's address (its group, budgets and elements)
+//! or an outside one (the reply, with the question, sent there). The firewall drops such
+//! packets (`iif "lo" fib saddr type != local drop` in `prerouting`, and a contained socket's
+//! forged source in `output`); the pipeline cannot tell (a UDP socket learns the arrival
+//! interface only with `IPV6_RECVPKTINFO`). Without the firewall, or without a `prerouting`
+//! chain (only `output` and only loopback listen addresses), local users are trusted with
+//! their sources: README's threat model says so.
+//!
 //! [`HostAddresses`] is the current list, read on every query without a lock; whoever owns
 //! the process (`main`) keeps it current with [`HostAddresses::refresh`] (on every address
 //! change the kernel announces, and periodically).

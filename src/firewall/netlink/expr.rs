@@ -34,6 +34,7 @@ const NFTA_FIB_DREG: u16 = 1;
 const NFTA_FIB_RESULT: u16 = 2;
 const NFTA_FIB_FLAGS: u16 = 3;
 const NFT_FIB_RESULT_OIF: u32 = 1;
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 const NFTA_FIB_F_SADDR: u32 = 1 << 0;
 const NFTA_FIB_F_IIF: u32 = 1 << 3;
 const NFTA_FIB_F_PRESENT: u32 = 1 << 5;
@@ -173,6 +174,14 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
                     be32(NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT),
                 ),
                 DefaultNla::new(NFTA_FIB_RESULT, be32(NFT_FIB_RESULT_OIF)),
+                DefaultNla::new(NFTA_FIB_DREG, be32(1)),
+            ],
+        ),
+        Expr::FibSaddrType => raw(
+            "fib",
+            vec![
+                DefaultNla::new(NFTA_FIB_FLAGS, be32(NFTA_FIB_F_SADDR)),
+                DefaultNla::new(NFTA_FIB_RESULT, be32(NFT_FIB_RESULT_ADDRTYPE)),
                 DefaultNla::new(NFTA_FIB_DREG, be32(1)),
             ],
         ),

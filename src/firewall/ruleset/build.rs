@@ -436,8 +436,31 @@ impl Parts {
     /// let a forged source from outside the range skip it (and then pass the `forward` gate).
     /// With only `interfaces` (which a packet cannot forge) the gate comes first and the check
     /// stays on the contained links.
+    ///
+    /// Loopback is accepted first (no other host can put a packet on it), but only with a
+    /// source this host owns: any local user may send with a source it does not own (IPv6
+    /// checks nothing on output; `IPV6_FREEBIND` binds any address without privilege), and a
+    /// query to dnsfence from an agent's address would be answered as that agent (its group,
+    /// its budgets, elements keyed on it), one from an outside address would have its reply
+    /// (the question's bytes) sent out to that address. Only the direction that opens a
+    /// connection is checked: a reply on loopback to a connection a nat rule rewrote carries
+    /// the address the opener first asked for as its source (dnsfence answering a contained
+    /// process's intercepted DNS as `198.51.100.99`), and a forged packet can only be a reply
+    /// to a connection whose original destination it names, which delivers it to the local
+    /// socket that opened that connection, not to dnsfence. Loopback packets are tracked from
+    /// `output`, so the direction is known here, before conntrack's own hook.
     fn prerouting_chain(&self) -> Chain {
-        let mut rules = vec![rule(vec![Match::IifLo], Verdict::Accept)];
+        let mut rules = vec![
+            rule(
+                vec![
+                    Match::IifLo,
+                    Match::CtDirectionOriginal,
+                    Match::FibSaddrNotLocal,
+                ],
+                Verdict::Drop,
+            ),
+            rule(vec![Match::IifLo], Verdict::Accept),
+        ];
         let by_source = self
             .contain
             .as_ref()
@@ -510,6 +533,28 @@ impl Parts {
         rules
     }
 
+    /// A contained socket sends only from this host's own addresses: IPv6 lets any user bind
+    /// any source (`IPV6_FREEBIND`) and checks nothing on output, so a contained user could
+    /// send as a routed agent and be accepted by that agent's per-client elements (or ride its
+    /// connections' conntrack entries). The sender gets `EPERM`. IPv6's unspecified source
+    /// (`::`, duplicate address detection by the kernel, which no socket can send) is left to
+    /// the neighbour discovery rules.
+    fn forged_source_drop() -> Vec<Rule> {
+        vec![
+            rule(
+                vec![Match::NfProto(Family::V4), Match::FibSaddrNotLocal],
+                Verdict::Drop,
+            ),
+            rule(
+                vec![
+                    Match::SaddrNotIn(host_net(IpAddr::V6(Ipv6Addr::UNSPECIFIED))),
+                    Match::FibSaddrNotLocal,
+                ],
+                Verdict::Drop,
+            ),
+        ]
+    }
+
     /// Agents on this host.
     ///
     /// With `host_dns: dnsfence` the upstream accept, DNS to dnsfence and the off-loopback
@@ -524,9 +569,11 @@ impl Parts {
             rules.extend(self.local_dns_to_dnsfence());
             rules.extend(self.host_dns_drop());
             rules.extend(self.local_gate());
+            rules.extend(Self::forged_source_drop());
             rules.extend(self.upstream_drop());
         } else {
             rules.extend(self.local_gate());
+            rules.extend(Self::forged_source_drop());
             rules.extend(self.upstream_accept());
             rules.extend(self.upstream_drop());
             // DNS to dnsfence's own listen addresses, then no other DNS anywhere (below).
@@ -901,6 +948,28 @@ mod tests {
         assert_eq!(without, everyone.iter().collect::<Vec<_>>());
     }
 
+    /// A contained socket sending from an address this host does not own (IPv6 lets any user
+    /// bind one) is dropped right after the gate: before the allow sets (keyed on the forged
+    /// source with `per_client`) and before `ct state established` (another's connection).
+    #[test]
+    fn forged_sources_of_contained_sockets_are_dropped_after_the_gate() {
+        for host_dns in [HostDns::Dnsfence, HostDns::Direct] {
+            let mut p = policy(vec![Hook::Output], true);
+            p.firewall.contain = Some(crate::policy::Contain {
+                uids: vec![1000],
+                host_dns,
+                ..Default::default()
+            });
+            let rules = chain(&Layout::from_policy(&p).unwrap(), ChainHook::Output);
+            let gate = at(&rules, "meta skuid != 1000 accept");
+            let v4 = at(&rules, "meta nfproto ipv4 fib saddr type != local drop");
+            let v6 = at(&rules, "ip6 saddr != :: fib saddr type != local drop");
+            assert_eq!((v4, v6), (gate + 1, gate + 2), "{rules:#?}");
+            assert!(v6 < at(&rules, "ct state established,related accept"));
+            assert!(v6 < at(&rules, "ip6 saddr . ip6 daddr @allow6 accept"));
+        }
+    }
+
     #[test]
     fn loopback_only_output_has_no_prerouting() {
         let mut p = policy(vec![Hook::Output], false);
@@ -920,7 +989,11 @@ mod tests {
         let l = Layout::from_policy(&p).unwrap();
         assert_eq!(
             chain(&l, ChainHook::Prerouting),
-            ["iif \"lo\" accept", "fib saddr . iif oif missing drop"]
+            [
+                "iif \"lo\" ct direction original fib saddr type != local drop",
+                "iif \"lo\" accept",
+                "fib saddr . iif oif missing drop"
+            ]
         );
         let fwd = chain(&l, ChainHook::Forward);
         assert_eq!(
@@ -936,6 +1009,7 @@ mod tests {
         assert_eq!(
             chain(&l, ChainHook::Prerouting),
             [
+                "iif \"lo\" ct direction original fib saddr type != local drop",
                 "iif \"lo\" accept",
                 "iifname != \"to-a1\" accept",
                 "fib saddr . iif oif missing drop"
@@ -951,7 +1025,11 @@ mod tests {
         let pre = chain(&l, ChainHook::Prerouting);
         assert_eq!(
             pre,
-            ["iif \"lo\" accept", "fib saddr . iif oif missing drop"]
+            [
+                "iif \"lo\" ct direction original fib saddr type != local drop",
+                "iif \"lo\" accept",
+                "fib saddr . iif oif missing drop"
+            ]
         );
         assert_eq!(l.chains[0].policy(), Verdict::Accept);
         assert_eq!(l.chains[0].priority(), -300);

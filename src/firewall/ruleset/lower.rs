@@ -108,6 +108,8 @@ pub(crate) enum Expr {
     CtOriginalProtoDst,
     /// `[ fib saddr . iif oif present => reg 1 ]`
     FibSaddrIifOifPresent,
+    /// `[ fib saddr type => reg 1 ]`: the route type of the source (`RTN_*`, host order).
+    FibSaddrType,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
     Limit { rate: u64, burst: u32 },
     /// `[ log prefix … ]`, `[ log prefix … group N ]`
@@ -222,6 +224,9 @@ fn depend(out: &mut Vec<Expr>, known: &mut Option<Family>, f: Family) {
     }
 }
 
+/// `RTN_LOCAL`: the route type of an address of this host.
+const RTN_LOCAL: u32 = 2;
+
 /// `ct status` bit `IPS_DST_NAT`.
 const CT_STATUS_DST_NAT: u32 = 1 << 5;
 
@@ -319,6 +324,10 @@ impl Match {
                 out.push(Expr::CtDirection);
                 out.push(cmp_eq([1u8]));
             }
+            Match::CtDirectionOriginal => {
+                out.push(Expr::CtDirection);
+                out.push(cmp_eq([0u8]));
+            }
             Match::OpenedToPort(p, port) => {
                 out.push(Expr::CtDirection);
                 out.push(cmp_eq([0u8]));
@@ -365,6 +374,10 @@ impl Match {
             Match::FibSaddrIifOifMissing => {
                 out.push(Expr::FibSaddrIifOifPresent);
                 out.push(cmp_eq([0u8; 4]));
+            }
+            Match::FibSaddrNotLocal => {
+                out.push(Expr::FibSaddrType);
+                out.push(cmp_neq(RTN_LOCAL.to_ne_bytes()));
             }
             Match::Icmpv6(t) => {
                 depend(out, known, Family::V6);

@@ -38,7 +38,15 @@
 //! dnsfence listens on a non-loopback address) sees every packet that enters the host before
 //! conntrack, routing or any socket does:
 //!
-//! 1. Loopback is accepted (no other host can put a packet on it).
+//! 1. Loopback is accepted (no other host can put a packet on it), but only with a source
+//!    this host owns (`iif "lo" ct direction original fib saddr type != local drop` first;
+//!    replies are left alone, since nat rewrites their source): any local user may send
+//!    over loopback from an address it does not own (IPv6 checks nothing on output, and
+//!    `IPV6_FREEBIND` binds any address without privilege), to be taken by dnsfence for a
+//!    routed agent, or to have dnsfence's reply sent to an outside address. This rule is for
+//!    everything on the host, contained or not (a transparent proxy that connects to a local
+//!    service from its client's address, or a process talking to itself from an IPv6
+//!    link-local address, is dropped too).
 //! 2. `fib saddr . iif oif missing drop`: a source the host would not route back out of the
 //!    interface the packet came in on is forged. This is strict: the kernel looks up the best
 //!    route to the source and requires one of its next hops to use that interface, so a
@@ -53,8 +61,13 @@
 //!    source whose best route really is the agents' own link (an upstream that sits on the
 //!    agents' network): put the upstream on another interface.
 //!
-//! The `output` chain (agents on this host):
+//! The `output` chain (agents on this host), after the gate:
 //!
+//! 0. A packet whose source is not an address of this host is dropped (`fib saddr type !=
+//!    local`; for IPv6 any source but `::`, which only the kernel's duplicate address
+//!    detection sends): a contained user forging a routed agent's address (IPv6 lets it)
+//!    would be accepted by that agent's per-client elements or ride its connections. The
+//!    sender gets `EPERM`.
 //! 1. dnsfence's own upstream queries carry the socket mark `firewall.mark` and go to an upstream
 //!    address and port: accept them.
 //! 2. Anything else to an upstream address is dropped (DNS, DoT, DoH to the trusted resolver

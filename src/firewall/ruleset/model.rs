@@ -196,6 +196,11 @@ pub(crate) enum Match {
     AllowSet { family: Family, per_client: bool },
     /// `fib saddr . iif oif missing`: the source is not routed back through the input interface.
     FibSaddrIifOifMissing,
+    /// `fib saddr type != local`: the source is not one of this host's addresses (a packet on
+    /// `lo`, or one a local socket sends, that carries a source the host does not own was
+    /// forged: IPv6 lets any user bind any address with `IPV6_FREEBIND` and checks nothing
+    /// on output).
+    FibSaddrNotLocal,
     /// `icmpv6 type …`
     Icmpv6(NdType),
     /// `ip6 hoplimit 255`: sent on this link (a router would have decremented it). Only after
@@ -203,6 +208,8 @@ pub(crate) enum Match {
     HopLimit255,
     /// `ct direction reply`: a packet answering a connection the other side opened.
     CtDirectionReply,
+    /// `ct direction original`: a packet of the side that opened the connection.
+    CtDirectionOriginal,
     /// `ct direction original meta l4proto udp|tcp ct original proto-dst …`: a packet of a
     /// connection this side opened to that port, whatever NAT rewrote the port to since.
     OpenedToPort(Proto, u16),
