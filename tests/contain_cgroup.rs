@@ -200,6 +200,12 @@ fn connect_from(lab: &Lab, cgroup: &Path, to: &str) -> Result<(), String> {
 }
 
 fn policy(lab: &Lab, cgroup: &str) -> String {
+    policy_with(lab, &[cgroup], "")
+}
+
+/// The test policy containing `cgroups`, with `firewall_extra` lines added to `firewall`.
+fn policy_with(lab: &Lab, cgroups: &[&str], firewall_extra: &str) -> String {
+    let cgroups: Vec<String> = cgroups.iter().map(|c| format!("\"{c}\"")).collect();
     format!(
         "listen: [\"127.0.0.1:53\"]
 upstreams: [\"{upstream}\"]
@@ -216,13 +222,48 @@ firewall:
   hooks: [output]
   on_exit: remove
   set_size: 4096
-  contain:
-    cgroups: [\"{cgroup}\"]
+{firewall_extra}  contain:
+    cgroups: [{cgroups}]
 ",
+        cgroups = cgroups.join(", "),
         upstream = addr::UPSTREAM,
         socket = lab.dir.path().join("control.sock").display(),
         table = lab.table(),
     )
+}
+
+/// Writes `yaml` as the policy and runs `ctl --json reload`: its exit status and JSON (or
+/// what it printed).
+fn reload(lab: &Lab, yaml: &str) -> (bool, serde_json::Value, String) {
+    std::fs::write(lab.policy_path(), yaml).unwrap();
+    let out = Command::new(BIN)
+        .args(["ctl", "--socket"])
+        .arg(lab.dir.path().join("control.sock"))
+        .args(["--json", "reload"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.success(), json, said)
+}
+
+/// `nft -t list table inet <table>` in the gateway: the ruleset, without set elements.
+fn table_text(lab: &Lab) -> String {
+    require_tool("nft");
+    let out = lab.gw.exec(
+        Duration::from_secs(10),
+        &["nft", "-t", "list", "table", "inet", &lab.table()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Resolves `api.allowed.test` through dnsfence from inside the gateway (which admits it).
@@ -362,6 +403,122 @@ fn check_and_serve_both_warn_about_a_missing_cgroup_and_serve_contains_it_once_c
         lab.ruleset()
     );
     assert_eq!(connect_from(&lab, &cg.dir("agent"), ADMITTED), Ok(()));
+    drop(fence);
+}
+
+#[test]
+fn a_reload_that_adds_a_cgroup_contains_it_from_its_next_packet_and_one_that_removes_it_releases_it()
+ {
+    if !require_root(
+        "a_reload_that_adds_a_cgroup_contains_it_from_its_next_packet_and_one_that_removes_it_releases_it",
+    ) {
+        return;
+    }
+    let lab = Lab::new("cgrel");
+    lab.upstream.a("api.allowed.test", "198.51.100.10", 300);
+    let cg = Cgroups::new("cgr");
+    for leaf in ["agent", "added", "other", "nest", "nest/inner"] {
+        cg.create(leaf);
+    }
+    let (agent, added, inner) = (cg.rel("agent"), cg.rel("added"), cg.rel("nest/inner"));
+    let fence = Fence::start(&lab, &policy_with(&lab, &[&agent], ""));
+    assert_eq!(resolve_allowed(&lab), ["198.51.100.10"]);
+    // The controls: before the reload, the cgroups it will contain keep their egress.
+    for leaf in ["added", "nest/inner"] {
+        assert_eq!(
+            connect_from(&lab, &cg.dir(leaf), NOT_ADMITTED),
+            Ok(()),
+            "{leaf} is not contained yet\n{}",
+            lab.ruleset()
+        );
+    }
+    assert!(connect_from(&lab, &cg.dir("agent"), NOT_ADMITTED).is_err());
+
+    // Same depth as `agent`: the table's layout is the same, only the cgroup sets change.
+    let (ok, json, said) = reload(&lab, &policy_with(&lab, &[&agent, &added], ""));
+    assert!(ok, "reload refused: {said}\n{}", fence.said());
+    assert_eq!(json["ruleset"]["replaced"], false, "{json}");
+    assert!(
+        connect_from(&lab, &cg.dir("added"), NOT_ADMITTED).is_err(),
+        "a cgroup the reload contains reached an address dnsfence never handed out\n{}",
+        lab.ruleset()
+    );
+    // Contained, not cut off: what dnsfence admitted before the reload is carried over.
+    assert_eq!(connect_from(&lab, &cg.dir("added"), ADMITTED), Ok(()));
+    assert_eq!(connect_from(&lab, &cg.dir("other"), NOT_ADMITTED), Ok(()));
+
+    // Deeper: a new level, so a new table (replaced in one transaction with its cgroup sets).
+    let (ok, json, said) = reload(&lab, &policy_with(&lab, &[&agent, &added, &inner], ""));
+    assert!(ok, "reload refused: {said}\n{}", fence.said());
+    assert_eq!(json["ruleset"]["replaced"], true, "{json}");
+    assert!(
+        connect_from(&lab, &cg.dir("nest/inner"), NOT_ADMITTED).is_err(),
+        "a deeper cgroup the reload contains reached an address dnsfence never handed out\n{}",
+        lab.ruleset()
+    );
+    assert_eq!(connect_from(&lab, &cg.dir("nest/inner"), ADMITTED), Ok(()));
+    // The watch follows the new paths: later polls neither hand the new cgroups back to the
+    // host nor take a sibling away from it, and a sibling created now beside a newly contained
+    // cgroup is listed (handed back) like one beside the first.
+    cg.create("nest/late");
+    let started = Instant::now();
+    while connect_from(&lab, &cg.dir("nest/late"), NOT_ADMITTED).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the watch does not list the cgroups beside a path a reload added\n{}",
+            lab.ruleset()
+        );
+    }
+    std::thread::sleep(dnsfence::firewall::CGROUP_POLL * 3);
+    for leaf in ["agent", "added", "nest/inner"] {
+        assert!(
+            connect_from(&lab, &cg.dir(leaf), NOT_ADMITTED).is_err(),
+            "{leaf} was handed to the host by a poll after the reload\n{}",
+            lab.ruleset()
+        );
+    }
+    assert_eq!(connect_from(&lab, &cg.dir("other"), NOT_ADMITTED), Ok(()));
+
+    // Removed again: released from the next packet, and still after several polls.
+    let (ok, json, said) = reload(&lab, &policy_with(&lab, &[&agent], ""));
+    assert!(ok, "reload refused: {said}\n{}", fence.said());
+    assert_eq!(json["ruleset"]["replaced"], true, "{json}");
+    for leaf in ["added", "nest/inner"] {
+        assert_eq!(
+            connect_from(&lab, &cg.dir(leaf), NOT_ADMITTED),
+            Ok(()),
+            "{leaf}: released by the reload\n{}",
+            lab.ruleset()
+        );
+    }
+    std::thread::sleep(dnsfence::firewall::CGROUP_POLL * 3);
+    assert_eq!(connect_from(&lab, &cg.dir("added"), NOT_ADMITTED), Ok(()));
+    assert!(connect_from(&lab, &cg.dir("agent"), NOT_ADMITTED).is_err());
+
+    // A reload refused whole (firewall.mark needs a restart) applies none of its cgroups: the old
+    // gate stays, and the watch keeps listing the old paths.
+    let before = table_text(&lab);
+    let (ok, _, said) = reload(&lab, &policy_with(&lab, &[&agent, &added], "  mark: 7\n"));
+    assert!(!ok, "a reload changing firewall.mark was applied: {said}");
+    assert!(said.contains("firewall.mark changed"), "{said}");
+    assert_eq!(connect_from(&lab, &cg.dir("added"), NOT_ADMITTED), Ok(()));
+    cg.create("late");
+    let started = Instant::now();
+    while connect_from(&lab, &cg.dir("late"), NOT_ADMITTED).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the watch stopped after a refused reload\n{}",
+            lab.ruleset()
+        );
+    }
+    std::thread::sleep(dnsfence::firewall::CGROUP_POLL * 3);
+    assert_eq!(connect_from(&lab, &cg.dir("added"), NOT_ADMITTED), Ok(()));
+    assert!(connect_from(&lab, &cg.dir("agent"), NOT_ADMITTED).is_err());
+    assert_eq!(
+        table_text(&lab),
+        before,
+        "a refused reload changed the ruleset"
+    );
     drop(fence);
 }
 

@@ -335,11 +335,11 @@ fn a_reload_with_a_restart_only_firewall_key_applies_nothing_of_itself() {
     resolve_ok(lab.a1(), "one.allowed.test");
     let before = table_text(&lab);
 
-    // contain.cgroups needs a restart (the cgroup watch follows the paths it started with).
-    // The same reload also adds a name and a range: neither may apply.
+    // set_size needs a restart (the admission thread's maps are sized at start). The same
+    // reload also adds a name, a range and a gate: none of them may apply.
     let broken = format!(
-        "{hooks}  allow_cidrs: [\"203.0.113.0/28\"]\n  contain:\n    cgroups: \
-         [\"dnsfence-test-no-such/agent.service\"]\n    interfaces: [\"veth*\"]\n"
+        "{hooks}  allow_cidrs: [\"203.0.113.0/28\"]\n  set_size: 8192\n  contain:\n    \
+         uids: [4242]\n    interfaces: [\"veth*\"]\n"
     );
     write_policy(
         &lab,
@@ -352,7 +352,7 @@ fn a_reload_with_a_restart_only_firewall_key_applies_nothing_of_itself() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("firewall.contain.cgroups changed"), "{said}");
+    assert!(said.contains("firewall.set_size changed"), "{said}");
     assert_eq!(table_text(&lab), before, "the ruleset changed");
     assert!(has_elem(&lab.set_elements("allow4"), &["198.51.100.95"]));
     let a1 = lab.a1();

@@ -163,7 +163,7 @@ pub fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
         "the TCP front end is set up once, at start",
     );
     // The firewall keys a reload cannot apply; the others (hooks, allow_cidrs, per_client,
-    // contain, inbound, max_addresses_per_answer, max_elements_per_client) are applied by
+    // contain with its cgroups, inbound, max_addresses_per_answer, max_elements_per_client) are applied by
     // replacing the ruleset atomically (see `ruleset_changed`).
     let (of, nf) = (&old.firewall, &new.firewall);
     check(
@@ -190,12 +190,6 @@ pub fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
         "firewall.log_denied or firewall.nflog_group",
         of.log_denied != nf.log_denied || of.nflog_group != nf.nflog_group,
         "the NFLOG reader that explains drops is bound once, at start",
-    );
-    check(
-        "firewall.contain.cgroups",
-        of.contain.as_ref().map(|c| &c.cgroups) != nf.contain.as_ref().map(|c| &c.cgroups),
-        "the cgroup watch that keeps the sets of cgroups outside the contained ones is \
-         started once, at start, for those paths",
     );
     check(
         "firewall.on_exit",

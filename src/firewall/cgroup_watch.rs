@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -98,8 +98,23 @@ pub(super) fn keys_of(
 }
 
 /// What the watch lists: the contained paths and the cgroup2 root (`None`: no cgroups are
-/// contained). A reload that replaces the table swaps it ([`plan_of`]).
-pub(super) type SharedPlan = Arc<Mutex<Option<(CgroupPlan, PathBuf)>>>;
+/// contained). A reload swaps it ([`plan_of`]) in the admission thread's replacement.
+///
+/// The lock is also what keeps the watch and a replacement from interleaving: the watch holds
+/// it from listing the cgroups to committing the sets, the replacement from listing them for
+/// the new plan to swapping the plan in after its commit. Without it a poll that listed the
+/// old plan could commit after the replacement, writing the old plan's outside cgroups (a
+/// cgroup the reload just contained among them) into the new sets until the next poll.
+pub(crate) type SharedPlan = Arc<Mutex<Option<(CgroupPlan, PathBuf)>>>;
+
+/// The shared plan, locked (a poisoned lock still holds the last plan written: a plan is
+/// replaced whole, never half-written).
+pub(crate) fn lock_plan(plan: &SharedPlan) -> MutexGuard<'_, Option<(CgroupPlan, PathBuf)>> {
+    match plan.lock() {
+        Ok(p) => p,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
 
 /// The plan for `policy`'s `contain.cgroups` (`None` without any), or why there can be none
 /// (no cgroup2 mount).
@@ -180,7 +195,7 @@ impl CgroupWatch {
                 // handle), and when it was last read back in full: a poll that finds the same
                 // cgroups, plan and table costs a directory listing and one small request.
                 let mut synced: Option<Vec<BTreeSet<u64>>> = Some(seen.by_level);
-                let mut planned = current(&plan);
+                let mut planned = lock_plan(&plan).clone();
                 let mut handle = sock.table_handle(&table).ok().flatten();
                 let mut full_at = Instant::now();
                 while !stopping.load(Ordering::Acquire) {
@@ -190,10 +205,11 @@ impl CgroupWatch {
                         continue;
                     }
                     next = now + CGROUP_POLL;
-                    let now_plan = current(&plan);
-                    if now_plan != planned {
+                    // Held until this poll's sets are committed (see `SharedPlan`).
+                    let now_plan = lock_plan(&plan);
+                    if *now_plan != planned {
                         // A reload changed the contained cgroups: read everything back.
-                        planned = now_plan;
+                        planned = now_plan.clone();
                         synced = None;
                         missing.clear();
                     }
@@ -266,14 +282,6 @@ impl CgroupWatch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// The plan now (a poisoned lock still holds the last plan written).
-fn current(plan: &SharedPlan) -> Option<(CgroupPlan, PathBuf)> {
-    match plan.lock() {
-        Ok(p) => p.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
     }
 }
 

@@ -166,7 +166,7 @@ pub struct Firewall {
     confirmed: Arc<admission::Confirmed>,
     /// With `contain.cgroups`: keeps the sets of cgroups outside the contained ones current.
     cgroup_watch: Option<cgroup_watch::CgroupWatch>,
-    /// What the watch lists; a reload swaps it ([`Firewall::follow_cgroups`]).
+    /// What the watch lists; a reload's replacement swaps it ([`Admitter::replace`]).
     cgroup_plan: cgroup_watch::SharedPlan,
 }
 
@@ -214,6 +214,8 @@ pub struct Admitter {
     per_client: Arc<AtomicBool>,
     confirmed: Arc<admission::Confirmed>,
     shape: Arc<std::sync::Mutex<Shape>>,
+    /// What the cgroup watch lists, for [`Admitter::replace`] to swap with the table.
+    cgroup_plan: cgroup_watch::SharedPlan,
 }
 
 /// Checks a table name given on the command line by the policy's one rule for
@@ -439,19 +441,6 @@ impl Firewall {
         })
     }
 
-    /// Makes the cgroup watch list `policy`'s `contain.cgroups` from now on (a reload that
-    /// replaced the table calls it after the swap; the replacement itself should fill the new
-    /// cgroup sets with [`cgroup_watch::add_outside_cgroups`] in its transaction). Within one
-    /// [`CGROUP_POLL`] the sets are read back and corrected.
-    pub fn follow_cgroups(&self, policy: &Policy) -> Result<(), FirewallError> {
-        let plan = cgroup_watch::plan_of(policy).map_err(FirewallError::Policy)?;
-        match self.cgroup_plan.lock() {
-            Ok(mut p) => *p = plan,
-            Err(poisoned) => *poisoned.into_inner() = plan,
-        }
-        Ok(())
-    }
-
     /// How this firewall extends lifetimes: [`TimeoutRefresh::ReAdd`] or
     /// [`TimeoutRefresh::DeleteReAdd`] (what the kernel was found to need, or what was chosen).
     pub fn timeout_refresh(&self) -> TimeoutRefresh {
@@ -493,6 +482,7 @@ impl Firewall {
             per_client: Arc::clone(&self.per_client),
             confirmed: Arc::clone(&self.confirmed),
             shape: Arc::clone(&self.shape),
+            cgroup_plan: Arc::clone(&self.cgroup_plan),
         }
     }
 
@@ -602,7 +592,10 @@ impl Admitter {
     /// Replaces the ruleset with the one `policy` asks for, in one transaction that also adds
     /// the elements `carry` keeps (with what is left of their lifetimes), ordered after every
     /// admission queued before it. When the kernel's table already has that layout nothing
-    /// changes (`changed: false`). On any error the old table stays installed and in use.
+    /// changes (`changed: false`) but the cgroup sets, when `contain.cgroups` changed. The
+    /// cgroup watch follows the new `contain.cgroups` from the commit on (it waits for the
+    /// replacement, so it never writes the old paths' listing into the new sets). On any error
+    /// the old table stays installed and in use, and the watch keeps the old paths.
     /// See `admission/replace.rs`.
     /// `cut_ranges`: `allow_cidrs` ranges that are gone, whose connections are cut once the new
     /// table is in (pass none to keep them).
@@ -618,6 +611,7 @@ impl Admitter {
             policy,
             carry,
             cut_ranges,
+            cgroups: Arc::clone(&self.cgroup_plan),
             reply,
         };
         self.tx
@@ -751,6 +745,7 @@ mod tests {
                 drop_hooks: vec![],
                 contained: String::new(),
             })),
+            cgroup_plan: Default::default(),
         };
         let addrs = [(IpAddr::from([192, 0, 2, 1]), Duration::from_secs(1))];
         let fut = a.admit(IpAddr::from([127, 0, 0, 1]), &addrs);

@@ -259,6 +259,7 @@ fn admit_twice(table: &str, path: TimeoutRefresh) -> Result<(), FirewallError> {
             drop_hooks: Vec::new(),
             contained: String::new(),
         })),
+        cgroup_plan: Default::default(),
     };
     // Its own thread, so that a runtime of the caller's (if any) is never blocked on.
     let result = std::thread::scope(|s| {

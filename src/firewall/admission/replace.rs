@@ -44,10 +44,9 @@ use ipnet::IpNet;
 use tokio::sync::oneshot;
 
 use super::{Admission, BYTES_PER_ELEM, Key, Lifetimes, millis};
+use crate::firewall::cgroup_watch::SharedPlan;
 use crate::firewall::netlink::Elem;
-use crate::firewall::ruleset::{
-    CgroupPlan, Family, Layout, Outside, Verdict, cgroup_root, element_key, normalize_ip,
-};
+use crate::firewall::ruleset::{Family, Layout, Verdict, element_key, normalize_ip};
 use crate::firewall::{FirewallError, cgroup_watch, compare, conntrack, firewall_error};
 use crate::policy::Policy;
 
@@ -85,6 +84,9 @@ pub(crate) struct ReplaceRequest {
     /// connections into them are cut (unless the new ranges or a carried element still
     /// allow them). Empty with `revoke.connections: keep`.
     pub(crate) cut_ranges: Vec<IpNet>,
+    /// What the cgroup watch lists: swapped for the new policy's `contain.cgroups` in the
+    /// same step as the commit (see `cgroup_watch::SharedPlan`), left alone on failure.
+    pub(crate) cgroups: SharedPlan,
     pub(crate) reply: oneshot::Sender<Result<Replaced, FirewallError>>,
 }
 
@@ -165,7 +167,12 @@ pub(crate) fn carried_elements(
 
 impl Admission {
     pub(super) fn replace(&mut self, request: ReplaceRequest) {
-        let result = self.try_replace(&request.policy, &request.carry, &request.cut_ranges);
+        let result = self.try_replace(
+            &request.policy,
+            &request.carry,
+            &request.cut_ranges,
+            &request.cgroups,
+        );
         let _ = request.reply.send(result);
     }
 
@@ -174,6 +181,7 @@ impl Admission {
         policy: &Policy,
         carry: &Carry,
         cut_ranges: &[IpNet],
+        cgroups: &SharedPlan,
     ) -> Result<Replaced, FirewallError> {
         let fw = &policy.firewall;
         let layout = Layout::from_policy(policy).map_err(FirewallError::Policy)?;
@@ -183,13 +191,14 @@ impl Admission {
                 self.cfg.table, layout.table
             )));
         }
-        let outside = match fw.contain.as_ref().map(|c| CgroupPlan::of(&c.cgroups)) {
-            Some(plan) if !plan.is_empty() => {
-                let root = cgroup_root().map_err(FirewallError::Policy)?;
-                plan.outside(&root)
-            }
-            _ => Outside::default(),
-        };
+        // From here to the end the cgroup watch waits: the cgroups outside the new plan's
+        // contained ones are listed, committed and the plan swapped as one step.
+        let plan = cgroup_watch::plan_of(policy).map_err(FirewallError::Policy)?;
+        let mut watched = cgroup_watch::lock_plan(cgroups);
+        let outside = plan
+            .as_ref()
+            .map(|(plan, root)| plan.outside(root))
+            .unwrap_or_default();
         let table = layout.table.clone();
         let err = |e| firewall_error(e, &table, Some(&layout));
         let existing = self.sock.read_table(&table).map_err(err)?;
@@ -201,6 +210,14 @@ impl Admission {
                 .as_ref()
                 .is_some_and(|k| compare::compare(&layout, k).is_ok());
         if unchanged {
+            // The same layout can contain other cgroups (same depth): bring the sets to the
+            // new plan now rather than at the watch's next poll, which would leave a cgroup
+            // this reload contains outside until then.
+            if *watched != plan {
+                cgroup_watch::sync(&mut self.sock, &table, &layout.cgroup_sets, &outside)
+                    .map_err(err)?;
+                *watched = plan;
+            }
             self.cfg.client_share = share;
             let [v4, v6] = self.lifetimes.live(now);
             return Ok(Replaced {
@@ -280,8 +297,11 @@ impl Admission {
             }
         }
         self.sock.commit(batch).map_err(err)?;
+        *watched = plan;
+        drop(watched);
 
-        // Committed: from here on the thread admits into the new sets.
+        // Committed: from here on the thread admits into the new sets, and the cgroup watch
+        // lists the new plan's cgroups.
         self.cfg.per_client = per_client;
         self.cfg.client_share = share;
         self.shared_per_client.store(per_client, Ordering::Release);
