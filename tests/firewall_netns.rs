@@ -1225,3 +1225,53 @@ fn one_client_cannot_fill_a_per_client_set_for_the_others() {
     assert_eq!(count("10.20.0.3 "), 4, "{v4:?}");
     fw.shutdown().expect("shutdown");
 }
+
+/// An IPv6 client may send from any address of its /64 without privilege: its share of a
+/// per-client set counts every such address together (as its budgets and in-flight share do),
+/// while each element stays keyed on the exact address it asked from.
+#[test]
+fn one_ipv6_client_cannot_fill_a_per_client_set_from_many_addresses_of_its_64() {
+    let Some(ns) = Netns::new("share64") else {
+        return;
+    };
+    let mut p = policy("dnsf_sh64", vec![Hook::Forward], true);
+    p.firewall.set_size = 64;
+    p.firewall.max_addresses_per_answer = 4;
+    p.firewall.max_elements_per_client = Some(4);
+    let fw = ns.enter(|| Firewall::install(&p)).expect("install");
+    let a = fw.admitter();
+    let rt = runtime();
+    let life = Duration::from_secs(60);
+    let dest = |i: u16| vec![(ip(&format!("2001:db8:100::{i:x}")), life)];
+    let hog = |i: u16| ip(&format!("fd77::{i:x}"));
+    rt.block_on(async {
+        // One element from each of four addresses of the /64: its share.
+        for i in 1..=4 {
+            a.admit(hog(i), &dest(i)).await.expect("within the share");
+        }
+        // A fifth address of the same /64 is the same client: refused, whatever address.
+        for i in [5, 0xffff] {
+            let err = a
+                .admit(hog(i), &dest(i))
+                .await
+                .expect_err("beyond the share");
+            assert!(matches!(err, AdmitError::ClientShare { .. }), "{err}");
+        }
+        // A refresh of what it has still works, and another /64 has a share of its own,
+        // also in one group commit with the hog.
+        a.admit(hog(2), &dest(2))
+            .await
+            .expect("re-admitting its own");
+        let other = ip("fd78::1");
+        let (theirs, mine) = (dest(9), dest(6));
+        let (x, y) = tokio::join!(a.admit(other, &theirs), a.admit(hog(6), &mine));
+        x.expect("another client gets its own share");
+        assert!(matches!(y, Err(AdmitError::ClientShare { .. })), "{y:?}");
+    });
+    let v6 = ns.elements("dnsf_sh64", "allow6");
+    let hogs = v6.iter().filter(|e| e.0.starts_with("fd77::")).count();
+    assert_eq!(hogs, 4, "{v6:?}");
+    assert!(v6.iter().any(|e| e.0.starts_with("fd77::3 ")), "{v6:?}");
+    assert!(v6.iter().any(|e| e.0.starts_with("fd78::1 ")), "{v6:?}");
+    fw.shutdown().expect("shutdown");
+}

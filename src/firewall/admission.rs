@@ -155,6 +155,22 @@ pub(crate) enum Msg {
     Ping(tokio::sync::oneshot::Sender<[usize; 2]>),
 }
 
+/// Who a per-client element counts against: the client as the pipeline's budgets and
+/// in-flight shares key it (`pipeline::limits::client_key`; the firewall knows no DNS, so the
+/// rule is repeated here and a test keeps the two equal). An IPv6 client may pick any address
+/// of its /64 without privilege, and an element per address of one share would let it fill
+/// the set for everyone else; elements themselves stay keyed on the exact address.
+pub(crate) fn share_key(client: IpAddr) -> IpAddr {
+    match client.to_canonical() {
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) if v6.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+    }
+}
+
 /// Clamps a lifetime to [`MIN_LIFETIME`, `MAX_LIFETIME`].
 pub(crate) fn clamp(d: Duration) -> Duration {
     d.clamp(MIN_LIFETIME, MAX_LIFETIME)
@@ -173,9 +189,10 @@ fn millis(d: Duration) -> u64 {
 /// The longest expiry granted per key, per family, bounded.
 pub(crate) struct Lifetimes {
     maps: [HashMap<Key, Instant>; 2],
-    /// Per client (per-client sets only): its destinations and their expiries, the same
-    /// entries as `maps`, to count a client's live elements without scanning everyone's.
-    clients: HashMap<IpAddr, HashMap<IpAddr, Instant>>,
+    /// Per client (per-client sets only), keyed by [`share_key`]: its elements and their
+    /// expiries, the same entries as `maps`, to count a client's live elements without
+    /// scanning everyone's.
+    clients: HashMap<IpAddr, HashMap<Key, Instant>>,
     cap: usize,
     next_prune: [Instant; 2],
 }
@@ -217,9 +234,9 @@ impl Lifetimes {
             *e = (*e).max(expiry);
             let e = *e;
             if let Some(client) = key.0
-                && let Some(dests) = self.clients.get_mut(&client)
+                && let Some(dests) = self.clients.get_mut(&share_key(client))
             {
-                dests.insert(key.1, e);
+                dests.insert(key, e);
             }
             return;
         }
@@ -240,9 +257,9 @@ impl Lifetimes {
             map.insert(key, expiry);
             if let Some(client) = key.0 {
                 self.clients
-                    .entry(client)
+                    .entry(share_key(client))
                     .or_default()
-                    .insert(key.1, expiry);
+                    .insert(key, expiry);
             }
         }
     }
@@ -256,7 +273,7 @@ impl Lifetimes {
         share: usize,
         now: Instant,
     ) -> bool {
-        let Some(dests) = self.clients.get_mut(&client) else {
+        let Some(dests) = self.clients.get_mut(&share_key(client)) else {
             return new <= share;
         };
         if dests.len() + new > share {
@@ -434,7 +451,8 @@ impl Admission {
         }
         let now = Instant::now();
         let share = self.cfg.client_share as usize;
-        let mut pending: HashMap<IpAddr, std::collections::HashSet<IpAddr>> = HashMap::new();
+        // Keyed like the share: several addresses of one client's /64 count together.
+        let mut pending: HashMap<IpAddr, std::collections::HashSet<Key>> = HashMap::new();
         let mut kept = Vec::with_capacity(group.len());
         for r in group {
             let Some(client) = r.client else {
@@ -452,18 +470,12 @@ impl Admission {
                     .send(Err(AdmitError::FamilyMismatch { client, addr }));
                 continue;
             }
-            let queued = pending.entry(client).or_default();
-            let fresh: std::collections::HashSet<IpAddr> = r
+            let queued = pending.entry(share_key(client)).or_default();
+            let fresh: std::collections::HashSet<Key> = r
                 .items
                 .iter()
-                .map(|&(addr, _)| addr)
-                .filter(|addr| {
-                    !queued.contains(addr)
-                        && self
-                            .lifetimes
-                            .remaining(&(Some(client), *addr), now)
-                            .is_zero()
-                })
+                .map(|&(addr, _)| (Some(client), addr))
+                .filter(|key| !queued.contains(key) && self.lifetimes.remaining(key, now).is_zero())
                 .collect();
             if self
                 .lifetimes
@@ -737,5 +749,52 @@ mod tests {
         l.record(c, later + Duration::from_secs(5), later);
         assert_eq!(l.remaining(&c, later), Duration::from_secs(5));
         assert_eq!(l.remaining(&b, later), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_clients_share_counts_every_address_of_its_ipv6_64_together() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        let mut l = Lifetimes::new(1000);
+        let dest: IpAddr = "2001:db8:100::10".parse().unwrap();
+        // Four sources of one /64, one element each (the elements stay per address).
+        for i in 1..=4u16 {
+            let client = IpAddr::V6(std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i));
+            l.record((Some(client), dest), until, now);
+            assert_eq!(
+                l.remaining(&(Some(client), dest), now),
+                Duration::from_secs(60)
+            );
+        }
+        let fifth: IpAddr = "fd77::ffff".parse().unwrap();
+        assert!(
+            !l.client_has_room(fifth, 1, 4, now),
+            "the /64 has used its share"
+        );
+        // Another /64 has its own share.
+        let other: IpAddr = "fd78::1".parse().unwrap();
+        assert!(l.client_has_room(other, 4, 4, now));
+    }
+
+    #[test]
+    fn the_share_key_is_the_pipelines_client_key() {
+        for ip in [
+            "10.77.0.2",
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "::ffff:10.1.2.3",
+            "::ffff:127.0.0.5",
+            "fd77::2",
+            "fd77::1:2:3:4",
+            "2001:db8:1:2:3:4:5:6",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(
+                share_key(ip),
+                crate::pipeline::limits::client_key(ip),
+                "{ip}"
+            );
+        }
     }
 }

@@ -142,10 +142,10 @@ impl Admission {
             if let Some(map) = self.lifetimes.maps.get_mut(slot(key.1)) {
                 map.remove(key);
             }
-            if let Some(client) = key.0
+            if let Some(client) = key.0.map(super::share_key)
                 && let Some(dests) = self.lifetimes.clients.get_mut(&client)
             {
-                dests.remove(&key.1);
+                dests.remove(key);
                 if dests.is_empty() {
                     self.lifetimes.clients.remove(&client);
                 }
