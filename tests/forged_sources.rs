@@ -275,3 +275,45 @@ fn a_contained_user_cannot_send_from_an_agents_ipv6_address_through_its_elements
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.services.hits().is_empty(), "{:?}", lab.services.hits());
 }
+
+/// Any local process may bind any of 127/8 (no `IPV6_FREEBIND` needed): each one its own
+/// per-client key would let one process fill a per-client set. Every loopback source is the
+/// one loopback client.
+#[test]
+fn every_loopback_source_is_one_client_so_127_addresses_cannot_fill_a_per_client_set() {
+    if !require_root(
+        "every_loopback_source_is_one_client_so_127_addresses_cannot_fill_a_per_client_set",
+    ) {
+        return;
+    }
+    let lab = Lab::new("forge127");
+    lab.upstream.a("everyone.test", "198.51.100.66", 300);
+    lab.start_fence(&policy(&lab));
+    let dnsfence = addr::sa("127.0.0.1:53");
+    let sources: Vec<String> = (1..=6).map(|i| format!("127.0.{i}.{i}")).collect();
+    for source in &sources {
+        let bound = addr::sa(&format!("{source}:0"));
+        let message = query("everyone.test", RecordType::A);
+        let reply = lab
+            .gw
+            .run(move || {
+                let socket = UdpSocket::bind(bound).unwrap();
+                dns_udp_from(&socket, dnsfence, &message, Duration::from_secs(3))
+            })
+            .unwrap_or_else(|e| panic!("from {source}: {e}"));
+        // Control: every one of them is answered.
+        assert_eq!(addresses(&reply), ["198.51.100.66"], "from {source}");
+    }
+    let v4 = lab.set_elements("allow4");
+    assert!(has_elem(&v4, &["127.0.0.1", "198.51.100.66"]), "{v4:?}");
+    for source in &sources {
+        assert!(
+            !has_elem(&v4, &[source, "198.51.100.66"]),
+            "{source}: {v4:?}"
+        );
+    }
+    // The log still says which address asked.
+    let log = lab.log(sources.len());
+    let clients: Vec<&str> = log.iter().filter_map(|r| r["client"].as_str()).collect();
+    assert_eq!(clients, sources, "{log:?}");
+}

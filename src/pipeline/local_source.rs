@@ -10,7 +10,11 @@
 //!
 //! So a query whose source is an address of this host is the loopback client: the default
 //! group (unless a group names loopback), the budgets' loopback key, and `127.0.0.1` (or `::1`)
-//! as its per-client key, exactly as if it had been sent from `127.0.0.1`.
+//! as its per-client key, exactly as if it had been sent from `127.0.0.1`. So is every
+//! loopback source: any local process may bind any of 127/8 without privilege, and each
+//! address its own per-client key would let one process fill a per-client set with elements
+//! (`127.0.1.1 . dest`, `127.0.1.2 . dest`, ...) that nothing can use but that crowd out
+//! everyone else's.
 //!
 //! A source this host does *not* own is taken as it is. A query over loopback can carry one:
 //! IPv6 lets any local user bind any address (`IPV6_FREEBIND`) and checks nothing on output,
@@ -70,10 +74,12 @@ impl HostAddresses {
     }
 
     /// The client a query from `source` is decided, budgeted and admitted as: the loopback
-    /// address of its family for any address of this host, `source` otherwise.
+    /// address of its family (`127.0.0.1` or `::1`) for any loopback source (all of 127/8,
+    /// which any local process may bind, and its IPv4-mapped forms) and any address of this
+    /// host, `source` otherwise.
     pub fn client_for(&self, source: IpAddr) -> IpAddr {
         let canonical = source.to_canonical();
-        if canonical.is_loopback() || !self.contains(canonical) {
+        if !canonical.is_loopback() && !self.contains(canonical) {
             return source;
         }
         match canonical {
@@ -107,10 +113,23 @@ mod tests {
     }
 
     #[test]
-    fn other_sources_and_loopback_itself_stay_as_they_are() {
+    fn other_sources_stay_as_they_are() {
         let host = HostAddresses::of(vec![ip("10.99.0.1")]);
         assert_eq!(host.client_for(ip("10.99.0.2")), ip("10.99.0.2"));
-        assert_eq!(host.client_for(ip("127.0.0.5")), ip("127.0.0.5"));
+        assert_eq!(host.client_for(ip("fd99::2")), ip("fd99::2"));
+        assert_eq!(
+            host.client_for(ip("::ffff:10.99.0.2")),
+            ip("::ffff:10.99.0.2")
+        );
+    }
+
+    #[test]
+    fn every_loopback_source_is_one_loopback_client_per_family() {
+        // Not even in the host's list: loopback is loopback.
+        let host = HostAddresses::of(vec![ip("10.99.0.1")]);
+        for v4 in ["127.0.0.1", "127.0.0.5", "127.255.3.4", "::ffff:127.0.9.9"] {
+            assert_eq!(host.client_for(ip(v4)), ip("127.0.0.1"), "{v4}");
+        }
         assert_eq!(host.client_for(ip("::1")), ip("::1"));
     }
 

@@ -117,11 +117,21 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
         }
         fw.allow_cidrs = nets.into_iter().map(|(_, n)| n).collect();
     }
-    if let Some(b) = f
-        .get("per_client")
-        .and_then(|n| read::boolean(r, n, "firewall.per_client"))
+    if let Some(node) = f.get("per_client")
+        && let Some(b) = read::boolean(r, node, "firewall.per_client")
     {
         fw.per_client = b;
+        if b && fw.hooks.contains(&Hook::Output) {
+            r.warn(
+                node.pos,
+                "firewall.per_client keys every process on this host as the loopback client \
+                 (127.0.0.1, ::1), but its packets leave from the host's own addresses, so the \
+                 output chain drops what dnsfence admits for it (it fails closed: local \
+                 processes reach only allow_cidrs); per_client is for agents routed through \
+                 this host (hooks: [forward]). Remove output from firewall.hooks or per_client \
+                 if local processes must reach what they resolve",
+            );
+        }
     }
     let nflog = match f.get("log_denied") {
         Some(node) if matches!(&node.value, Value::Str(s) if s == "nflog") => {
