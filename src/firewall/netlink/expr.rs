@@ -36,6 +36,7 @@ const NFTA_FIB_FLAGS: u16 = 3;
 const NFT_FIB_RESULT_OIF: u32 = 1;
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 const NFTA_FIB_F_SADDR: u32 = 1 << 0;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
 const NFTA_FIB_F_IIF: u32 = 1 << 3;
 const NFTA_FIB_F_PRESENT: u32 = 1 << 5;
 const NFTA_LIMIT_RATE: u16 = 1;
@@ -181,6 +182,14 @@ fn expression(e: &Expr) -> nft::ListAttribute<nft::ExpressionAttribute> {
             "fib",
             vec![
                 DefaultNla::new(NFTA_FIB_FLAGS, be32(NFTA_FIB_F_SADDR)),
+                DefaultNla::new(NFTA_FIB_RESULT, be32(NFT_FIB_RESULT_ADDRTYPE)),
+                DefaultNla::new(NFTA_FIB_DREG, be32(1)),
+            ],
+        ),
+        Expr::FibDaddrType => raw(
+            "fib",
+            vec![
+                DefaultNla::new(NFTA_FIB_FLAGS, be32(NFTA_FIB_F_DADDR)),
                 DefaultNla::new(NFTA_FIB_RESULT, be32(NFT_FIB_RESULT_ADDRTYPE)),
                 DefaultNla::new(NFTA_FIB_DREG, be32(1)),
             ],

@@ -306,6 +306,40 @@ impl Parts {
         rules
     }
 
+    /// In `output`, an upstream's port on *every* address of this host. A resolver on the
+    /// host that dnsfence uses as its upstream (`127.0.0.1:5399`, or one of the host's own
+    /// addresses) usually listens on the wildcard, so it also answers at `127.0.0.2`, `::1`
+    /// and every interface address: an agent would ask it any name. Ports 53 and 853 and
+    /// dnsfence's listen ports are already dropped to everything but dnsfence; this covers
+    /// the others, for every upstream (the rule cannot know which of the host's addresses a
+    /// remote-looking upstream is, and a contained process has no business on that port).
+    fn upstream_port_drop_local(&self) -> Vec<Rule> {
+        let covered: BTreeSet<u16> = DNS_PORTS
+            .iter()
+            .copied()
+            .chain(self.listens.iter().map(|l| l.port))
+            .collect();
+        let ports: BTreeSet<u16> = self
+            .upstreams
+            .iter()
+            .map(|&(_, port)| port)
+            .filter(|port| !covered.contains(port))
+            .collect();
+        ports
+            .into_iter()
+            .flat_map(|port| {
+                Proto::BOTH.map(|p| {
+                    rule(
+                        // The port first: cheaper than a route lookup, and most packets
+                        // stop there.
+                        vec![Match::Dport(p, port), Match::FibDaddrLocal],
+                        Verdict::Drop,
+                    )
+                })
+            })
+            .collect()
+    }
+
     fn allow_sets(&self) -> Vec<Rule> {
         [Family::V4, Family::V6]
             .map(|family| {
@@ -571,11 +605,13 @@ impl Parts {
             rules.extend(self.local_gate());
             rules.extend(Self::forged_source_drop());
             rules.extend(self.upstream_drop());
+            rules.extend(self.upstream_port_drop_local());
         } else {
             rules.extend(self.local_gate());
             rules.extend(Self::forged_source_drop());
             rules.extend(self.upstream_accept());
             rules.extend(self.upstream_drop());
+            rules.extend(self.upstream_port_drop_local());
             // DNS to dnsfence's own listen addresses, then no other DNS anywhere (below).
             rules.extend(self.local_dns_to_dnsfence());
         }
@@ -1093,13 +1129,30 @@ mod tests {
     }
 
     #[test]
-    fn loopback_upstream_drops_only_its_port() {
+    fn loopback_upstream_drops_only_its_port_on_every_local_address() {
         let mut p = policy(vec![Hook::Output], false);
-        p.upstreams = vec!["127.0.0.1:5353".parse().unwrap()];
+        p.upstreams = vec![
+            "127.0.0.1:5353".parse().unwrap(),
+            "192.0.2.53:53".parse().unwrap(),
+        ];
         let l = Layout::from_policy(&p).unwrap();
         let out = chain(&l, ChainHook::Output);
         assert!(out.contains(&"ip daddr 127.0.0.1 udp dport 5353 drop".to_string()));
         assert!(!out.contains(&"ip daddr 127.0.0.1 drop".to_string()));
+        // The resolver behind it answers on 127.0.0.2, ::1 and the host's addresses too,
+        // before loopback is accepted; after dnsfence's own marked queries.
+        let local = at(&out, "udp dport 5353 fib daddr type local drop");
+        at(&out, "tcp dport 5353 fib daddr type local drop");
+        assert!(local < at(&out, "oif \"lo\" accept"));
+        assert!(
+            at(
+                &out,
+                "meta mark 0x0000002a ip daddr 127.0.0.1 udp dport 5353 accept"
+            ) < local
+        );
+        // Port 53 is dropped everywhere but dnsfence already, and dnsfence's own listen
+        // addresses must stay reachable: no such rule for it.
+        assert!(!out.iter().any(|r| r.starts_with("udp dport 53 fib daddr")));
     }
 
     #[test]

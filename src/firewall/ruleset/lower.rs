@@ -110,6 +110,8 @@ pub(crate) enum Expr {
     FibSaddrIifOifPresent,
     /// `[ fib saddr type => reg 1 ]`: the route type of the source (`RTN_*`, host order).
     FibSaddrType,
+    /// `[ fib daddr type => reg 1 ]`
+    FibDaddrType,
     /// `[ limit rate N/second burst 5 type packets flags 0x0 ]`
     Limit { rate: u64, burst: u32 },
     /// `[ log prefix … ]`, `[ log prefix … group N ]`
@@ -374,6 +376,10 @@ impl Match {
             Match::FibSaddrIifOifMissing => {
                 out.push(Expr::FibSaddrIifOifPresent);
                 out.push(cmp_eq([0u8; 4]));
+            }
+            Match::FibDaddrLocal => {
+                out.push(Expr::FibDaddrType);
+                out.push(cmp_eq(RTN_LOCAL.to_ne_bytes()));
             }
             Match::FibSaddrNotLocal => {
                 out.push(Expr::FibSaddrType);

@@ -201,6 +201,9 @@ pub(crate) enum Match {
     /// forged: IPv6 lets any user bind any address with `IPV6_FREEBIND` and checks nothing
     /// on output).
     FibSaddrNotLocal,
+    /// `fib daddr type local`: the destination is one of this host's addresses (any of 127/8,
+    /// `::1`, every interface's).
+    FibDaddrLocal,
     /// `icmpv6 type …`
     Icmpv6(NdType),
     /// `ip6 hoplimit 255`: sent on this link (a router would have decremented it). Only after

@@ -99,6 +99,7 @@ impl Match {
             }
             Match::FibSaddrIifOifMissing => "fib saddr . iif oif missing".to_string(),
             Match::FibSaddrNotLocal => "fib saddr type != local".to_string(),
+            Match::FibDaddrLocal => "fib daddr type local".to_string(),
             Match::Icmpv6(t) => format!("icmpv6 type {}", t.name()),
             Match::HopLimit255 => "ip6 hoplimit 255".to_string(),
             Match::CtDirectionReply => "ct direction reply".to_string(),
