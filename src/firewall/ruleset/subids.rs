@@ -19,16 +19,31 @@
 //! `nsswitch.conf`, sssd or FreeIPA) are not in the files and not seen here (README: switch
 //! user namespaces off, `user.max_user_namespaces=0`, where that matters).
 //!
-//! The parser is for a root-owned file but takes nothing for granted: at most
-//! [`MAX_FILE_BYTES`] are read, malformed lines are skipped (as `newuidmap` skips them) and
-//! counted, and a user's ranges are merged and, beyond [`MAX_RANGES`], widened to one span
-//! (containing more, never less).
+//! The parser reads what `newuidmap` reads (shadow's `lib/subordinateio.c`), so that no range
+//! it grants is missed: the whole file, line by line; a line of 1,024 bytes or more is
+//! invalid there and skipped here; exactly three `:`-separated non-empty fields; numbers as C's
+//! `strtoul` with base 0 reads them (`0x186a0` is hexadecimal, `0303240` octal, leading
+//! blanks and `+` allowed, nothing after the digits); the owner by name, by the uid in
+//! decimal, or by another name with the same uid. Where it cannot follow the file it
+//! contains more, never less: owners and numbers are trimmed, a file larger than
+//! [`MAX_FILE_BYTES`] is refused (the ruleset is not built), and a user's ranges are merged
+//! and, beyond [`MAX_RANGES`], widened to one span. Malformed lines are skipped (as
+//! `newuidmap` skips them) and counted in the start-up line.
 
-use std::io::Read as _;
+use std::collections::HashMap;
+use std::io::{BufReader, Read as _};
 use std::path::Path;
 
-/// The most of one file that is read: real files are a few lines per user.
-const MAX_FILE_BYTES: u64 = 1 << 20;
+/// The largest file read: real files are a few lines per user. A larger one is refused
+/// rather than read in part (a range past the end would be uncontained).
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// shadow's `subordinate_parse` refuses a line this long or longer.
+const MAX_LINE_BYTES: usize = 1024;
+
+/// Owner names looked up through NSS per file at most (an alias of a contained user: another
+/// name with its uid); further names are looked up without being remembered.
+const MAX_CACHED_NAMES: usize = 4096;
 
 /// The most ranges one gate rule carries per file (each is three expressions); more are
 /// widened to the single span from the lowest to the highest id, which contains more ids,
@@ -108,18 +123,17 @@ pub(crate) fn read(dir: &Path, owners: &[Owner]) -> Result<Subordinate, String> 
     if owners.is_empty() {
         return Ok(out);
     }
+    let mut uid_of_name = |name: &str| {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    };
     for (file, ranges) in [("subuid", &mut out.uids), ("subgid", &mut out.gids)] {
         let path = dir.join(file);
-        let Some(text) = read_bounded(&path)? else {
+        let Some(found) = read_file(&path, owners, &mut uid_of_name, MAX_FILE_BYTES)? else {
             continue;
         };
-        let found = parse(&text, owners);
-        if text.len() as u64 >= MAX_FILE_BYTES {
-            out.notes.push(format!(
-                "{}: only the first {MAX_FILE_BYTES} bytes read",
-                path.display()
-            ));
-        }
         if found.skipped > 0 {
             out.notes.push(format!(
                 "{}: {} malformed line(s) skipped",
@@ -139,58 +153,136 @@ pub(crate) fn read(dir: &Path, owners: &[Owner]) -> Result<Subordinate, String> 
     Ok(out)
 }
 
-fn read_bounded(path: &Path) -> Result<Option<String>, String> {
+/// Reads and parses one file of at most `max_bytes`; `None` when it does not exist.
+fn read_file(
+    path: &Path,
+    owners: &[Owner],
+    uid_of_name: &mut dyn FnMut(&str) -> Option<u32>,
+    max_bytes: u64,
+) -> Result<Option<Found>, String> {
+    let cannot = |e: std::io::Error| {
+        format!(
+            "firewall.contain: cannot read {} ({e}), so the subordinate ids it grants the \
+             contained users could not be contained; make it readable, or point \
+             firewall.contain.subids_from at the right directory",
+            path.display()
+        )
+    };
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(format!(
-                "firewall.contain: cannot read {} ({e}), so the subordinate ids it grants \
-                 the contained users could not be contained; make it readable, or point \
-                 firewall.contain.subids_from at the right directory",
-                path.display()
-            ));
-        }
+        Err(e) => return Err(cannot(e)),
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("firewall.contain: cannot read {}: {e}", path.display()))?;
-    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+    let found = parse_from(
+        BufReader::new(file.take(max_bytes.saturating_add(1))),
+        owners,
+        uid_of_name,
+    )
+    .map_err(cannot)?;
+    if found.bytes > max_bytes {
+        return Err(format!(
+            "firewall.contain: {} is larger than {max_bytes} bytes; dnsfence reads it whole \
+             (newuidmap does) and will not contain only part of it: shrink it",
+            path.display()
+        ));
+    }
+    Ok(Some(found))
 }
 
 struct Found {
     ranges: Vec<IdRange>,
     skipped: usize,
+    bytes: u64,
 }
 
 /// The ranges of `owners` in one file's text (`owner:first:count` per line).
+#[cfg(test)]
 fn parse(text: &str, owners: &[Owner]) -> Found {
+    let mut no_aliases = |_: &str| None;
+    match parse_from(text.as_bytes(), owners, &mut no_aliases) {
+        Ok(found) => found,
+        Err(_) => Found {
+            ranges: Vec::new(),
+            skipped: 0,
+            bytes: 0,
+        },
+    }
+}
+
+/// The ranges of `owners`, line by line from `reader`; a line is never held beyond
+/// [`MAX_LINE_BYTES`].
+fn parse_from(
+    mut reader: impl std::io::BufRead,
+    owners: &[Owner],
+    uid_of_name: &mut dyn FnMut(&str) -> Option<u32>,
+) -> std::io::Result<Found> {
     let mut found = Found {
         ranges: Vec::new(),
         skipped: 0,
+        bytes: 0,
     };
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+    let mut names: HashMap<String, Option<u32>> = HashMap::new();
+    let mut line = Vec::with_capacity(MAX_LINE_BYTES);
+    loop {
+        line.clear();
+        let (read, complete) = read_line_bounded(&mut reader, &mut line)?;
+        if read == 0 {
+            break;
+        }
+        found.bytes += read as u64;
+        if !complete {
+            // As long as shadow's limit or longer: invalid there, so it grants nothing.
+            found.skipped += 1;
             continue;
         }
-        let mut fields = line.split(':');
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.trim().is_empty() || text.trim_start().starts_with('#') {
+            continue;
+        }
+        let mut fields = text.split(':');
         let (Some(owner), Some(first), Some(count), None) =
             (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             found.skipped += 1;
             continue;
         };
-        let (Ok(first), Ok(count)) = (first.trim().parse::<u32>(), count.trim().parse::<u64>())
+        let (Some(first), Some(count)) = (c_ulong(first.trim_end()), c_ulong(count.trim_end()))
         else {
             found.skipped += 1;
             continue;
         };
+        let Ok(first) = u32::try_from(first) else {
+            // No kernel id starts there: newuidmap's map would be refused.
+            found.skipped += 1;
+            continue;
+        };
         let owner = owner.trim();
+        if owner.is_empty() {
+            found.skipped += 1;
+            continue;
+        }
         let ours = owners
             .iter()
-            .any(|o| o.name.as_deref() == Some(owner) || owner.parse::<u32>().ok() == Some(o.uid));
+            .any(|o| o.name.as_deref() == Some(owner) || owner.parse::<u32>().ok() == Some(o.uid))
+            || {
+                // Another name with a contained user's uid (newuidmap's last try).
+                let uid = match names.get(owner) {
+                    Some(uid) => *uid,
+                    None => {
+                        let uid = if owner.bytes().all(|b| b.is_ascii_digit()) {
+                            None
+                        } else {
+                            uid_of_name(owner)
+                        };
+                        if names.len() < MAX_CACHED_NAMES {
+                            names.insert(owner.to_string(), uid);
+                        }
+                        uid
+                    }
+                };
+                uid.is_some_and(|uid| owners.iter().any(|o| o.uid == uid))
+            };
         if !ours || count == 0 {
             continue;
         }
@@ -208,7 +300,55 @@ fn parse(text: &str, owners: &[Owner]) -> Found {
             found.ranges = merged;
         }
     }
-    found
+    Ok(found)
+}
+
+/// Reads one line into `line` (at most [`MAX_LINE_BYTES`] bytes kept; the rest of a longer
+/// line is read and dropped). Returns the bytes consumed and whether the line was short
+/// enough (shorter than shadow's limit, newline not counted).
+fn read_line_bounded(
+    reader: &mut impl std::io::BufRead,
+    line: &mut Vec<u8>,
+) -> std::io::Result<(usize, bool)> {
+    let mut consumed = 0;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = (MAX_LINE_BYTES + 1).saturating_sub(line.len());
+        line.extend_from_slice(buf.get(..take.min(room)).unwrap_or_default());
+        reader.consume(take);
+        consumed += take;
+        if done {
+            break;
+        }
+    }
+    let content = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
+    Ok((consumed, content < MAX_LINE_BYTES))
+}
+
+/// A number as C's `strtoul(s, &end, 0)` reads it, the whole field consumed (shadow's
+/// `str2ul`): leading blanks, an optional `+`, then `0x`/`0X` hexadecimal, a leading `0`
+/// octal, or decimal. `None` for anything else, a sign `-`, or more than 64 bits.
+fn c_ulong(field: &str) -> Option<u64> {
+    let s = field.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let (digits, radix) = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (hex, 16)
+    } else if s.len() > 1 && s.starts_with('0') {
+        (&s[1..], 8)
+    } else {
+        (s, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
 }
 
 /// Sorted, overlapping and adjacent ranges joined; beyond [`MAX_RANGES`], one span.
@@ -283,6 +423,65 @@ mod tests {
         // Bytes that are not UTF-8 arrive replaced and are skipped like any bad line.
         let bytes = String::from_utf8_lossy(b"alice:\xff\xfe:5\nalice:1:1\n").into_owned();
         assert_eq!(parse(&bytes, &[owner(1000, "alice")]).ranges, [r(1, 1)]);
+    }
+
+    #[test]
+    fn numbers_are_read_as_newuidmap_reads_them() {
+        // strtoul with base 0: hexadecimal and octal too, or a range newuidmap grants would
+        // be left out (or the wrong one contained).
+        let text = "alice:0x186a0:0x10000\n\
+                    alice:0303240:010\n\
+                    alice: +7:3\n\
+                    alice:-1:5\n\
+                    alice:0x:5\n\
+                    alice:09:5\n\
+                    alice:4294967296:5\n";
+        let f = parse(text, &[owner(1000, "alice")]);
+        assert_eq!(f.ranges, [r(100000, 165535), r(100000, 100007), r(7, 9)]);
+        assert_eq!(f.skipped, 4);
+        assert_eq!(c_ulong("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(c_ulong("18446744073709551616"), None);
+        assert_eq!(c_ulong("0"), Some(0));
+    }
+
+    #[test]
+    fn a_line_as_long_as_shadows_limit_is_skipped_and_the_next_one_read() {
+        let long = format!("alice:1:1#{}\n", "x".repeat(MAX_LINE_BYTES));
+        let text = format!("{long}alice:5:1\n");
+        let f = parse(&text, &[owner(1000, "alice")]);
+        assert_eq!(f.ranges, [r(5, 5)]);
+        assert_eq!(f.skipped, 1);
+        assert_eq!(f.bytes, text.len() as u64);
+    }
+
+    #[test]
+    fn another_name_with_a_contained_uid_is_that_user() {
+        let text = "alias:200000:10\nstranger:300000:10\n";
+        let mut lookup = |name: &str| (name == "alias").then_some(1000);
+        let f = parse_from(text.as_bytes(), &[owner(1000, "alice")], &mut lookup).unwrap();
+        assert_eq!(f.ranges, [r(200000, 200009)]);
+    }
+
+    #[test]
+    fn a_file_beyond_the_limit_is_refused_not_read_in_part() {
+        let dir = tempfile_dir("big");
+        let path = dir.join("subuid");
+        std::fs::write(&path, "bob:1:1\nalice:5:1\n").unwrap();
+        let mut none = |_: &str| None;
+        let alice = [owner(1000, "alice")];
+        let err = read_file(&path, &alice, &mut none, 10).err().unwrap();
+        assert!(err.contains("larger than 10 bytes"), "{err}");
+        // Control: within the limit it is read whole.
+        let found = read_file(&path, &alice, &mut none, 18).unwrap().unwrap();
+        assert_eq!(found.ranges, [r(5, 5)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("dnsfence-subids-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
