@@ -201,14 +201,17 @@ fn audit_mode_without_an_end_is_refused_by_check_and_serve() {
 
 /// A UDP query sent from `source` (any 127/8 address works on loopback).
 fn udp_from(source: &str, fence: &Dnsfence, qname: &str) -> hickory_proto::op::Message {
+    udp_from_to(source, &fence.addr.to_string(), qname)
+}
+
+fn udp_from_to(source: &str, server: &str, qname: &str) -> hickory_proto::op::Message {
+    let server: std::net::SocketAddr = server.parse().unwrap();
     let socket = std::net::UdpSocket::bind((source, 0)).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let message = query(qname, RecordType::A);
-    socket
-        .send_to(&message.to_vec().unwrap(), fence.addr)
-        .unwrap();
+    socket.send_to(&message.to_vec().unwrap(), server).unwrap();
     let mut buf = vec![0u8; 4096];
     let (len, _) = socket.recv_from(&mut buf).unwrap();
     hickory_proto::op::Message::from_vec(&buf[..len]).unwrap()
@@ -275,11 +278,15 @@ fn suggest_turns_an_audit_log_into_rules_that_check_and_replay_accept_and_leaves
     }
     let policy_yaml = format!(
         "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"{}\"]\nupstream_timeout: 1s\n\
-         allow: [api.allowed.test]\nclients:\n  - name: research\n    from: [\"127.0.0.2/32\"]\n    \
+         allow: [api.allowed.test]\nclients:\n  - name: research\n    from: [\"::1/128\"]\n    \
          allow: [models.allowed.test]\nfirewall: {{enabled: false}}\n",
         upstream.addr
     );
-    let mut fence = Dnsfence::start_with_args(&policy_yaml, &["--audit-for", "1h"]);
+    // The research client is ::1: every address of 127/8 is the one loopback client
+    // 127.0.0.1 (any local process may bind them), so IPv6 loopback is the other client.
+    let listen6 = format!("[::1]:{}", common::free_port());
+    let mut fence =
+        Dnsfence::start_with_args(&policy_yaml, &["--audit-for", "1h", "--listen", &listen6]);
     for name in default_names {
         assert_eq!(
             addresses(&udp_from("127.0.0.1", &fence, name)).len(),
@@ -293,7 +300,7 @@ fn suggest_turns_an_audit_log_into_rules_that_check_and_replay_accept_and_leaves
     );
     for name in research_names {
         assert_eq!(
-            addresses(&udp_from("127.0.0.2", &fence, name)).len(),
+            addresses(&udp_from_to("::1", &listen6, name)).len(),
             1,
             "{name}"
         );
@@ -445,13 +452,6 @@ fn why_names_what_resolved_to_an_address_until_when_and_what_never_did() {
     let (code, out, _) = run(&["why", "192.0.2.99", "--log", &log]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("never resolved"), "{out}");
-    let (code, out, _) = run(&[
-        "why",
-        "198.51.100.50",
-        "--client",
-        "127.0.0.2",
-        "--log",
-        &log,
-    ]);
+    let (code, out, _) = run(&["why", "198.51.100.50", "--client", "::1", "--log", &log]);
     assert_eq!(code, Some(1), "{out}");
 }
