@@ -74,7 +74,10 @@
 //!    would bypass the allowlist). This rule must come *before* `ct state established`: a
 //!    process that binds the source port the resolver has just used rides the resolver's
 //!    conntrack entry to the upstream otherwise. For a loopback upstream only its port is
-//!    dropped, so that the rest of loopback keeps working.
+//!    dropped, so that the rest of loopback keeps working; and every upstream's port (but 53,
+//!    853 and the listen ports, dropped below to all but dnsfence) is dropped to every address
+//!    of this host (`fib daddr type local`): a resolver on the host listening on the wildcard
+//!    answers at `127.0.0.2`, `::1` and the interface addresses as well.
 //! 3. DNS to dnsfence's own listen addresses is accepted; then DNS (UDP and TCP 53), DNS over
 //!    TLS (TCP 853) and DNS over QUIC (UDP 853) to anything else is dropped, on loopback also
 //!    the listen ports (a local stub or forwarder would be a way around dnsfence). This comes
