@@ -17,13 +17,22 @@ use crate::querylog::QueryLog;
 
 #[allow(dead_code, clippy::all)]
 #[path = "../../tests/common/upstream.rs"]
-mod upstream;
+pub(in crate::server) mod upstream;
 
 use upstream::Upstream;
 
 const PEER: &str = "127.0.0.1:40000";
 
 async fn handler_with(extra: &str) -> (Handler, Upstream) {
+    handler_observed(extra, None).await
+}
+
+/// A handler on a policy allowing `**.fast.test` and `exact.example` (upstream records for
+/// `api`, `www` (a CNAME) and `big`), the firewall off, whose log records `observer` sees.
+pub(in crate::server) async fn handler_observed(
+    extra: &str,
+    observer: Option<crate::querylog::Observer>,
+) -> (Handler, Upstream) {
     let up = Upstream::start();
     up.a("api.fast.test", "11.0.0.1", 300)
         .a("api.fast.test", "11.0.0.2", 300)
@@ -47,7 +56,10 @@ async fn handler_with(extra: &str) -> (Handler, Upstream) {
     )
     .expect("upstreams");
     let pipeline = Pipeline::new(Generation::new(policy, "00"), upstreams, None);
-    let (log, writer) = QueryLog::open(&LogTarget::File("/dev/null".into())).expect("log");
+    let (mut log, writer) = QueryLog::open(&LogTarget::File("/dev/null".into())).expect("log");
+    if let Some(observer) = observer {
+        log.observe(observer);
+    }
     std::mem::forget(writer);
     (Handler::new(Arc::new(pipeline), log), up)
 }

@@ -189,4 +189,4 @@ impl Handler {
 
 #[cfg(test)]
 #[path = "fast_path_tests.rs"]
-mod fast_path_tests;
+pub(super) mod fast_path_tests;

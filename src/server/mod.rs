@@ -1,7 +1,8 @@
 //! The DNS server: listeners, the handler that answers each message, and graceful shutdown.
 //!
-//! Every listen address gets a UDP socket (`udp.rs`: a bounded task per datagram) and a TCP
-//! listener (`tcp.rs`: connection limits, slowloris deadlines, pipelining). Both move bytes
+//! Every listen address gets a UDP socket (`udp.rs`: datagrams read and fast replies sent in
+//! batches of up to 32 per system call with `recvmmsg`/`sendmmsg` (`mmsg.rs`), a bounded task
+//! per datagram that has to wait) and a TCP listener (`tcp.rs`: connection limits, slowloris deadlines, pipelining). Both move bytes
 //! only: each message goes to [`Handler::answer`] (`handler.rs`), which parses it, runs the
 //! [`Pipeline`](crate::pipeline::Pipeline) and writes the reply's bytes; the front end sends
 //! them and calls [`Handler::finish`], which writes the log record (with the truncation flag
@@ -33,6 +34,7 @@ pub use handler::{Handler, Pending};
 pub use tcp::TcpLimits;
 
 mod handler;
+mod mmsg;
 mod tcp;
 mod udp;
 
