@@ -879,7 +879,12 @@ fn serve(
         0
     };
 
+    // One worker per core this process may run on (its CPU affinity counts, so `taskset -c 0`
+    // gives one); each worker also reads the UDP sockets (`server` module). Set here rather
+    // than left to tokio, which would read TOKIO_WORKER_THREADS and panic on a bad value.
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the runtime: {error}"))?;

@@ -2507,3 +2507,103 @@ fn an_unprivileged_user_cannot_share_the_listening_port() {
     // Still serving, on both transports, to the real clients.
     assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
 }
+
+/// Tries to bind `addr` over UDP in this process (root, dnsfence's own uid in these tests)
+/// with `SO_REUSEPORT` and, as an attacker would add, `SO_REUSEADDR` or a device binding
+/// (`SO_BINDTODEVICE`, which wins the kernel's socket lookup for datagrams arriving on it).
+fn bind_udp_sharing(
+    addr: SocketAddr,
+    reuse_address: bool,
+    device: Option<&[u8]>,
+) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(reuse_address)?;
+    socket.bind_device(device)?;
+    socket.bind(&addr.into())
+}
+
+/// dnsfence reads its UDP socket with one loop per core but never sets `SO_REUSEPORT`, so even
+/// a process of its own uid cannot join the port (a reuseport group cannot be closed to it,
+/// and a member bound to a device would receive every query arriving there). Control: the
+/// same options bind a free port. Meanwhile a burst from many clients gets every answer, each
+/// with its own ID.
+#[test]
+fn the_resolvers_own_uid_cannot_share_the_udp_port_and_bursts_are_answered() {
+    if !require_root("the_resolvers_own_uid_cannot_share_the_udp_port_and_bursts_are_answered") {
+        return;
+    }
+    let upstream = Upstream::start();
+    upstream.a("api.allowed.test", "198.51.100.10", 300);
+    let fence = fence_with(&upstream, &["api.allowed.test"], "");
+    assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
+    let wildcard = SocketAddr::new("0.0.0.0".parse().unwrap(), fence.addr.port());
+    let free: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let attempts: [(&str, SocketAddr, bool, Option<&[u8]>); 3] = [
+        ("SO_REUSEPORT", fence.addr, false, None),
+        (
+            "SO_REUSEPORT + SO_BINDTODEVICE lo",
+            fence.addr,
+            false,
+            Some(b"lo"),
+        ),
+        (
+            "SO_REUSEPORT + SO_REUSEADDR on the wildcard",
+            wildcard,
+            true,
+            None,
+        ),
+    ];
+    for (what, addr, reuse_address, device) in attempts {
+        let error = bind_udp_sharing(addr, reuse_address, device)
+            .expect_err(&format!("root bound {addr} with {what}"));
+        assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::AddrInUse,
+            "{what}: {error}"
+        );
+        let control = SocketAddr::new(addr.ip(), free.port());
+        bind_udp_sharing(control, reuse_address, device)
+            .unwrap_or_else(|error| panic!("control: {what} on {control}: {error}"));
+    }
+
+    // 20 clients each send 10 queries at once, then read their 10 replies.
+    const CLIENTS: u16 = 20;
+    const EACH: u16 = 10;
+    let clients: Vec<UdpSocket> = (0..CLIENTS)
+        .map(|_| {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            socket
+        })
+        .collect();
+    for (c, socket) in (0..CLIENTS).zip(&clients) {
+        for q in 0..EACH {
+            let mut message = query("api.allowed.test", RecordType::A);
+            message.metadata.id = c * 100 + q;
+            socket
+                .send_to(&message.to_vec().unwrap(), fence.addr)
+                .unwrap();
+        }
+    }
+    for (c, socket) in (0..CLIENTS).zip(&clients) {
+        let mut ids = HashSet::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..EACH {
+            let (len, from) = socket.recv_from(&mut buf).expect("every query is answered");
+            assert_eq!(from, fence.addr);
+            let reply = Message::from_vec(&buf[..len]).unwrap();
+            assert_eq!(addresses(&reply), ["198.51.100.10"]);
+            ids.insert(reply.metadata.id);
+        }
+        let want: HashSet<u16> = (0..EACH).map(|q| c * 100 + q).collect();
+        assert_eq!(ids, want, "client {c} got exactly its own IDs");
+    }
+    assert_still_answers(&fence, "api.allowed.test", "198.51.100.10");
+}

@@ -1,8 +1,8 @@
 //! The DNS server: listeners, the handler that answers each message, and graceful shutdown.
 //!
-//! Every listen address gets a UDP socket (`udp.rs`: datagrams read and fast replies sent in
-//! batches of up to 32 per system call with `recvmmsg`/`sendmmsg` (`mmsg.rs`), a bounded task
-//! per datagram that has to wait) and a TCP listener (`tcp.rs`: connection limits, slowloris deadlines, pipelining). Both move bytes
+//! Every listen address gets a UDP socket (`udp.rs`: one receive loop per runtime worker,
+//! datagrams read and fast replies sent in batches of up to 32 per system call with
+//! `recvmmsg`/`sendmmsg` (`mmsg.rs`), a bounded task per datagram that has to wait) and a TCP listener (`tcp.rs`: connection limits, slowloris deadlines, pipelining). Both move bytes
 //! only: each message goes to [`Handler::answer`] (`handler.rs`), which parses it, runs the
 //! [`Pipeline`](crate::pipeline::Pipeline) and writes the reply's bytes; the front end sends
 //! them and calls [`Handler::finish`], which writes the log record (with the truncation flag
@@ -15,7 +15,19 @@
 //!
 //! Listening sockets are dnsfence's alone: `SO_REUSEADDR` only on TCP (restarts past
 //! TIME_WAIT; on Linux it never lets a second socket bind a listening TCP port) and never
-//! `SO_REUSEPORT`, so no other local user can bind the port and read or answer queries.
+//! `SO_REUSEPORT`, so no other local process, of another user or of dnsfence's own, can bind
+//! the port and read or answer queries.
+//!
+//! Scaling with cores therefore does not take one socket per core: each UDP socket is read by
+//! as many receive loops as the runtime has workers (one per core the process may run on), and
+//! the kernel hands each `recvmmsg` whatever is waiting to whichever loop asks. A
+//! `SO_REUSEPORT` group would spare the loops their shared receive queue, but it cannot be
+//! closed to newcomers: a process of the same uid can join it, and (measured on Linux 6.18) a
+//! classic BPF program choosing among dnsfence's own sockets keeps a plain newcomer out, yet a
+//! newcomer that also sets `SO_BINDTODEVICE` (no privilege needed since Linux 5.7) or
+//! `connect()`s to a client's address wins the socket lookup outright and receives every query
+//! arriving on that device, or from that client. Without `SO_REUSEPORT` all of them fail to
+//! bind (`tests/hardening.rs` checks it for root and for another user).
 
 use std::future::Future;
 use std::io;
@@ -24,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::health::Readiness;
@@ -59,16 +71,25 @@ pub async fn serve(
     let handler = Arc::new(Handler::new(pipeline, log));
     let (stop, stopped) = watch::channel(false);
     let tasks = TaskTracker::new();
-    let mut listeners = Vec::with_capacity(listen.len() * 2);
+    // One receive loop per worker on each UDP socket, so that every core can read datagrams.
+    let readers = tokio::runtime::Handle::current()
+        .metrics()
+        .num_workers()
+        .max(1);
+    let mut listeners = Vec::with_capacity(listen.len() * (readers + 1));
     for &addr in listen {
         let socket = Arc::new(bind_udp(addr)?);
         let listener = bind_tcp(addr)?;
-        listeners.push(tokio::spawn(udp::serve_udp(
-            socket,
-            handler.clone(),
-            tasks.clone(),
-            stopped.clone(),
-        )));
+        let pending = Arc::new(Semaphore::new(udp::MAX_PENDING));
+        for _ in 0..readers {
+            listeners.push(tokio::spawn(udp::serve_udp(
+                socket.clone(),
+                handler.clone(),
+                pending.clone(),
+                tasks.clone(),
+                stopped.clone(),
+            )));
+        }
         listeners.push(tokio::spawn(tcp::serve_tcp(
             listener,
             handler.clone(),
@@ -76,7 +97,7 @@ pub async fn serve(
             tasks.clone(),
             stopped.clone(),
         )));
-        tracing::info!(%addr, "listening on UDP and TCP");
+        tracing::info!(%addr, udp_readers = readers, "listening on UDP and TCP");
     }
     readiness.set_listeners_bound();
     shutdown.await;

@@ -1,5 +1,5 @@
-//! DNS over UDP: one receive loop per socket, reading and answering datagrams in batches; a
-//! task per datagram that has to wait.
+//! DNS over UDP: receive loops (one per runtime worker, all on the one socket) reading and
+//! answering datagrams in batches; a task per datagram that has to wait.
 //!
 //! The loop waits until the socket is readable, then takes up to [`BATCH`] datagrams with one
 //! `recvmmsg` (`mmsg.rs`). Each datagram first meets the fast path ([`Handler::answer_fast`]):
@@ -45,14 +45,16 @@ struct Answered {
     pending: Pending,
 }
 
-/// Receives on `socket` until `shutdown` changes.
+/// Receives on `socket` until `shutdown` changes. Several loops may read one socket (each
+/// batch goes to whichever loop the kernel hands it); `pending` holds the socket's slots for
+/// datagrams that wait, shared by its loops ([`MAX_PENDING`]).
 pub async fn serve_udp(
     socket: Arc<UdpSocket>,
     handler: Arc<Handler>,
+    pending: Arc<Semaphore>,
     tasks: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING));
     let mut batch = Batch::new();
     let mut answered: Vec<Answered> = Vec::with_capacity(BATCH);
     let mut results: Vec<io::Result<()>> = Vec::with_capacity(BATCH);

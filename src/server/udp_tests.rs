@@ -9,12 +9,12 @@ use std::time::Duration;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use super::super::handler::fast_path_tests::handler_observed;
 use super::super::mmsg::{BATCH, Batch};
-use super::{send_replies, serve_udp};
+use super::{MAX_PENDING, send_replies, serve_udp};
 
 /// What the log said of one query: client, name, error.
 type Logged = Arc<Mutex<Vec<(SocketAddr, String, Option<String>)>>>;
@@ -148,7 +148,7 @@ async fn a_reply_that_cannot_be_sent_fails_alone() {
 /// A batch mixing cache hits, denials, misses (the full path, through the upstream), garbage,
 /// a client that closed its socket and a datagram from port 0: every live client gets the
 /// reply to its own question with its own ID, the log has one record per datagram (none for
-/// port 0), and the loop keeps serving afterwards.
+/// port 0), and the loops keep serving afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_burst_is_answered_client_by_client() {
     let logged: Logged = Arc::default();
@@ -172,6 +172,7 @@ async fn a_mixed_burst_is_answered_client_by_client() {
     let warm = tokio::spawn(serve_udp(
         socket.clone(),
         handler.clone(),
+        Arc::new(Semaphore::new(MAX_PENDING)),
         tasks.clone(),
         stopped.clone(),
     ));
@@ -231,12 +232,19 @@ async fn a_mixed_burst_is_answered_client_by_client() {
         want_names.insert(control.local_addr().unwrap(), "api.fast.test.".to_owned());
     }
 
-    let serving = tokio::spawn(serve_udp(
-        socket.clone(),
-        handler.clone(),
-        tasks.clone(),
-        stopped.clone(),
-    ));
+    // Two loops on the one socket, as a server with two runtime workers runs them.
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let serving: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(serve_udp(
+                socket.clone(),
+                handler.clone(),
+                pending.clone(),
+                tasks.clone(),
+                stopped.clone(),
+            ))
+        })
+        .collect();
     for (c, id, name, kind) in live {
         let reply = tokio::task::spawn_blocking(move || reply_of(&c))
             .await
@@ -286,7 +294,9 @@ async fn a_mixed_burst_is_answered_client_by_client() {
     assert_eq!(reply.metadata.id, 0x4321, "answered after the burst");
 
     stop.send(true).unwrap();
-    serving.await.unwrap();
+    for serving in serving {
+        serving.await.unwrap();
+    }
     tasks.close();
     tasks.wait().await;
     let logged = logged.lock().unwrap().clone();
