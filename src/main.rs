@@ -391,7 +391,10 @@ fn firewall_command(action: FirewallAction) -> ExitCode {
     if remove {
         return match firewall::remove_table(&table) {
             Ok(true) => {
-                println!("removed table inet {table}: egress is no longer filtered by dnsfence");
+                println!(
+                    "removed table inet {table} (and table bridge {table}, if it was there): \
+                     egress is no longer filtered by dnsfence"
+                );
                 if !running.is_empty() {
                     eprintln!(
                         "warning: {running_text}: it can no longer admit addresses and answers \
@@ -430,6 +433,19 @@ fn firewall_command(action: FirewallAction) -> ExitCode {
                     "  set {}: {} elements (size {size})",
                     set.name, set.elements
                 );
+            }
+            match firewall::bridge_status(&table) {
+                Ok(Some((ports, rules))) => println!(
+                    "table bridge {table}: installed (firewall.bind): {} bound to their \
+                     sources ({rules} rules): {}",
+                    if ports.len() == 1 { "1 port" } else { "ports" },
+                    ports.join(", ")
+                ),
+                Ok(None) => println!(
+                    "table bridge {table}: not installed (no firewall.bind: no bridge port is \
+                     bound to its sources)"
+                ),
+                Err(error) => println!("table bridge {table}: cannot be read: {error}"),
             }
             println!("  {running_text}");
             println!("  remove it with: dnsfence firewall remove --table {table}");
@@ -860,6 +876,20 @@ fn serve(
             hooks = firewall.drop_hooks().join(", "),
             contained = firewall.contained(),
         );
+        if !policy.firewall.bind.is_empty() {
+            let ports: Vec<&str> = policy
+                .firewall
+                .bind
+                .iter()
+                .map(|b| b.port.as_str())
+                .collect();
+            eprintln!(
+                "dnsfence: firewall: table bridge {table} installed: bridge ports {ports} send \
+                 only from their own addresses (firewall.bind); ports not listed are not bound",
+                table = firewall.table(),
+                ports = ports.join(", "),
+            );
+        }
         for note in dnsfence::host_resolver::startup_notes(&policy, Path::new("/")) {
             eprintln!("dnsfence: {note}");
         }

@@ -11,7 +11,7 @@ use netlink_packet_netfilter::nftables::SetFlags;
 use super::netlink::{
     KernelRule, KernelTable, RawExpr, be32_of, hook_number, raw_expressions, u16_at,
 };
-use super::ruleset::{CgroupSetDef, Layout};
+use super::ruleset::{BIND_CHAIN, BIND_PRIORITY, BridgeLayout, CgroupSetDef, ChainHook, Layout};
 
 /// Attributes the kernel reports with their default value although nft does not send them.
 fn is_kernel_default(name: &str, kind: u16, value: &[u8]) -> bool {
@@ -161,6 +161,54 @@ pub(crate) fn compare(layout: &Layout, k: &KernelTable) -> Result<(), String> {
                     w.text()
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Compares the `bridge` table read from the kernel with the one `firewall.bind` asks for;
+/// `Err` says the first difference.
+pub(crate) fn compare_bridge(layout: &BridgeLayout, k: &KernelTable) -> Result<(), String> {
+    if k.flags != 0 {
+        return Err(format!("table flags are {:#x} (dormant?)", k.flags));
+    }
+    if !k.sets.is_empty() {
+        return Err(format!("{} set(s) instead of none", k.sets.len()));
+    }
+    let [got] = k.chains.as_slice() else {
+        return Err(format!("{} chain(s) instead of 1", k.chains.len()));
+    };
+    if got.name != BIND_CHAIN
+        || got.hook != Some(hook_number(ChainHook::Prerouting))
+        || got.priority != Some(BIND_PRIORITY)
+        || got.has_device
+        || got.policy != Some(1)
+        || got.kind.as_deref() != Some("filter")
+    {
+        return Err(format!(
+            "chain {} is not `{BIND_CHAIN}`, type filter hook prerouting priority filter, \
+             policy accept",
+            got.name
+        ));
+    }
+    if k.rules.len() != layout.rules.len() {
+        return Err(format!(
+            "chain {BIND_CHAIN} has {} rule(s) instead of {}",
+            k.rules.len(),
+            layout.rules.len()
+        ));
+    }
+    for (i, (w, g)) in layout.rules.iter().zip(&k.rules).enumerate() {
+        let ours = raw_expressions(&w.exprs());
+        let same = g.chain == BIND_CHAIN
+            && ours.len() == g.exprs.len()
+            && ours.iter().zip(&g.exprs).all(|(a, b)| same_expr(a, b));
+        if !same {
+            return Err(format!(
+                "rule {} of chain {BIND_CHAIN} differs (want: {})",
+                i + 1,
+                w.text()
+            ));
         }
     }
     Ok(())

@@ -28,6 +28,8 @@
 //! * `cgroup_watch`: with `contain.cgroups`, keeps the sets of cgroups known to be outside the
 //!   contained ones current (the `output` gate accepts only those; see `ruleset::contain`);
 //! * `compare`: whether the table in the kernel is the one the policy asks for;
+//! * `bridge`: `table bridge <firewall.table>` (`firewall.bind`: bridge ports bound to their
+//!   agents' sources, rules in `ruleset::bind`), changed in the main table's transactions;
 //! * `admission`: the admission thread, group commit and the lifetime map.
 //!
 //! What a crash leaves behind: the table, default drop. Agents lose egress until dnsfence is
@@ -46,6 +48,7 @@
 //!   address drop (rule 2 in `ruleset`); use a loopback address for a local resolver.
 
 mod admission;
+mod bridge;
 mod cgroup_watch;
 mod compare;
 mod conntrack;
@@ -56,6 +59,7 @@ pub mod shared_link;
 mod status;
 
 pub use admission::{Carry, Replaced};
+pub use bridge::bridge_status;
 pub use cgroup_watch::CGROUP_POLL;
 pub use netlink::{DropReader, DroppedPacket};
 pub use probe::{
@@ -77,7 +81,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::policy::{OnExit, Policy};
 use admission::{Key, Msg, Request};
 use netlink::{NfSocket, NlError, Op};
-use ruleset::{Family, Layout, normalize_ip, parse_element_key};
+use ruleset::{BridgeLayout, Family, Layout, normalize_ip, parse_element_key};
 
 /// Requests waiting for the admission thread, at most.
 const QUEUE_DEPTH: usize = 4096;
@@ -234,7 +238,14 @@ pub fn admitted_lifetime(lifetime: Duration) -> Duration {
 /// as comments only, saying why.
 pub fn render_nft(policy: &Policy) -> String {
     match Layout::from_policy(policy) {
-        Ok(layout) => layout.render(),
+        Ok(layout) => {
+            let mut text = layout.render();
+            if let Some(bridge) = BridgeLayout::from_policy(policy) {
+                text.push('\n');
+                text.push_str(&bridge.render());
+            }
+            text
+        }
         Err(why) => format!("# dnsfence: no ruleset: {why}\n"),
     }
 }
@@ -265,6 +276,10 @@ fn firewall_error(e: NlError, table: &str, layout: Option<&Layout>) -> FirewallE
         (Some(Errno::ENOENT | Errno::EOPNOTSUPP), Some(Op::NewRule { .. })) => {
             " (the kernel lacks an nf_tables expression this rule needs: modules nft_ct, \
              nft_fib_inet, nft_limit, nft_log)"
+        }
+        (Some(Errno::ENOENT | Errno::EOPNOTSUPP | Errno::EAFNOSUPPORT), Some(Op::Bridge(_))) => {
+            " (firewall.bind needs nf_tables' bridge family: a kernel built with \
+             CONFIG_NF_TABLES_BRIDGE, module nf_tables_bridge or nft_meta_bridge)"
         }
         (Some(Errno::EEXIST), Some(Op::NewTable)) => {
             " (another process created the table at the same time)"
@@ -316,18 +331,26 @@ impl Firewall {
         let mut outside = ruleset::Outside::default();
 
         let mut control = NfSocket::open().map_err(err)?;
+        // firewall.bind: the bridge table goes in (or out) with the main one.
+        let bridge_want = BridgeLayout::from_policy(policy);
+        let bridge_plan = bridge::BridgePlan::read(&mut control, &table).map_err(err)?;
         let mut seed = Vec::new();
         match control.read_table(&table).map_err(err)? {
             None => {
                 let mut b = control.begin(&table);
                 b.add_layout(&layout);
                 outside = cgroup_watch::add_outside_cgroups(&mut b, &layout, plan.as_ref());
+                bridge_plan.add_to(&mut b, bridge_want.as_ref());
                 control.commit(b).map_err(err)?;
                 tracing::info!(target: "dnsfence::firewall", table = %table, "created the nftables table");
             }
             Some(existing) => match compare::compare(&layout, &existing) {
                 Ok(()) => {
                     seed = keep_elements(&mut control, &layout).map_err(err)?;
+                    let mut b = control.begin(&table);
+                    if bridge_plan.add_to(&mut b, bridge_want.as_ref()) {
+                        control.commit(b).map_err(err)?;
+                    }
                     tracing::info!(
                         target: "dnsfence::firewall",
                         table = %table,
@@ -340,6 +363,7 @@ impl Firewall {
                     b.del_table();
                     b.add_layout(&layout);
                     outside = cgroup_watch::add_outside_cgroups(&mut b, &layout, plan.as_ref());
+                    bridge_plan.add_to(&mut b, bridge_want.as_ref());
                     control.commit(b).map_err(err)?;
                     tracing::warn!(
                         target: "dnsfence::firewall",
@@ -349,6 +373,20 @@ impl Firewall {
                     );
                 }
             },
+        }
+
+        // The bindings are what make client identities on a bridge trustworthy: a bridge table
+        // that does not read back as built is not served on.
+        bridge::read_back(&mut control, &table, bridge_want.as_ref()).map_err(|why| {
+            FirewallError::Netlink(format!("table bridge {table} (firewall.bind): {why}"))
+        })?;
+        if let Some(b) = &bridge_want {
+            tracing::info!(
+                target: "dnsfence::firewall",
+                table = %table,
+                ports = %b.ports().join(","),
+                "bridge ports bound to their sources (table bridge)"
+            );
         }
 
         // A kept table: bring its cgroup sets up to date before anything is answered.
@@ -505,21 +543,17 @@ impl Firewall {
         self.stop_thread();
         match self.on_exit {
             OnExit::Keep => Ok(()),
-            OnExit::Remove => {
-                let mut b = self.control.begin(&self.table);
-                b.del_table();
-                match self.control.commit(b) {
-                    Ok(()) => {
-                        tracing::info!(target: "dnsfence::firewall", table = %self.table, "removed the nftables table");
-                        Ok(())
-                    }
-                    Err(NlError::Kernel {
-                        errno: Errno::ENOENT,
-                        ..
-                    }) => Ok(()),
-                    Err(e) => Err(firewall_error(e, &self.table, None)),
+            OnExit::Remove => match bridge::remove_both(&mut self.control, &self.table) {
+                Ok(_) => {
+                    tracing::info!(target: "dnsfence::firewall", table = %self.table, "removed the nftables table (and its bridge table, if any)");
+                    Ok(())
                 }
-            }
+                Err(NlError::Kernel {
+                    errno: Errno::ENOENT,
+                    ..
+                }) => Ok(()),
+                Err(e) => Err(firewall_error(e, &self.table, None)),
+            },
         }
     }
 }

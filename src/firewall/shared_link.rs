@@ -8,10 +8,14 @@
 //! getting B's client group and B's per-client elements. (A veth per agent, routed, has one
 //! source per interface, and there the check does tell them apart.)
 //!
-//! dnsfence does not yet filter sources per bridge port, so it says so: when the policy tells
-//! agents apart (client groups or `per_client`) and an agents' network is on a bridge of this
-//! host, `check` and `serve` warn, naming the bridge. Looked up at start: a bridge created
-//! later is not seen.
+//! `firewall.bind` closes it: each listed port may send only from its own addresses (a
+//! `bridge`-family table, see `ruleset::bind`). When the policy tells agents apart (client
+//! groups or `per_client`) and an agents' network is on a bridge of this host with ports that
+//! are not bound, `check` and `serve` warn, naming the bridge and those ports: the identities
+//! of agents behind them cannot be trusted. They also warn about a binding that names an
+//! interface which is not a bridge port here (a typo, or an agent not started yet: bindings
+//! match by name, so a port created later is bound from the moment it exists). Looked up at
+//! start: a bridge or port created later is not seen by these warnings.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -31,7 +35,8 @@ pub fn warnings(policy: &Policy) -> Vec<String> {
         .contain
         .as_ref()
         .map_or(&[], |contain| contain.interfaces.as_slice());
-    let mut out = Vec::new();
+    let bound: Vec<&str> = fw.bind.iter().map(|b| b.port.as_str()).collect();
+    let mut out = not_bridge_ports(&bound, Path::new("/sys/class/net"));
     for (bridge, networks) in bridges() {
         let mut reasons: Vec<String> = Vec::new();
         if contained.iter().any(|name| names(name, &bridge)) {
@@ -54,19 +59,63 @@ pub fn warnings(policy: &Policy) -> Vec<String> {
         if fw.per_client && routed && listens_on_it {
             reasons.push("dnsfence listens on it with per_client".to_owned());
         }
-        if !reasons.is_empty() {
+        let unbound: Vec<String> = ports_of(&bridge, Path::new("/sys/class/net"))
+            .into_iter()
+            .filter(|p| !bound.contains(&p.as_str()))
+            .collect();
+        if !reasons.is_empty() && (!unbound.is_empty() || bound.is_empty()) {
+            let which = if unbound.is_empty() {
+                "it has no ports yet, and firewall.bind lists none".to_string()
+            } else {
+                format!("its ports {} are not in firewall.bind", unbound.join(", "))
+            };
             out.push(format!(
-                "interface {bridge} is a bridge ({}): agents on one bridge can send with each \
-                 other's source address and pass the reverse-path check, so client groups and \
-                 per-client sets do not tell them apart there. Give each agent its own routed \
-                 link (a veth pair per agent, not enslaved to a bridge), or bind each bridge \
-                 port to its addresses yourself in an nftables bridge table \
-                 (iifname PORT ip saddr != ADDRESS drop)",
+                "interface {bridge} is a bridge ({}; {which}): agents on one bridge can send \
+                 with each other's source address and pass the reverse-path check, so client \
+                 groups and per-client sets do not tell the agents behind unbound ports apart. \
+                 Bind each port to its agent's addresses (firewall.bind: [{{port: PORT, \
+                 sources: [ADDRESS, ...]}}]), or give each agent its own routed link (a veth \
+                 pair per agent, not enslaved to a bridge)",
                 reasons.join("; ")
             ));
         }
     }
     out
+}
+
+/// The ports of `bridge` (`/sys/class/net/<bridge>/brif/`), sorted.
+fn ports_of(bridge: &str, sys_class_net: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(sys_class_net.join(bridge).join("brif")) else {
+        return Vec::new();
+    };
+    let mut ports: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// A warning for each bound port that is not a port of a bridge here (`/sys/class/net/<port>/
+/// brport` is missing): its binding does nothing until such a port exists.
+fn not_bridge_ports(bound: &[&str], sys_class_net: &Path) -> Vec<String> {
+    bound
+        .iter()
+        .filter(|port| !sys_class_net.join(port).join("brport").is_dir())
+        .map(|port| {
+            let what = if sys_class_net.join(port).exists() {
+                "is not a port of a bridge"
+            } else {
+                "does not exist (yet)"
+            };
+            format!(
+                "firewall.bind port {port:?} {what} in this network namespace: its binding \
+                 takes effect only when a bridge port of that name exists (bindings match by \
+                 name); name the host-side interface of an agent enslaved to a bridge \
+                 (`ip link show master BRIDGE` lists them)"
+            )
+        })
+        .collect()
 }
 
 /// `name` as `contain.interfaces` writes it (a trailing `*` is a prefix) matches `interface`.
@@ -143,6 +192,26 @@ mod tests {
         assert!(names("br-*", "br-agents"));
         assert!(!names("br-agents", "br-agents2"));
         assert!(!names("veth*", "br-agents"));
+    }
+
+    #[test]
+    fn bridge_ports_and_bindings_are_read_from_sys_class_net() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        for p in [
+            "br0/brif/p-a",
+            "br0/brif/p-b",
+            "p-a/brport",
+            "p-b/brport",
+            "eth0",
+        ] {
+            std::fs::create_dir_all(sys.join(p)).unwrap();
+        }
+        assert_eq!(ports_of("br0", sys), ["p-a", "p-b"]);
+        assert!(not_bridge_ports(&["p-a", "p-b"], sys).is_empty());
+        let w = not_bridge_ports(&["eth0", "nope"], sys);
+        assert!(w[0].contains("\"eth0\" is not a port of a bridge"), "{w:?}");
+        assert!(w[1].contains("\"nope\" does not exist"), "{w:?}");
     }
 
     #[test]

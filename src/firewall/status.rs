@@ -80,13 +80,12 @@ pub fn table_status(table: &str) -> Result<Option<TableStatus>, FirewallError> {
     }))
 }
 
-/// Deletes `table inet <table>`; `false` when there was none.
+/// Deletes `table inet <table>` and its `bridge` companion (`firewall.bind`) in one
+/// transaction; `false` when there was neither.
 pub fn remove_table(table: &str) -> Result<bool, FirewallError> {
     let mut sock = NfSocket::open().map_err(|e| firewall_error(e, table, None))?;
-    let mut b = sock.begin(table);
-    b.del_table();
-    match sock.commit(b) {
-        Ok(()) => Ok(true),
+    match super::bridge::remove_both(&mut sock, table) {
+        Ok(removed) => Ok(removed),
         Err(NlError::Kernel {
             errno: Errno::ENOENT,
             ..

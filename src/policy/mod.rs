@@ -36,9 +36,9 @@ pub use lint::MULTI_TENANT_SUFFIXES;
 pub use matcher::{RuleSet, RuleSetError};
 pub use schema::check_table_name;
 pub use validate::{
-    MAX_ADDRESSES_PER_ANSWER, MAX_CGROUP_DEPTH, MAX_LIFETIME, Problem, check_cgroup_path,
-    check_interface_name, firewall_problems, limits_problems, ttl_problems,
-    upstream_timeout_problems,
+    MAX_ADDRESSES_PER_ANSWER, MAX_BIND_PORTS, MAX_BIND_SOURCES, MAX_CGROUP_DEPTH, MAX_LIFETIME,
+    Problem, check_bind_port, check_bind_source, check_cgroup_path, check_interface_name,
+    firewall_problems, limits_problems, ttl_problems, upstream_timeout_problems,
 };
 
 use std::net::{IpAddr, SocketAddr};
@@ -452,6 +452,22 @@ pub struct FirewallPolicy {
     /// Who the firewall contains (`firewall.contain`); `None`: every process and every packet
     /// the hooks see, as before `contain` existed.
     pub contain: Option<Contain>,
+    /// `firewall.bind`: bridge ports whose frames may carry only their own source addresses
+    /// (a `bridge`-family table named like the main one); ports not listed are untouched.
+    pub bind: Vec<PortBinding>,
+}
+
+/// One entry of `firewall.bind`: a bridge port (the host-side interface of one agent) and
+/// the addresses the agent behind it may send from. Frames entering the bridge from this port
+/// with another IPv4/IPv6 source, an ARP sender address or an IPv6 neighbour advertisement
+/// for another address are dropped, so agents on one bridge cannot take each other's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortBinding {
+    /// The port's interface name (exactly one port, no wildcard).
+    pub port: String,
+    /// The agent's own addresses (or networks), IPv4 and IPv6; one family may be absent (the
+    /// port then sends none of it, but IPv6 link-local neighbour discovery).
+    pub sources: Vec<IpNet>,
 }
 
 /// `firewall.contain`: the agents. Only their traffic meets the default-drop rules; the rest
@@ -588,6 +604,7 @@ impl Default for FirewallPolicy {
             max_addresses_per_answer: 32,
             max_elements_per_client: None,
             contain: None,
+            bind: Vec::new(),
         }
     }
 }

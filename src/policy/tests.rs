@@ -1549,3 +1549,114 @@ fn contain_cgroups_without_uids_warn_that_the_agent_can_leave_them() {
         warnings(&p)
     );
 }
+
+// ---- firewall.bind ----
+
+/// A policy whose `firewall` section ends with `bind:` + `entries` (the first entry on line 6).
+fn bind_policy(entries: &str) -> String {
+    format!(
+        "listen: [\"10.88.0.1:53\"]\nupstreams: [\"9.9.9.9:53\"]\nallow: [a.example]\n\
+         firewall:\n  bind:\n{entries}"
+    )
+}
+
+#[test]
+fn bind_reads_ports_and_their_sources() {
+    let p = parse(&bind_policy(
+        "    - {port: p-a, sources: [\"10.88.0.2\", \"fd88::2/128\"]}\n    \
+         - {port: p-b, sources: [\"10.88.1.0/28\"]}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.firewall.bind,
+        [
+            PortBinding {
+                port: "p-a".into(),
+                sources: vec![net("10.88.0.2/32"), net("fd88::2/128")],
+            },
+            PortBinding {
+                port: "p-b".into(),
+                sources: vec![net("10.88.1.0/28")],
+            },
+        ]
+    );
+    assert!(FirewallPolicy::default().bind.is_empty());
+}
+
+#[test]
+fn bind_errors_name_the_entry_and_what_would_be_right() {
+    let cases = [
+        (
+            "    - {port: \"veth*\", sources: [\"10.88.0.2\"]}\n",
+            "policy.yaml:6:14: firewall.bind: port \"veth*\" is a wildcard",
+        ),
+        (
+            "    - {sources: [\"10.88.0.2\"]}\n",
+            "policy.yaml:6:7: a firewall.bind entry needs port",
+        ),
+        (
+            "    - {port: p-a}\n",
+            "policy.yaml:6:7: a firewall.bind entry needs sources",
+        ),
+        (
+            "    - {port: p-a, sources: []}\n",
+            "policy.yaml:6:28: firewall.bind sources is empty",
+        ),
+        (
+            "    - {port: p-a, sources: [\"fe80::1\"]}\n",
+            "policy.yaml:6:29: firewall.bind: source \"fe80::1/128\" is link-local",
+        ),
+        (
+            "    - {port: p-a, sources: [\"0.0.0.0/0\"]}\n",
+            "policy.yaml:6:29: firewall.bind: source \"0.0.0.0/0\" is every address",
+        ),
+        (
+            "    - {port: p-a, sources: [\"10.88.0.2\"]}\n    - {port: p-a, sources: [\"10.88.0.3\"]}\n",
+            "policy.yaml:7:14: firewall.bind: port \"p-a\" is listed twice (also on line 6)",
+        ),
+        (
+            "    - {port: p-a, sources: [\"10.88.0.0/24\"]}\n    - {port: p-b, sources: [\"10.88.0.3\"]}\n",
+            "policy.yaml:7:29: firewall.bind: source \"10.88.0.3/32\" overlaps \"10.88.0.0/24\" of port \"p-a\" (line 6)",
+        ),
+        (
+            "    - {port: p-a, sources: [\"10.88.0.2\"], from: x}\n",
+            "policy.yaml:6:43: unknown key \"from\" in a firewall.bind entry; the keys are: port, sources",
+        ),
+    ];
+    for (entries, want) in cases {
+        let errs = errors(&bind_policy(entries));
+        assert_eq!(errs.len(), 1, "{entries}: {errs:#?}");
+        assert!(
+            errs[0].starts_with(want),
+            "{entries}:\n got {}\nwant {want}",
+            errs[0]
+        );
+        // Every message says what would be right.
+        assert!(
+            errs[0].contains("; ") || errs[0].contains("such as"),
+            "{}",
+            errs[0]
+        );
+    }
+}
+
+#[test]
+fn a_built_policy_with_a_bad_binding_is_held_to_the_same_rules() {
+    let fw = FirewallPolicy {
+        bind: vec![
+            PortBinding {
+                port: "p-a".into(),
+                sources: vec![net("10.88.0.0/24")],
+            },
+            PortBinding {
+                port: "p-b".into(),
+                sources: vec![net("10.88.0.3/32")],
+            },
+        ],
+        ..FirewallPolicy::default()
+    };
+    let problems = firewall_problems(&fw);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "firewall.bind");
+    assert!(problems[0].message.contains("overlaps"));
+}

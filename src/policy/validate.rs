@@ -12,8 +12,10 @@
 
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use super::schema::check_table_name;
-use super::{Contain, FirewallPolicy, Hook, Limits, TtlPolicy};
+use super::{Contain, FirewallPolicy, Hook, Limits, PortBinding, TtlPolicy};
 
 /// The longest lifetime an admitted address gets (`ttl.max + ttl.grace`). An element without
 /// a timeout would be permanent; a week is far beyond any useful DNS TTL.
@@ -36,6 +38,134 @@ pub const MAX_ADDRESSES_PER_ANSWER: u32 = 4096;
 pub const MAX_CGROUP_DEPTH: usize = 32;
 /// The longest interface name Linux takes (`IFNAMSIZ` - 1).
 const MAX_IFNAME: usize = 15;
+/// The most ports `firewall.bind` lists (each costs a few rules every bridged frame walks).
+pub const MAX_BIND_PORTS: usize = 256;
+/// The most sources one port of `firewall.bind` lists (its neighbour-advertisement rules grow
+/// with the square of its IPv6 sources).
+pub const MAX_BIND_SOURCES: usize = 16;
+
+/// The one rule for a `firewall.bind` port: one interface name, no wildcard.
+pub fn check_bind_port(name: &str) -> Result<(), String> {
+    if name.ends_with('*') {
+        return Err(format!(
+            "port {name:?} is a wildcard: a binding names exactly one bridge port (the ports a \
+             prefix matches would share their sources, and could take each other's); write \
+             one entry per port, such as \"veth-agent1\""
+        ));
+    }
+    check_interface_name(name)
+}
+
+/// The one rule for a `firewall.bind` source: an address (or network) an agent can own.
+pub fn check_bind_source(net: &IpNet) -> Result<(), String> {
+    let ip = net.addr();
+    let why = if net.prefix_len() == 0 {
+        Some("is every address, so the port could take any other's")
+    } else if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        Some("is not an address an agent sends from")
+    } else if matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+        Some(
+            "is link-local: link-local sources are always allowed for neighbour discovery and never routed, so they are not bound",
+        )
+    } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("is not an address an agent sends from")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!(
+            "source \"{net}\" {why}; write the agent's own addresses, such as \"10.88.0.2\" \
+             and \"fd88::2\""
+        )),
+        None => Ok(()),
+    }
+}
+
+fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Every problem of `firewall.bind` (empty when it is absent).
+fn bind_problems(bind: &[PortBinding], out: &mut Vec<Problem>) {
+    let key = "firewall.bind";
+    if bind.len() > MAX_BIND_PORTS {
+        out.push(problem(
+            key,
+            format!(
+                "firewall.bind lists {} ports, more than {MAX_BIND_PORTS}; give agents their own \
+                 routed links, or split them over several bridges and gateways",
+                bind.len()
+            ),
+        ));
+    }
+    for (i, b) in bind.iter().enumerate() {
+        if let Err(e) = check_bind_port(&b.port) {
+            out.push(problem(key, format!("firewall.bind: {e}")));
+        }
+        if bind[..i].iter().any(|o| o.port == b.port) {
+            out.push(problem(
+                key,
+                format!(
+                    "firewall.bind: port {:?} is listed twice; list each port once, with all \
+                     its sources",
+                    b.port
+                ),
+            ));
+        }
+        if b.sources.is_empty() {
+            out.push(problem(
+                key,
+                format!(
+                    "firewall.bind: port {:?} has no sources; list the addresses of the agent \
+                     behind it, such as sources: [\"10.88.0.2\", \"fd88::2\"]",
+                    b.port
+                ),
+            ));
+        }
+        if b.sources.len() > MAX_BIND_SOURCES {
+            out.push(problem(
+                key,
+                format!(
+                    "firewall.bind: port {:?} lists {} sources, more than {MAX_BIND_SOURCES}; \
+                     list networks instead of single addresses",
+                    b.port,
+                    b.sources.len()
+                ),
+            ));
+        }
+        for (j, net) in b.sources.iter().enumerate() {
+            if let Err(e) = check_bind_source(net) {
+                out.push(problem(
+                    key,
+                    format!("firewall.bind: port {:?}: {e}", b.port),
+                ));
+            }
+            if b.sources[..j].iter().any(|o| overlap(o, net)) {
+                out.push(problem(
+                    key,
+                    format!(
+                        "firewall.bind: port {:?}: source \"{net}\" overlaps another of its \
+                         sources; list each address once",
+                        b.port
+                    ),
+                ));
+            }
+            for other in &bind[..i] {
+                if let Some(o) = other.sources.iter().find(|o| overlap(o, net)) {
+                    out.push(problem(
+                        key,
+                        format!(
+                            "firewall.bind: source \"{net}\" of port {:?} overlaps \"{o}\" of \
+                             port {:?}: each address belongs to one port, or the two agents can \
+                             take each other's; give each port its own addresses",
+                            b.port, other.port
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
 
 /// The one rule for `firewall.contain.interfaces` entries: a Linux interface name (1 to 15
 /// bytes, no `/`, `:` or white space), or a prefix followed by one `*` (`veth*`).
@@ -221,6 +351,7 @@ pub fn firewall_problems(fw: &FirewallPolicy) -> Vec<Problem> {
         ));
     }
     contain_problems(fw, &mut out);
+    bind_problems(&fw.bind, &mut out);
     let per_answer = fw.max_addresses_per_answer;
     if per_answer == 0 || per_answer > MAX_ADDRESSES_PER_ANSWER {
         out.push(problem(

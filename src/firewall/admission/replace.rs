@@ -46,8 +46,8 @@ use tokio::sync::oneshot;
 use super::{Admission, BYTES_PER_ELEM, Key, Lifetimes, millis};
 use crate::firewall::cgroup_watch::SharedPlan;
 use crate::firewall::netlink::Elem;
-use crate::firewall::ruleset::{Family, Layout, Verdict, element_key, normalize_ip};
-use crate::firewall::{FirewallError, cgroup_watch, compare, conntrack, firewall_error};
+use crate::firewall::ruleset::{BridgeLayout, Family, Layout, Verdict, element_key, normalize_ip};
+use crate::firewall::{FirewallError, bridge, cgroup_watch, compare, conntrack, firewall_error};
 use crate::policy::Policy;
 
 /// Which elements a replacement carries over into the new sets.
@@ -202,6 +202,10 @@ impl Admission {
         let table = layout.table.clone();
         let err = |e| firewall_error(e, &table, Some(&layout));
         let existing = self.sock.read_table(&table).map_err(err)?;
+        // firewall.bind: the bridge table changes in the same transaction as the main one, or
+        // alone when only it changed (the main table and its elements stay as they are).
+        let bridge_want = BridgeLayout::from_policy(policy);
+        let bridge_plan = bridge::BridgePlan::read(&mut self.sock, &table).map_err(err)?;
         let per_client = fw.per_client;
         let share = fw.elements_per_client().clamp(1, self.cfg.set_size.max(1));
         let now = Instant::now();
@@ -218,10 +222,19 @@ impl Admission {
                     .map_err(err)?;
                 *watched = plan;
             }
+            let mut batch = self.sock.begin(&table);
+            let bridge_changed = bridge_plan.add_to(&mut batch, bridge_want.as_ref());
+            if bridge_changed {
+                self.sock.commit(batch).map_err(err)?;
+                if let Err(why) = bridge::read_back(&mut self.sock, &table, bridge_want.as_ref()) {
+                    tracing::error!(target: "dnsfence::firewall", table = %table, %why, "the replaced bridge table does not read back as built");
+                }
+                tracing::info!(target: "dnsfence::firewall", table = %table, "replaced the bridge table (firewall.bind); the main table is unchanged");
+            }
             self.cfg.client_share = share;
             let [v4, v6] = self.lifetimes.live(now);
             return Ok(Replaced {
-                changed: false,
+                changed: bridge_changed,
                 carried: v4 + v6,
                 dropped: 0,
                 drop_hooks: drop_hooks(&layout),
@@ -283,6 +296,7 @@ impl Admission {
         for (set, keys) in cgroup_watch::keys_of(&layout.cgroup_sets, &outside) {
             batch.add_keys(set, &keys);
         }
+        bridge_plan.add_to(&mut batch, bridge_want.as_ref());
         for family in [Family::V4, Family::V6] {
             let elems: Vec<Elem<'_>> = keyed
                 .iter()
@@ -315,6 +329,9 @@ impl Admission {
             acked.clear();
         }
         // Read back: the kernel holds what was asked for.
+        if let Err(why) = bridge::read_back(&mut self.sock, &table, bridge_want.as_ref()) {
+            tracing::error!(target: "dnsfence::firewall", table = %table, %why, "the replaced bridge table does not read back as built");
+        }
         match self.sock.read_table(&table) {
             Ok(Some(k)) => {
                 if let Err(why) = compare::compare(&layout, &k) {

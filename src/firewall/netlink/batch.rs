@@ -33,20 +33,39 @@ pub(crate) struct Batch {
     pub(super) first_seq: u32,
     pub(super) next_seq: u32,
     pub(super) ops: Vec<(u32, Op)>,
+    /// The family of the table the next messages concern (one transaction may change tables
+    /// of both families: the main `inet` table and its `bridge` companion).
+    pub(super) family: TableFamily,
+}
+
+/// The nf_tables family of a table dnsfence owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TableFamily {
+    /// `table inet <name>`: the main table.
+    Inet,
+    /// `table bridge <name>`: the source bindings of bridge ports (`firewall.bind`).
+    Bridge,
+}
+
+impl TableFamily {
+    fn proto(self) -> NetfilterProtoFamily {
+        match self {
+            TableFamily::Inet => NetfilterProtoFamily::Inet,
+            TableFamily::Bridge => NetfilterProtoFamily::Bridge,
+        }
+    }
 }
 
 pub(super) fn nft_message(
     inner: nft::NfTablesMessage,
     flags: u16,
     seq: u32,
+    family: TableFamily,
 ) -> NetlinkMessage<NetfilterMessage> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = seq;
-    let msg = NetfilterMessage::new(
-        NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
-        inner,
-    );
+    let msg = NetfilterMessage::new(NetfilterHeader::new(family.proto(), 0, 0), inner);
     let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
     m.finalize();
     m
@@ -79,9 +98,43 @@ impl Batch {
         self.next_seq = self.next_seq.wrapping_add(1);
         append(
             &mut self.buf,
-            &nft_message(inner, NLM_F_REQUEST | NLM_F_ACK | flags, seq),
+            &nft_message(inner, NLM_F_REQUEST | NLM_F_ACK | flags, seq, self.family),
         );
+        let op = match self.family {
+            TableFamily::Inet => op,
+            TableFamily::Bridge => Op::Bridge(Box::new(op)),
+        };
         self.ops.push((seq, op));
+    }
+
+    /// The messages added from now on concern `table <family> <name>` (same name).
+    pub(crate) fn switch_family(&mut self, family: TableFamily) {
+        self.family = family;
+    }
+
+    /// A filter base chain of the bridge family (`type filter hook <hook> priority
+    /// <priority>; policy accept;`): the bridge hooks are numbered like the inet ones.
+    pub(crate) fn add_bridge_chain(
+        &mut self,
+        name: &'static str,
+        hook: crate::firewall::ruleset::ChainHook,
+        priority: i32,
+    ) {
+        let inner = nft::NfTablesMessage::NewChain(nft::ChainMessage {
+            attributes: vec![
+                nft::ChainAttribute::Table(self.table.clone()),
+                nft::ChainAttribute::Name(name.to_string()),
+                nft::ChainAttribute::Hook(vec![
+                    nft::Hook::Number(nft::HookNumber::Inet(nft::InetHookNumber::from(
+                        super::hook_number(hook),
+                    ))),
+                    nft::Hook::Priority(priority as u32),
+                ]),
+                nft::ChainAttribute::Policy(crate::firewall::ruleset::Verdict::Accept.code()),
+                nft::ChainAttribute::Type("filter".to_string()),
+            ],
+        });
+        self.push(inner, NLM_F_CREATE | NLM_F_EXCL, Op::NewChain(name));
     }
 
     /// Number of messages in the batch.
@@ -256,6 +309,17 @@ impl Batch {
         }
     }
 
+    /// Adds `table bridge <table>` with its one chain and rules (`firewall.bind`). The caller
+    /// switches the batch to the bridge family first.
+    pub(crate) fn add_bridge_layout(&mut self, layout: &crate::firewall::ruleset::BridgeLayout) {
+        use crate::firewall::ruleset::{BIND_CHAIN, BIND_PRIORITY, ChainHook};
+        self.add_table();
+        self.add_bridge_chain(BIND_CHAIN, ChainHook::Prerouting, BIND_PRIORITY);
+        for (i, rule) in layout.rules.iter().enumerate() {
+            self.add_rule(BIND_CHAIN, i, &rule.exprs());
+        }
+    }
+
     /// Adds the whole layout: table, sets, chains, rules.
     pub(crate) fn add_layout(&mut self, layout: &Layout) {
         self.add_table();
@@ -295,6 +359,7 @@ mod tests {
             first_seq: 1,
             next_seq: 2,
             ops: Vec::new(),
+            family: TableFamily::Inet,
         };
         append(&mut b.buf, &control_message(ControlMessage::BatchBegin, 1));
         let keys = vec![vec![1u8, 2, 3, 4]; 2500];

@@ -8,7 +8,7 @@ use netlink_packet_netfilter::nftables::{self as nft, NfTablesMessageType as Ty}
 use nix::errno::Errno;
 
 use super::attrs::{be32_of, be64_of, cstr, nla, nlas, parse_error, replies};
-use super::batch::{append, nft_message};
+use super::batch::{TableFamily, append, nft_message};
 use super::error::{NlError, Op};
 use super::nft_type;
 use super::socket::{NfSocket, RECV_TIMEOUT_SECS};
@@ -53,6 +53,7 @@ impl NfSocket {
         attrs: Vec<DefaultNla>,
         dump: bool,
         what: &'static str,
+        family: TableFamily,
     ) -> Result<Vec<Vec<u8>>, NlError> {
         // The kernel answers a GET with the objects as NEW messages.
         let answer = match get {
@@ -75,7 +76,7 @@ impl NfSocket {
                 NLM_F_REQUEST | NLM_F_ACK
             };
             let mut buf = Vec::new();
-            append(&mut buf, &nft_message(inner, flags, seq));
+            append(&mut buf, &nft_message(inner, flags, seq, family));
             self.send(&buf, Op::Dump(what))?;
             let mut out = Vec::new();
             let mut interrupted = false;
@@ -132,6 +133,7 @@ impl NfSocket {
             vec![DefaultNla::new(1, v)],
             false,
             "the table",
+            TableFamily::Inet,
         ) {
             Ok(t) => Ok(t
                 .first()
@@ -145,14 +147,23 @@ impl NfSocket {
         }
     }
 
-    /// Reads the table's layout, or `None` when there is no such table.
+    /// Reads the `inet` table's layout, or `None` when there is no such table.
     pub(crate) fn read_table(&mut self, table: &str) -> Result<Option<KernelTable>, NlError> {
+        self.read_table_in(TableFamily::Inet, table)
+    }
+
+    /// Reads the layout of `table <family> <table>`, or `None` when there is no such table.
+    pub(crate) fn read_table_in(
+        &mut self,
+        family: TableFamily,
+        table: &str,
+    ) -> Result<Option<KernelTable>, NlError> {
         let name = |kind: u16| {
             let mut v = table.as_bytes().to_vec();
             v.push(0);
             DefaultNla::new(kind, v)
         };
-        let tables = match self.request(Ty::GetTable, vec![name(1)], false, "the table") {
+        let tables = match self.request(Ty::GetTable, vec![name(1)], false, "the table", family) {
             Ok(t) => t,
             Err(NlError::Kernel {
                 errno: Errno::ENOENT,
@@ -166,7 +177,7 @@ impl NfSocket {
         let flags = nla(t, NFTA_TABLE_FLAGS).and_then(be32_of).unwrap_or(0);
 
         let mut chains = Vec::new();
-        for c in self.request(Ty::GetChain, vec![name(1)], true, "chains")? {
+        for c in self.request(Ty::GetChain, vec![name(1)], true, "chains", family)? {
             let hook = nla(&c, NFTA_CHAIN_HOOK);
             chains.push(KernelChain {
                 name: nla(&c, NFTA_CHAIN_NAME).map(cstr).unwrap_or_default(),
@@ -183,7 +194,7 @@ impl NfSocket {
             });
         }
         let mut sets = Vec::new();
-        for s in self.request(Ty::GetSet, vec![name(1)], true, "sets")? {
+        for s in self.request(Ty::GetSet, vec![name(1)], true, "sets", family)? {
             sets.push(KernelSet {
                 name: nla(&s, NFTA_SET_NAME).map(cstr).unwrap_or_default(),
                 flags: nla(&s, NFTA_SET_FLAGS).and_then(be32_of).unwrap_or(0),
@@ -197,7 +208,7 @@ impl NfSocket {
             });
         }
         let mut rules = Vec::new();
-        for r in self.request(Ty::GetRule, vec![name(1)], true, "rules")? {
+        for r in self.request(Ty::GetRule, vec![name(1)], true, "rules", family)? {
             rules.push(KernelRule {
                 chain: nla(&r, NFTA_RULE_CHAIN).map(cstr).unwrap_or_default(),
                 exprs: nla(&r, NFTA_RULE_EXPRESSIONS)
@@ -230,6 +241,7 @@ impl NfSocket {
             vec![s(1, table), s(2, set)],
             true,
             "set elements",
+            TableFamily::Inet,
         )? {
             let Some(list) = nla(&m, NFTA_SET_ELEM_LIST_ELEMENTS) else {
                 continue;

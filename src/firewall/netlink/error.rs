@@ -12,11 +12,22 @@ pub(crate) enum Op {
     DelTable,
     NewSet(&'static str),
     NewChain(&'static str),
-    NewRule { chain: &'static str, index: usize },
-    NewElems { set: &'static str, count: usize },
-    DelElems { set: &'static str, count: usize },
+    NewRule {
+        chain: &'static str,
+        index: usize,
+    },
+    NewElems {
+        set: &'static str,
+        count: usize,
+    },
+    DelElems {
+        set: &'static str,
+        count: usize,
+    },
     Dump(&'static str),
     Socket(&'static str),
+    /// One of the above, on the `bridge` table of the same name.
+    Bridge(Box<Op>),
 }
 
 impl fmt::Display for Op {
@@ -34,6 +45,7 @@ impl fmt::Display for Op {
             }
             Op::Dump(what) => write!(f, "listing {what}"),
             Op::Socket(what) => write!(f, "{what}"),
+            Op::Bridge(op) => write!(f, "{op} (table bridge)"),
         }
     }
 }

@@ -43,7 +43,7 @@ mod nflog;
 mod socket;
 
 pub(crate) use attrs::{be32_of, u16_at};
-pub(crate) use batch::{Batch, Elem};
+pub(crate) use batch::{Batch, Elem, TableFamily};
 pub(crate) use dump::{KernelRule, KernelTable, RawExpr};
 pub(crate) use error::{NlError, Op};
 pub(crate) use expr::raw_expressions;

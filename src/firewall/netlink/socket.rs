@@ -92,6 +92,7 @@ impl NfSocket {
             first_seq: seq,
             next_seq: seq.wrapping_add(1),
             ops: Vec::new(),
+            family: super::batch::TableFamily::Inet,
         }
     }
 

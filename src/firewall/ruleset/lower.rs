@@ -62,6 +62,8 @@ pub(crate) enum MetaKey {
 /// `payload` bases (`enum nft_payload_bases`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PayloadBase {
+    /// The Ethernet header (`ether type` in the `bridge` family).
+    LinkLayer,
     Network,
     Transport,
 }
@@ -69,6 +71,7 @@ pub(crate) enum PayloadBase {
 impl PayloadBase {
     pub(crate) fn number(self) -> u32 {
         match self {
+            PayloadBase::LinkLayer => 0,
             PayloadBase::Network => 1,
             PayloadBase::Transport => 2,
         }
@@ -138,7 +141,7 @@ fn cmp_neq(data: impl Into<Vec<u8>>) -> Expr {
 
 /// An interface name as `meta iifname` compares it: the whole `IFNAMSIZ` (16) bytes padded
 /// with NUL, or for `prefix*` only the prefix's bytes.
-fn ifname_data(name: &str) -> Vec<u8> {
+pub(super) fn ifname_data(name: &str) -> Vec<u8> {
     match name.strip_suffix('*') {
         Some(prefix) => prefix.as_bytes().to_vec(),
         None => {
@@ -210,7 +213,7 @@ pub(super) fn octets(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-fn mask_octets(net: &IpNet) -> Vec<u8> {
+pub(super) fn mask_octets(net: &IpNet) -> Vec<u8> {
     match net {
         IpNet::V4(n) => n.netmask().octets().to_vec(),
         IpNet::V6(n) => n.netmask().octets().to_vec(),

@@ -115,6 +115,7 @@
 //! Every address match checks `meta nfproto` first: an `inet` table sees IPv4 and IPv6 packets,
 //! and loading an IPv4 address from an IPv6 header would compare garbage.
 
+mod bind;
 mod build;
 mod contain;
 mod keys;
@@ -123,6 +124,7 @@ mod model;
 mod subids;
 mod text;
 
+pub(crate) use bind::{BIND_CHAIN, BIND_PRIORITY, BridgeLayout};
 pub(crate) use contain::{
     CgroupPlan, Outside, cgroup_host_warnings, cgroup_root, interface_host_warnings,
     missing_cgroup_message,

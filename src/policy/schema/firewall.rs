@@ -7,7 +7,9 @@ use super::super::lint;
 use super::super::raw::{Node, Value};
 use super::super::read;
 use super::super::validate;
-use super::super::{Contain, FirewallPolicy, Hook, HostDns, InboundPort, OnExit, Transport};
+use super::super::{
+    Contain, FirewallPolicy, Hook, HostDns, InboundPort, OnExit, PortBinding, Transport,
+};
 
 const FIREWALL_KEYS: &[&str] = &[
     "enabled",
@@ -24,7 +26,10 @@ const FIREWALL_KEYS: &[&str] = &[
     "max_addresses_per_answer",
     "max_elements_per_client",
     "contain",
+    "bind",
 ];
+
+const BIND_KEYS: &[&str] = &["port", "sources"];
 
 const CONTAIN_KEYS: &[&str] = &[
     "uids",
@@ -220,8 +225,143 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
     if let Some(node) = f.get("contain") {
         fw.contain = contain(r, node, fw.hooks.contains(&Hook::Output));
     }
+    if let Some(node) = f.get("bind") {
+        fw.bind = bind(r, node);
+    }
     super::report(r, &f, validate::firewall_problems(&fw));
     fw
+}
+
+/// `firewall.bind`: `- {port: veth-a, sources: ["10.88.0.2", "fd88::2"]}`. Each problem is
+/// reported where it is written, and an entry with one is left out, so that `validate` (which
+/// holds built policies to the same rules) has nothing left to say.
+fn bind(r: &mut Report, node: &Node) -> Vec<PortBinding> {
+    let what = "firewall.bind";
+    let Some(items) = read::list(r, node, what) else {
+        return Vec::new();
+    };
+    if items.len() > validate::MAX_BIND_PORTS {
+        r.error(
+            node.pos,
+            format!(
+                "{what} lists {} ports, more than {}; give agents their own routed links, or \
+                 split them over several bridges and gateways",
+                items.len(),
+                validate::MAX_BIND_PORTS
+            ),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<PortBinding> = Vec::new();
+    let mut ports: HashMap<String, Pos> = HashMap::new();
+    let mut owners: Vec<(ipnet::IpNet, String, Pos)> = Vec::new();
+    for item in items {
+        let Some(f) = read::fields(r, item, "a firewall.bind entry", BIND_KEYS) else {
+            continue;
+        };
+        let errors_before = r.error_count();
+        let port =
+            match f.get("port") {
+                None => {
+                    r.error(
+                        f.pos,
+                        "a firewall.bind entry needs port: the bridge port of one agent, such as \
+                     {port: veth-agent1, sources: [\"10.88.0.2\"]}",
+                    );
+                    None
+                }
+                Some(n) => read::text(r, n, "firewall.bind port").and_then(|t| {
+                    match validate::check_bind_port(t) {
+                        Err(e) => {
+                            r.error(n.pos, format!("{what}: {e}"));
+                            None
+                        }
+                        Ok(()) => match ports.get(t) {
+                            Some(first) => {
+                                r.error(
+                                    n.pos,
+                                    format!(
+                                        "{what}: port {} is listed twice (also on line {}); list \
+                                     each port once, with all its sources",
+                                        quote(t),
+                                        first.line
+                                    ),
+                                );
+                                None
+                            }
+                            None => {
+                                ports.insert(t.to_owned(), n.pos);
+                                Some(t.to_owned())
+                            }
+                        },
+                    }
+                }),
+            };
+        let mut sources: Vec<ipnet::IpNet> = Vec::new();
+        match f.get("sources") {
+            None => r.error(
+                f.pos,
+                "a firewall.bind entry needs sources: the addresses of the agent behind the \
+                 port, such as sources: [\"10.88.0.2\", \"fd88::2\"]",
+            ),
+            Some(n) => {
+                let nets = read::cidrs(r, n, "firewall.bind sources");
+                if nets.is_empty() && r.error_count() == errors_before {
+                    r.error(
+                        n.pos,
+                        "firewall.bind sources is empty; list the addresses of the agent behind \
+                         the port, such as [\"10.88.0.2\", \"fd88::2\"]",
+                    );
+                }
+                if nets.len() > validate::MAX_BIND_SOURCES {
+                    r.error(
+                        n.pos,
+                        format!(
+                            "firewall.bind sources lists {} entries, more than {}; list networks \
+                             instead of single addresses",
+                            nets.len(),
+                            validate::MAX_BIND_SOURCES
+                        ),
+                    );
+                }
+                let name = port.clone().unwrap_or_default();
+                for (pos, net) in nets {
+                    if let Err(e) = validate::check_bind_source(&net) {
+                        r.error(pos, format!("{what}: {e}"));
+                        continue;
+                    }
+                    if let Some((other, owner, at)) = owners
+                        .iter()
+                        .find(|(o, ..)| o.contains(&net.network()) || net.contains(&o.network()))
+                    {
+                        let message = if *owner == name {
+                            format!(
+                                "{what}: source \"{net}\" overlaps \"{other}\" (line {}) of the \
+                                 same port; list each address once",
+                                at.line
+                            )
+                        } else {
+                            format!(
+                                "{what}: source \"{net}\" overlaps \"{other}\" of port {} (line \
+                                 {}): each address belongs to one port, or the two agents can \
+                                 take each other's; give each port its own addresses",
+                                quote(owner),
+                                at.line
+                            )
+                        };
+                        r.error(pos, message);
+                        continue;
+                    }
+                    owners.push((net, name.clone(), pos));
+                    sources.push(net);
+                }
+            }
+        }
+        if let (Some(port), true) = (port, r.error_count() == errors_before) {
+            out.push(PortBinding { port, sources });
+        }
+    }
+    out
 }
 
 /// `firewall.contain`: each entry checked where it is written; what concerns the whole (no
