@@ -229,8 +229,8 @@ enum FirewallAction {
         #[command(flatten)]
         table: TableArg,
     },
-    /// Delete the table: every default-drop chain and every admitted address go with it, and
-    /// the host's egress is open again. Exit 0 when removed, 1 when there was none, 2 on error.
+    /// Delete the table (and its `bridge` companion of `firewall.bind`): every default-drop
+    /// chain, binding and admitted address go with it, and the host's egress is open again. Exit 0 when removed, 1 when there was none, 2 on error.
     #[command(after_help = "Examples:
   dnsfence firewall remove
   dnsfence firewall remove --policy /etc/dnsfence/agent.yaml

@@ -303,6 +303,27 @@ firewall:
         }
     }
 
+    /// Rewrites the policy (with or without `bind`), sends SIGHUP and waits for the reload.
+    fn reload(&self, bind: bool) {
+        let before = self.stderr().matches("policy reloaded").count();
+        std::fs::write(self.dir.path().join("policy.yaml"), self.policy(bind)).unwrap();
+        let pid = self.fence.as_ref().expect("dnsfence runs").id();
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stderr().matches("policy reloaded").count() == before {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn tables(&self) -> String {
+        let out = self
+            .gw
+            .exec(Duration::from_secs(10), &["nft", "list", "tables"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// SYNs from B's addresses to [`FORGED_PORT`] that reached `inet`: (IPv4, IPv6).
     fn forged_syns(&self) -> (u64, u64) {
         let out = self.inet.exec(
@@ -545,4 +566,34 @@ fn with_bind_forged_sources_are_dropped_at_the_bridge_and_real_ones_work() {
         .exec(Duration::from_secs(10), &["nft", "list", "tables"]);
     let tables = String::from_utf8_lossy(&out.stdout);
     assert!(!tables.contains(&lab.table), "left behind:\n{tables}");
+}
+
+#[test]
+fn a_reload_binds_the_ports_and_a_later_one_unbinds_them_keeping_the_main_table() {
+    if !require_root("a_reload_binds_the_ports_and_a_later_one_unbinds_them_keeping_the_main_table")
+    {
+        return;
+    }
+    let mut lab = BridgeLab::new("brrld");
+    lab.start(false);
+    let bridge_table = format!("table bridge {}", lab.table);
+    let inet_table = format!("table inet {}", lab.table);
+    assert!(!lab.tables().contains(&bridge_table), "{}", lab.tables());
+    own_traffic_works(&lab, &lab.b, B4, B6, "b.example");
+
+    lab.reload(true);
+    assert!(lab.tables().contains(&bridge_table), "{}", lab.tables());
+    // B's admitted element lived through the reload (only the bridge table changed).
+    assert!(lab.per_client_has(B4, "198.51.100.20"));
+    let (answered, syns) = forge(&lab);
+    assert!(!answered, "a forged query was answered after the reload");
+    assert_eq!(syns, (0, 0), "forged SYNs arrived after the reload");
+    own_traffic_works(&lab, &lab.b, B4, B6, "b.example");
+
+    lab.reload(false);
+    let tables = lab.tables();
+    assert!(
+        !tables.contains(&bridge_table) && tables.contains(&inet_table),
+        "{tables}"
+    );
 }

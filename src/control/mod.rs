@@ -271,6 +271,14 @@ impl Control {
                 "tag": generation.tag.as_str(),
                 "groups": generation.policy.groups().count(),
                 "rules": generation.policy.groups().map(|g| g.rules.len()).sum::<usize>(),
+                // firewall.bind: the bridge ports whose agents' addresses can be trusted.
+                "bound_ports": generation
+                    .policy
+                    .firewall
+                    .bind
+                    .iter()
+                    .map(|b| b.port.as_str())
+                    .collect::<Vec<_>>(),
             },
             "ready": self.readiness.report(),
             "reloads": {

@@ -1660,3 +1660,18 @@ fn a_built_policy_with_a_bad_binding_is_held_to_the_same_rules() {
     assert_eq!(problems[0].key, "firewall.bind");
     assert!(problems[0].message.contains("overlaps"));
 }
+
+#[test]
+fn bind_without_the_firewall_warns_that_it_does_nothing() {
+    let p = parse(
+        "listen: [\"127.0.0.1:5353\"]\nupstreams: [\"9.9.9.9:53\"]\nallow: [a.example]\n\
+         firewall:\n  enabled: false\n  bind: [{port: p-a, sources: [\"10.88.0.2\"]}]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let w = warnings(&p);
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("policy.yaml:6:9:") && w.contains("bind has no effect")),
+        "{w:?}"
+    );
+}

@@ -227,6 +227,13 @@ pub(super) fn read(r: &mut Report, node: Option<&Node>) -> FirewallPolicy {
     }
     if let Some(node) = f.get("bind") {
         fw.bind = bind(r, node);
+        if !fw.enabled && !fw.bind.is_empty() {
+            r.warn(
+                node.pos,
+                "firewall.bind has no effect with firewall.enabled: false (no table is \
+                 installed, so no port is bound); set enabled: true or remove bind",
+            );
+        }
     }
     super::report(r, &f, validate::firewall_problems(&fw));
     fw
