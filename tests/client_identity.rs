@@ -3,13 +3,15 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::netns::*;
-use common::{addresses, query, require_root};
+use common::{addresses, query, require_root, wire};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
+use socket2::{Domain, Socket, Type};
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
@@ -119,6 +121,88 @@ fn a_local_process_binding_a_host_address_inside_a_group_range_is_the_loopback_c
             .all(|(client, group)| group != "research" || client.to_string() == "10.77.0.2"),
         "{groups:?}"
     );
+}
+
+/// A TCP connection to `server` from a socket bound to `source` in `ns`.
+fn tcp_from(ns: &Netns, source: &str, server: SocketAddr) -> TcpStream {
+    let source = sa(source, 0);
+    ns.run(move || {
+        let socket = Socket::new(Domain::for_address(server), Type::STREAM, None)?;
+        socket.bind(&source.into())?;
+        socket.connect_timeout(&server.into(), Duration::from_secs(2))?;
+        Ok::<TcpStream, std::io::Error>(socket.into())
+    })
+    .unwrap_or_else(|e| panic!("connect from {source} to {server}: {e}"))
+}
+
+/// Whether `stream` still gets an answer to a query (it was kept, not closed).
+fn answers(stream: &mut TcpStream) -> bool {
+    let message = query("everyone.example", RecordType::A).to_vec().unwrap();
+    stream.write_all(&wire::frame(&message)).is_ok()
+        && matches!(
+            wire::read_frame(stream, Duration::from_secs(3)),
+            wire::TcpOutcome::Reply(_)
+        )
+}
+
+/// `limits.tcp_connections_per_client` counts the client the pipeline decides a query as, not
+/// the raw peer address: a process on the gateway binding one host address after another is
+/// the loopback client every time, so it gets one share of the TCP slots, not one per address.
+#[test]
+fn a_local_process_binding_several_host_addresses_gets_one_tcp_connection_share() {
+    if !require_root("a_local_process_binding_several_host_addresses_gets_one_tcp_connection_share")
+    {
+        return;
+    }
+    let lab = Lab::new("tcpshare");
+    lab.upstream.a("everyone.example", "203.0.113.10", 300);
+    let policy = grouped_policy(&lab).replace(
+        "log: \"-\"\n",
+        "log: \"-\"\nlimits: {tcp_connections: 16, tcp_connections_per_client: 2, \
+         tcp_idle_timeout: 10s}\n",
+    );
+    lab.start_fence(&policy);
+    let server = sa("10.77.0.1", 53);
+
+    // Two of the gateway's addresses: two connections, the share (both kept: the control).
+    let mut held = vec![
+        tcp_from(&lab.gw, "10.77.0.1", server),
+        tcp_from(&lab.gw, "10.78.0.1", server),
+    ];
+    for stream in &mut held {
+        assert!(
+            answers(stream),
+            "a connection within the share was not served"
+        );
+    }
+    // A third host address, and loopback: the same client, over its share. (The caps count
+    // per listener: all of these ask the same one.)
+    for source in ["192.0.2.1", "127.0.0.1"] {
+        let mut extra = tcp_from(&lab.gw, source, server);
+        let closed = wire::time_until_closed(&mut extra, Duration::from_secs(2));
+        assert!(
+            closed.is_some_and(|t| t < Duration::from_millis(500)),
+            "a connection from the host's {source} was kept beside two from its other \
+             addresses (closed after {closed:?})"
+        );
+    }
+    // Another client (the agent) still gets its own share: the server had free slots.
+    let mut agent = tcp_from(&lab.agent1, "10.77.0.2", server);
+    assert!(answers(&mut agent), "the agent's connection was not served");
+    // And the share comes back when the local process lets a connection go.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut again = tcp_from(&lab.gw, "192.0.2.1", server);
+        if answers(&mut again) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the local process's share never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A client group over `range`, the firewall on (forward), for `check` and `serve`.

@@ -306,6 +306,14 @@ impl Pipeline {
         }
     }
 
+    /// Who a connection or query from `source` counts as for per-client limits: the key its
+    /// budgets are charged to (see [`limits::client_key`]) after mapping this host's own
+    /// addresses to the loopback client ([`local_source`]), so that a local process binding N
+    /// host addresses is still one client. For the front ends' own per-client caps.
+    pub fn client_identity(&self, source: IpAddr) -> IpAddr {
+        limits::client_key(self.host.client_for(source))
+    }
+
     /// This host's addresses as the pipeline knows them, for whoever keeps them current.
     pub fn host_addresses(&self) -> Arc<HostAddresses> {
         self.host.clone()

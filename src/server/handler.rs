@@ -14,7 +14,7 @@
 //! EDNS (so a UDP reply never exceeds [`MAX_UDP_PAYLOAD`] bytes and is truncated with TC
 //! instead of fragmented), the answer records and, for negative answers, the SOA.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,6 +47,11 @@ pub struct Pending {
 impl Handler {
     pub fn new(pipeline: Arc<Pipeline>, log: QueryLog) -> Handler {
         Handler { pipeline, log }
+    }
+
+    /// The client `peer` counts as for per-client limits ([`Pipeline::client_identity`]).
+    pub fn client_identity(&self, peer: IpAddr) -> IpAddr {
+        self.pipeline.client_identity(peer)
     }
 
     /// Answers `message` from `peer` on the fast path (a denial, or a cache hit whose

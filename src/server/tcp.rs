@@ -23,7 +23,6 @@ use tokio::sync::watch;
 
 use super::Handler;
 use crate::pipeline::Transport;
-use crate::pipeline::limits::client_key;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 
@@ -85,7 +84,9 @@ pub async fn serve_tcp(
             drop(stream);
             continue;
         };
-        let client = client_key(peer.ip());
+        // The pipeline's identity, not the raw peer: a local process may bind every address
+        // of this host, and each must not bring it another share.
+        let client = handler.client_identity(peer.ip());
         let Some(client_slot) = ClientSlot::take(&open_by_client, client, per_client) else {
             tracing::debug!(%peer, "TCP connections per client limit reached; closing");
             drop(stream);
