@@ -26,6 +26,20 @@ pub(crate) struct Elem<'a> {
     pub(crate) timeout_ms: u64,
 }
 
+/// Whether an element message adds or deletes.
+#[derive(Debug, Clone, Copy)]
+enum ElemChange {
+    Add,
+    Delete,
+}
+
+/// An element named by its key alone (no timeout: cgroup ids, and every deletion).
+fn key_only(key: &[u8]) -> Vec<nft::SetElementAttribute> {
+    vec![nft::SetElementAttribute::Key(nft::DataAttribute::Value(
+        key.to_vec(),
+    ))]
+}
+
 /// An nf_tables batch under construction.
 pub(crate) struct Batch {
     pub(super) buf: Vec<u8>,
@@ -223,89 +237,61 @@ impl Batch {
     /// Adds elements with their timeouts, [`MAX_ELEMS_PER_MESSAGE`] per message. Never
     /// `NLM_F_EXCL`.
     pub(crate) fn add_elements(&mut self, set: &'static str, elems: &[Elem<'_>]) {
-        for chunk in elems.chunks(MAX_ELEMS_PER_MESSAGE) {
-            let list = chunk
-                .iter()
-                .map(|e| {
-                    nft::ListAttribute::Element(vec![
-                        nft::SetElementAttribute::Key(nft::DataAttribute::Value(e.key.to_vec())),
-                        nft::SetElementAttribute::Timeout(e.timeout_ms),
-                    ])
-                })
-                .collect();
-            let inner = nft::NfTablesMessage::NewSetElement(nft::SetElementMessage {
-                attributes: vec![
-                    nft::SetElementList::Table(self.table.clone()),
-                    nft::SetElementList::Set(set.to_string()),
-                    nft::SetElementList::Elements(list),
-                ],
-            });
-            self.push(
-                inner,
-                NLM_F_CREATE,
-                Op::NewElems {
-                    set,
-                    count: chunk.len(),
-                },
-            );
-        }
+        self.push_elements(set, elems, ElemChange::Add, |e| {
+            vec![
+                nft::SetElementAttribute::Key(nft::DataAttribute::Value(e.key.to_vec())),
+                nft::SetElementAttribute::Timeout(e.timeout_ms),
+            ]
+        });
     }
 
     /// Adds elements without a timeout (cgroup ids), [`MAX_ELEMS_PER_MESSAGE`] per message.
     pub(crate) fn add_keys(&mut self, set: &'static str, keys: &[Vec<u8>]) {
-        for chunk in keys.chunks(MAX_ELEMS_PER_MESSAGE) {
-            let list = chunk
-                .iter()
-                .map(|k| {
-                    nft::ListAttribute::Element(vec![nft::SetElementAttribute::Key(
-                        nft::DataAttribute::Value(k.clone()),
-                    )])
-                })
-                .collect();
-            let inner = nft::NfTablesMessage::NewSetElement(nft::SetElementMessage {
-                attributes: vec![
-                    nft::SetElementList::Table(self.table.clone()),
-                    nft::SetElementList::Set(set.to_string()),
-                    nft::SetElementList::Elements(list),
-                ],
-            });
-            self.push(
-                inner,
-                NLM_F_CREATE,
-                Op::NewElems {
-                    set,
-                    count: chunk.len(),
-                },
-            );
-        }
+        self.push_elements(set, keys, ElemChange::Add, |k| key_only(k));
     }
 
     /// Deletes elements by key.
     pub(crate) fn del_elements(&mut self, set: &'static str, keys: &[Vec<u8>]) {
-        for chunk in keys.chunks(MAX_ELEMS_PER_MESSAGE) {
+        self.push_elements(set, keys, ElemChange::Delete, |k| key_only(k));
+    }
+
+    /// The one encoder of element messages: `items` in messages of at most
+    /// [`MAX_ELEMS_PER_MESSAGE`] elements (one element list is a nested attribute with a 16-bit
+    /// length), each element's attributes from `attributes`. Adds carry `NLM_F_CREATE` and
+    /// never `NLM_F_EXCL` (re-adding an element must not abort the batch).
+    fn push_elements<T>(
+        &mut self,
+        set: &'static str,
+        items: &[T],
+        change: ElemChange,
+        attributes: impl Fn(&T) -> Vec<nft::SetElementAttribute>,
+    ) {
+        for chunk in items.chunks(MAX_ELEMS_PER_MESSAGE) {
             let list = chunk
                 .iter()
-                .map(|k| {
-                    nft::ListAttribute::Element(vec![nft::SetElementAttribute::Key(
-                        nft::DataAttribute::Value(k.clone()),
-                    )])
-                })
+                .map(|item| nft::ListAttribute::Element(attributes(item)))
                 .collect();
-            let inner = nft::NfTablesMessage::DeleteSetElement(nft::SetElementMessage {
+            let message = nft::SetElementMessage {
                 attributes: vec![
                     nft::SetElementList::Table(self.table.clone()),
                     nft::SetElementList::Set(set.to_string()),
                     nft::SetElementList::Elements(list),
                 ],
-            });
-            self.push(
-                inner,
-                0,
-                Op::DelElems {
-                    set,
-                    count: chunk.len(),
-                },
-            );
+            };
+            let count = chunk.len();
+            let (inner, flags, op) = match change {
+                ElemChange::Add => (
+                    nft::NfTablesMessage::NewSetElement(message),
+                    NLM_F_CREATE,
+                    Op::NewElems { set, count },
+                ),
+                ElemChange::Delete => (
+                    nft::NfTablesMessage::DeleteSetElement(message),
+                    0,
+                    Op::DelElems { set, count },
+                ),
+            };
+            self.push(inner, flags, op);
         }
     }
 
