@@ -199,26 +199,19 @@ mod tests {
 
     use super::*;
 
+    /// Filters with [`PLAIN`] but for the per-family quota.
     fn filter(answers: &[Record], max_per_family: usize) -> FilteredAnswer {
-        let qname = Name::from_ascii("big.example.").unwrap();
-        let guard = AddressGuard::default();
-        let allowed = |_: &Name| true;
-        let cx = AnswerContext {
-            qname: &qname,
-            qtype: RecordType::A,
-            ttl: TtlPolicy::default(),
-            guard: &guard,
-            allow_answers: &[],
-            strict_chain: None,
-            name_allowed: &allowed,
-            hints: HintMode::Admit,
-            max_per_family,
-        };
-        filter_answer(&cx, answers)
+        filtered(
+            Setup {
+                max_per_family,
+                ..PLAIN
+            },
+            answers,
+        )
     }
 
     fn a_records(n: u32) -> Vec<Record> {
-        let qname = Name::from_ascii("big.example.").unwrap();
+        let qname = name("q.example.");
         (0..n)
             .map(|i| {
                 let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 0, 0)) + i);
@@ -247,7 +240,7 @@ mod tests {
 
     #[test]
     fn the_quota_counts_each_family_apart() {
-        let qname = Name::from_ascii("big.example.").unwrap();
+        let qname = name("q.example.");
         let mut answers = a_records(5);
         for i in 0..5u16 {
             answers.push(Record::from_rdata(
@@ -256,23 +249,14 @@ mod tests {
                 RData::AAAA(AAAA(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i + 1))),
             ));
         }
-        let qname = Name::from_ascii("big.example.").unwrap();
-        let guard = AddressGuard::default();
-        let allowed = |_: &Name| true;
         let mut seen = Vec::new();
         for qtype in [RecordType::A, RecordType::AAAA] {
-            let cx = AnswerContext {
-                qname: &qname,
+            let setup = Setup {
                 qtype,
-                ttl: TtlPolicy::default(),
-                guard: &guard,
-                allow_answers: &[],
-                strict_chain: None,
-                name_allowed: &allowed,
-                hints: HintMode::Admit,
                 max_per_family: 3,
+                ..PLAIN
             };
-            let out = filter_answer(&cx, &answers);
+            let out = filtered(setup, &answers);
             seen.push((out.admit.len(), out.over_quota));
         }
         assert_eq!(seen, [(3, 2), (3, 2)]);
@@ -323,12 +307,14 @@ mod tests {
         )
     }
 
+    /// The knobs the tests turn; everything else is the default policy's.
     #[derive(Clone, Copy)]
     struct Setup {
         qtype: RecordType,
         strict: bool,
         hints: HintMode,
         allow_private: bool,
+        max_per_family: usize,
     }
 
     const PLAIN: Setup = Setup {
@@ -336,11 +322,12 @@ mod tests {
         strict: false,
         hints: HintMode::Admit,
         allow_private: false,
+        max_per_family: 32,
     };
 
-    /// Filters `answers` to `q.example.` with names under `allowed.example.` (and the question)
-    /// allowed.
-    fn run(setup: Setup, answers: &[Record]) -> Outcome {
+    /// The one fixture: filters `answers` to `q.example.` with names under `allowed.example.`
+    /// (and the question) allowed, the default address guard and TTLs.
+    fn filtered(setup: Setup, answers: &[Record]) -> FilteredAnswer {
         let qname = name("q.example.");
         let guard = AddressGuard::default();
         let allowed_zone = name("allowed.example.");
@@ -355,9 +342,14 @@ mod tests {
             strict_chain: if setup.strict { Some(&allowed) } else { None },
             name_allowed: &allowed,
             hints: setup.hints,
-            max_per_family: 32,
+            max_per_family: setup.max_per_family,
         };
-        let out = filter_answer(&cx, answers);
+        filter_answer(&cx, answers)
+    }
+
+    /// [`filtered`], as a table row states it.
+    fn run(setup: Setup, answers: &[Record]) -> Outcome {
+        let out = filtered(setup, answers);
         Outcome {
             records: out
                 .records
@@ -602,26 +594,12 @@ mod tests {
             (&[[198, 51, 100, 7]], false),
             (&[], false),
         ];
-        let qname = name("q.example.");
-        let guard = AddressGuard::default();
-        let allowed = |_: &Name| true;
         for (addresses, rebinding) in table {
             let answers: Vec<Record> = addresses
                 .iter()
                 .map(|ip| a("q.example.", 60, *ip))
                 .collect();
-            let cx = AnswerContext {
-                qname: &qname,
-                qtype: RecordType::A,
-                ttl: TtlPolicy::default(),
-                guard: &guard,
-                allow_answers: &[],
-                strict_chain: None,
-                name_allowed: &allowed,
-                hints: HintMode::Admit,
-                max_per_family: 32,
-            };
-            let out = filter_answer(&cx, &answers);
+            let out = filtered(PLAIN, &answers);
             assert_eq!(out.stripped_to_nothing(), *rebinding, "{addresses:?}");
         }
     }
