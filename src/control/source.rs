@@ -122,86 +122,90 @@ fn load_error(path: &Path) -> PolicyError {
 /// The changes from `old` to `new` that only a restart can apply, one message each (empty when
 /// the new policy can be swapped in live).
 pub fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
-    let mut refused = Vec::new();
-    let mut check = |key: &str, changed: bool, why: &str| {
-        if changed {
-            refused.push(format!(
-                "{key} changed: {why}; restart dnsfence to apply it (nothing of this reload was applied)"
-            ));
-        }
-    };
-    check(
-        "listen",
-        old.listen != new.listen,
-        "the listening sockets are bound once, at start",
-    );
-    check(
-        "log",
-        old.log != new.log,
-        "the query log is opened once, at start",
-    );
-    check(
-        "upstreams",
-        old.upstreams != new.upstreams,
-        "the upstream sockets and their cache are set up once, at start",
-    );
-    check(
-        "upstream_timeout",
-        old.upstream_timeout != new.upstream_timeout,
-        "the upstream stage is set up once, at start",
-    );
-    check(
-        "limits.max_inflight",
-        old.limits.max_inflight != new.limits.max_inflight,
-        "the in-flight bound is set up once, at start",
-    );
-    check(
-        "limits.tcp_connections, tcp_connections_per_client or tcp_idle_timeout",
-        old.limits.tcp_connections != new.limits.tcp_connections
-            || old.limits.tcp_connections_per_client != new.limits.tcp_connections_per_client
-            || old.limits.tcp_idle_timeout != new.limits.tcp_idle_timeout,
-        "the TCP front end is set up once, at start",
-    );
-    // The firewall keys a reload cannot apply; the others (hooks, allow_cidrs, per_client,
-    // contain with its cgroups, inbound, max_addresses_per_answer, max_elements_per_client) are applied by
-    // replacing the ruleset atomically (see `ruleset_changed`).
     let (of, nf) = (&old.firewall, &new.firewall);
-    check(
-        "firewall.enabled",
-        of.enabled != nf.enabled,
-        "the firewall is installed (or not) once, at start",
-    );
-    check(
-        "firewall.table",
-        of.table != nf.table,
-        "the table is created once, at start (a reload replaces its contents, not its name)",
-    );
-    check(
-        "firewall.mark",
-        of.mark != nf.mark,
-        "dnsfence's upstream sockets carry the mark they were opened with",
-    );
-    check(
-        "firewall.set_size",
-        of.set_size != nf.set_size,
-        "the admission thread's maps are sized once, at start",
-    );
-    check(
-        "firewall.log_denied or firewall.nflog_group",
-        of.log_denied != nf.log_denied || of.nflog_group != nf.nflog_group,
-        "the NFLOG reader that explains drops is bound once, at start",
-    );
-    check(
-        "firewall.on_exit",
-        of.on_exit != nf.on_exit,
-        "what happens to the table at exit is fixed at start",
-    );
-    check(
-        "control.socket",
-        old.control.socket != new.control.socket,
-        "the control socket is bound once, at start",
-    );
-    refused
+    let (ol, nl) = (&old.limits, &new.limits);
+    // (key, changed, why only a restart applies it). The firewall keys not here (hooks,
+    // allow_cidrs, per_client, contain with its cgroups, inbound, max_addresses_per_answer,
+    // max_elements_per_client) are applied by replacing the ruleset atomically (see
+    // `ruleset_changed`).
+    let keys = [
+        (
+            "listen",
+            old.listen != new.listen,
+            "the listening sockets are bound once, at start",
+        ),
+        (
+            "log",
+            old.log != new.log,
+            "the query log is opened once, at start",
+        ),
+        (
+            "upstreams",
+            old.upstreams != new.upstreams,
+            "the upstream sockets and their cache are set up once, at start",
+        ),
+        (
+            "upstream_timeout",
+            old.upstream_timeout != new.upstream_timeout,
+            "the upstream stage is set up once, at start",
+        ),
+        (
+            "limits.max_inflight",
+            ol.max_inflight != nl.max_inflight,
+            "the in-flight bound is set up once, at start",
+        ),
+        (
+            "limits.tcp_connections, tcp_connections_per_client or tcp_idle_timeout",
+            ol.tcp_connections != nl.tcp_connections
+                || ol.tcp_connections_per_client != nl.tcp_connections_per_client
+                || ol.tcp_idle_timeout != nl.tcp_idle_timeout,
+            "the TCP front end is set up once, at start",
+        ),
+        (
+            "firewall.enabled",
+            of.enabled != nf.enabled,
+            "the firewall is installed (or not) once, at start",
+        ),
+        (
+            "firewall.table",
+            of.table != nf.table,
+            "the table is created once, at start (a reload replaces its contents, not its name)",
+        ),
+        (
+            "firewall.mark",
+            of.mark != nf.mark,
+            "dnsfence's upstream sockets carry the mark they were opened with",
+        ),
+        (
+            "firewall.set_size",
+            of.set_size != nf.set_size,
+            "the admission thread's maps are sized once, at start",
+        ),
+        (
+            "firewall.log_denied or firewall.nflog_group",
+            of.log_denied != nf.log_denied || of.nflog_group != nf.nflog_group,
+            "the NFLOG reader that explains drops is bound once, at start",
+        ),
+        (
+            "firewall.on_exit",
+            of.on_exit != nf.on_exit,
+            "what happens to the table at exit is fixed at start",
+        ),
+        (
+            "control.socket",
+            old.control.socket != new.control.socket,
+            "the control socket is bound once, at start",
+        ),
+    ];
+    keys.into_iter()
+        .filter(|(_, changed, _)| *changed)
+        .map(|(key, _, why)| {
+            format!(
+                "{key} changed: {why}; restart dnsfence to apply it (nothing of this reload was \
+                 applied)"
+            )
+        })
+        .collect()
 }
 
 /// Whether the firewall part changed in a way a reload applies by replacing the ruleset
