@@ -13,6 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::Output;
 use std::time::Duration;
 
+use common::lab::{LabPolicy, dig_addresses, output_text};
 use common::netns::*;
 use common::{addresses, require_root};
 use hickory_proto::rr::RecordType;
@@ -28,31 +29,11 @@ const NOT_ADMITTED: &str = "198.51.100.20:80";
 const OTHER_DNS: &str = "198.51.100.99";
 
 fn policy(lab: &Lab, hooks: &str, contain: &str) -> String {
-    format!(
-        "listen: [\"10.77.0.1:53\"]
-upstreams: [\"{upstream}\"]
-upstream_timeout: 2s
-allow:
-  - \"api.allowed.test\"
-qtypes: [A, AAAA]
-log: \"-\"
-firewall:
-  table: {table}
-  hooks: [{hooks}]
-  on_exit: remove
-  set_size: 4096
-{contain}",
-        upstream = addr::UPSTREAM,
-        table = lab.table(),
-    )
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    LabPolicy::new(lab)
+        .allow(&["api.allowed.test"])
+        .top("qtypes: [A, AAAA]\n")
+        .firewall(&format!("  hooks: [{hooks}]\n  set_size: 4096\n{contain}"))
+        .yaml()
 }
 
 /// `argv` run in the gateway by a process of `uid` (and gid `uid`, no other groups).
@@ -82,7 +63,7 @@ fn connect_as(lab: &Lab, uid: u32, to: &str) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(text(&out))
+        Err(output_text(&out))
     }
 }
 
@@ -108,12 +89,7 @@ fn dig_port_as(
         argv.push("+tcp");
     }
     argv.extend([name, "A"]);
-    let out = run_as(lab, uid, &argv);
-    let said = text(&out);
-    if !out.status.success() || said.contains(";;") {
-        return Err(said);
-    }
-    Ok(said.lines().map(str::to_owned).collect())
+    dig_addresses(&run_as(lab, uid, &argv))
 }
 
 /// (With `host_dns: direct`, the behaviour from before `host_dns`: the host's own DNS goes

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{LabPolicy, output_text};
 use common::netns::*;
 use common::{BIN, require_root, require_tool};
 use hickory_proto::rr::RecordType;
@@ -129,7 +130,7 @@ impl Fence {
             child: command.spawn().expect("start dnsfence"),
             stderr,
         };
-        let socket = lab.dir.path().join("control.sock");
+        let socket = lab.control_socket();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(Some(status)) = fence.child.try_wait() {
@@ -187,11 +188,7 @@ fn connect_from(lab: &Lab, cgroup: &Path, to: &str) -> Result<(), String> {
         .stdin(Stdio::null())
         .output()
         .expect("nsenter");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = output_text(&out);
     match out.status.code() {
         Some(0) => Ok(()),
         Some(2) => panic!("the probe could not join {}: {said}", cgroup.display()),
@@ -206,64 +203,25 @@ fn policy(lab: &Lab, cgroup: &str) -> String {
 /// The test policy containing `cgroups`, with `firewall_extra` lines added to `firewall`.
 fn policy_with(lab: &Lab, cgroups: &[&str], firewall_extra: &str) -> String {
     let cgroups: Vec<String> = cgroups.iter().map(|c| format!("\"{c}\"")).collect();
-    format!(
-        "listen: [\"127.0.0.1:53\"]
-upstreams: [\"{upstream}\"]
-upstream_timeout: 2s
-allow:
-  - \"api.allowed.test\"
-qtypes: [A, AAAA]
-log: \"-\"
-control:
-  socket: \"{socket}\"
-  allow_uids: [0]
-firewall:
-  table: {table}
-  hooks: [output]
-  on_exit: remove
-  set_size: 4096
-{firewall_extra}  contain:
-    cgroups: [{cgroups}]
-",
-        cgroups = cgroups.join(", "),
-        upstream = addr::UPSTREAM,
-        socket = lab.dir.path().join("control.sock").display(),
-        table = lab.table(),
-    )
+    LabPolicy::new(lab)
+        .listen(&["127.0.0.1:53"])
+        .allow(&["api.allowed.test"])
+        .top("qtypes: [A, AAAA]\n")
+        .control(lab, "  allow_uids: [0]\n")
+        .firewall(&format!(
+            "  hooks: [output]\n  set_size: 4096\n{firewall_extra}  contain:\n    cgroups: [{}]\n",
+            cgroups.join(", ")
+        ))
+        .yaml()
 }
 
 /// Writes `yaml` as the policy and runs `ctl --json reload`: its exit status and JSON (or
 /// what it printed).
 fn reload(lab: &Lab, yaml: &str) -> (bool, serde_json::Value, String) {
-    std::fs::write(lab.policy_path(), yaml).unwrap();
-    let out = Command::new(BIN)
-        .args(["ctl", "--socket"])
-        .arg(lab.dir.path().join("control.sock"))
-        .args(["--json", "reload"])
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.write_policy(yaml);
+    let out = lab.ctl(&["--json", "reload"]);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    (out.status.success(), json, said)
-}
-
-/// `nft -t list table inet <table>` in the gateway: the ruleset, without set elements.
-fn table_text(lab: &Lab) -> String {
-    require_tool("nft");
-    let out = lab.gw.exec(
-        Duration::from_secs(10),
-        &["nft", "-t", "list", "table", "inet", &lab.table()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (out.status.success(), json, output_text(&out))
 }
 
 /// Resolves `api.allowed.test` through dnsfence from inside the gateway (which admits it).
@@ -497,7 +455,7 @@ fn a_reload_that_adds_a_cgroup_contains_it_from_its_next_packet_and_one_that_rem
 
     // A reload refused whole (firewall.mark needs a restart) applies none of its cgroups: the old
     // gate stays, and the watch keeps listing the old paths.
-    let before = table_text(&lab);
+    let before = lab.table_text();
     let (ok, _, said) = reload(&lab, &policy_with(&lab, &[&agent, &added], "  mark: 7\n"));
     assert!(!ok, "a reload changing firewall.mark was applied: {said}");
     assert!(said.contains("firewall.mark changed"), "{said}");
@@ -515,7 +473,7 @@ fn a_reload_that_adds_a_cgroup_contains_it_from_its_next_packet_and_one_that_rem
     assert_eq!(connect_from(&lab, &cg.dir("added"), NOT_ADMITTED), Ok(()));
     assert!(connect_from(&lab, &cg.dir("agent"), NOT_ADMITTED).is_err());
     assert_eq!(
-        table_text(&lab),
+        lab.table_text(),
         before,
         "a refused reload changed the ruleset"
     );

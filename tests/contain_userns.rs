@@ -18,6 +18,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Output, Stdio};
 
+use common::lab::{LabPolicy, dig_addresses, output_text};
 use common::netns::*;
 use common::require_root;
 use common::tools::require_tool;
@@ -42,18 +43,11 @@ const NOT_ADMITTED: &str = "198.51.100.20:80";
 const OTHER_DNS: &str = "198.51.100.99";
 
 fn policy(lab: &Lab) -> String {
-    format!(
-        "listen: [\"10.77.0.1:53\"]
-upstreams: [\"{upstream}\"]
-upstream_timeout: 2s
-allow:
-  - \"api.allowed.test\"
-qtypes: [A, AAAA]
-log: \"-\"
-firewall:
-  table: {table}
-  hooks: [output]
-  on_exit: remove
+    LabPolicy::new(lab)
+        .allow(&["api.allowed.test"])
+        .top("qtypes: [A, AAAA]\n")
+        .firewall(&format!(
+            "  hooks: [output]
   set_size: 4096
   contain:
     uids: [{AGENT_UID}]
@@ -62,18 +56,9 @@ firewall:
     # user namespace, not the host's DNS (tests/contain.rs covers host_dns).
     host_dns: direct
 ",
-        upstream = addr::UPSTREAM,
-        table = lab.table(),
-        dir = lab.dir.path().display(),
-    )
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+            dir = lab.dir.path().display(),
+        ))
+        .yaml()
 }
 
 /// How the process that runs `argv` is made, in the gateway's network namespace.
@@ -161,7 +146,7 @@ fn run(lab: &Lab, who: As, argv: &[&str]) -> Output {
     if let Err(e) = mapper {
         panic!(
             "the user namespace could not be set up: {e}\n{}",
-            text(&out)
+            output_text(&out)
         );
     }
     out
@@ -177,9 +162,9 @@ fn connect(lab: &Lab, who: As, to: &str) -> Result<String, String> {
     );
     let out = run(lab, who, &["timeout", "5", "perl", "-e", &script]);
     if out.status.success() {
-        Ok(text(&out))
+        Ok(output_text(&out))
     } else {
-        Err(text(&out))
+        Err(output_text(&out))
     }
 }
 
@@ -189,12 +174,7 @@ fn dig(lab: &Lab, who: As, server: &str, name: &str) -> Result<Vec<String>, Stri
     let argv = [
         "timeout", "5", "dig", &at, "+time=2", "+tries=1", "+short", name, "A",
     ];
-    let out = run(lab, who, &argv);
-    let said = text(&out);
-    if !out.status.success() || said.contains(";;") {
-        return Err(said);
-    }
-    Ok(said.lines().map(str::to_owned).collect())
+    dig_addresses(&run(lab, who, &argv))
 }
 
 #[test]

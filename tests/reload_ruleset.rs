@@ -7,10 +7,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Output};
 
+use common::lab::{LabPolicy, output_text};
 use common::netns::*;
-use common::{BIN, require_root};
+use common::require_root;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
@@ -19,45 +19,19 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
 }
 
 fn yaml(lab: &Lab, allow: &[&str], firewall_extra: &str, extra: &str) -> String {
-    let allow: String = allow.iter().map(|r| format!("  - \"{r}\"\n")).collect();
-    format!(
-        "listen: [\"10.77.0.1:53\", \"10.78.0.1:53\"]
-upstreams: [\"{upstream}\"]
-upstream_timeout: 2s
-allow:
-{allow}log: \"-\"
-ttl: {{min: 30s, max: 3600s, grace: 1s}}
-firewall:
-  enabled: true
-  table: {table}
-  on_exit: remove
-{firewall_extra}control:
-  socket: \"{socket}\"
-{extra}",
-        upstream = addr::UPSTREAM,
-        table = lab.table(),
-        socket = lab.dir.path().join("control.sock").display(),
-    )
-}
-
-fn write_policy(lab: &Lab, text: &str) {
-    let tmp = lab.dir.path().join(".policy.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, lab.policy_path()).unwrap();
-}
-
-fn ctl(lab: &Lab, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["ctl", "--socket"])
-        .arg(lab.dir.path().join("control.sock"))
-        .args(args)
-        .output()
-        .unwrap()
+    LabPolicy::new(lab)
+        .listen(&["10.77.0.1:53", "10.78.0.1:53"])
+        .allow(allow)
+        .top("ttl: {min: 30s, max: 3600s, grace: 1s}\n")
+        .control(lab, "")
+        .firewall(firewall_extra)
+        .tail(extra)
+        .yaml()
 }
 
 /// `ctl reload`, which must succeed; returns its JSON.
 fn reload_ok(lab: &Lab) -> serde_json::Value {
-    let out = ctl(lab, &["--json", "reload"]);
+    let out = lab.ctl(&["--json", "reload"]);
     assert!(
         out.status.success(),
         "ctl reload: {}{}\nstderr:\n{}",
@@ -66,20 +40,6 @@ fn reload_ok(lab: &Lab) -> serde_json::Value {
         lab.fence_stderr()
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// `nft -t list table inet <table>` in the gateway: the ruleset, without set elements.
-fn table_text(lab: &Lab) -> String {
-    let out = lab.gw.exec(
-        std::time::Duration::from_secs(10),
-        &["nft", "-t", "list", "table", "inet", &lab.table()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn resolve_ok(host: Host<'_>, name: &str) {
@@ -115,14 +75,14 @@ fn a_reload_that_adds_allow_cidrs_opens_the_range_and_one_that_removes_it_cuts_i
     );
 
     let with_cidr = format!("{hooks}  allow_cidrs: [\"203.0.113.0/28\"]\n");
-    write_policy(&lab, &yaml(&lab, &["base.allowed.test"], &with_cidr, ""));
+    lab.write_policy(&yaml(&lab, &["base.allowed.test"], &with_cidr, ""));
     let reloaded = reload_ok(&lab);
     assert_eq!(reloaded["ruleset"]["replaced"], true, "{reloaded}");
     assert_eq!(reloaded["ruleset"]["carried"], 1, "{reloaded}");
     assert!(
-        table_text(&lab).contains("203.0.113.0/28"),
+        lab.table_text().contains("203.0.113.0/28"),
         "{}",
-        table_text(&lab)
+        lab.table_text()
     );
     // The range is reachable without a restart; the admitted element was carried over into
     // the new table with its remaining timeout, so it connects without a new query.
@@ -153,10 +113,10 @@ fn a_reload_that_adds_allow_cidrs_opens_the_range_and_one_that_removes_it_cuts_i
     let mut kept = a1.open(sa("198.51.100.80", 80));
     echo(&mut kept, b"before").unwrap();
 
-    write_policy(&lab, &yaml(&lab, &["base.allowed.test"], hooks, ""));
+    lab.write_policy(&yaml(&lab, &["base.allowed.test"], hooks, ""));
     let reloaded = reload_ok(&lab);
     assert_eq!(reloaded["ruleset"]["replaced"], true, "{reloaded}");
-    assert!(!table_text(&lab).contains("203.0.113.0/28"));
+    assert!(!lab.table_text().contains("203.0.113.0/28"));
     let after = a1.probe(sa("203.0.113.10", 443), BLOCKED_AFTER);
     assert!(
         after.is_blocked(),
@@ -212,7 +172,7 @@ fn a_reload_that_toggles_per_client_keeps_what_each_client_resolved_and_nothing_
     echo(&mut stream, b"before").unwrap();
 
     // Switch per_client on and drop one name in the same reload.
-    write_policy(&lab, &yaml(&lab, &["one.allowed.test"], paired, ""));
+    lab.write_policy(&yaml(&lab, &["one.allowed.test"], paired, ""));
     let reloaded = reload_ok(&lab);
     assert_eq!(reloaded["ruleset"]["replaced"], true, "{reloaded}");
     let elems = lab.set_elements("allow4");
@@ -248,7 +208,7 @@ fn a_reload_that_toggles_per_client_keeps_what_each_client_resolved_and_nothing_
     );
 
     // And back: the per-client elements merge into one shared element.
-    write_policy(&lab, &yaml(&lab, &["one.allowed.test"], shared, ""));
+    lab.write_policy(&yaml(&lab, &["one.allowed.test"], shared, ""));
     let reloaded = reload_ok(&lab);
     assert_eq!(reloaded["ruleset"]["replaced"], true, "{reloaded}");
     let elems = lab.set_elements("allow4");
@@ -284,17 +244,14 @@ fn a_reload_that_adds_the_forward_hook_starts_containing_routed_agents() {
         a1.probe(sa("198.51.100.91", 443), CONNECT_OK),
         Reach::Connected
     );
-    assert!(!table_text(&lab).contains("hook forward"));
+    assert!(!lab.table_text().contains("hook forward"));
 
-    write_policy(
+    lab.write_policy(&yaml(
         &lab,
-        &yaml(
-            &lab,
-            &["one.allowed.test"],
-            "  hooks: [output, forward]\n",
-            "",
-        ),
-    );
+        &["one.allowed.test"],
+        "  hooks: [output, forward]\n",
+        "",
+    ));
     let reloaded = reload_ok(&lab);
     assert_eq!(reloaded["ruleset"]["replaced"], true, "{reloaded}");
     let hooks: Vec<&str> = reloaded["ruleset"]["hooks"]
@@ -305,9 +262,9 @@ fn a_reload_that_adds_the_forward_hook_starts_containing_routed_agents() {
         .collect();
     assert!(hooks.contains(&"forward"), "{reloaded}");
     assert!(
-        table_text(&lab).contains("hook forward"),
+        lab.table_text().contains("hook forward"),
         "{}",
-        table_text(&lab)
+        lab.table_text()
     );
     let blocked = a1.probe(sa("198.51.100.91", 443), BLOCKED_AFTER);
     assert!(
@@ -333,7 +290,7 @@ fn a_reload_with_a_restart_only_firewall_key_applies_nothing_of_itself() {
     let hooks = "  hooks: [output, forward]\n";
     lab.start_fence(&yaml(&lab, &["one.allowed.test"], hooks, ""));
     resolve_ok(lab.a1(), "one.allowed.test");
-    let before = table_text(&lab);
+    let before = lab.table_text();
 
     // set_size needs a restart (the admission thread's maps are sized at start). The same
     // reload also adds a name, a range and a gate: none of them may apply.
@@ -341,19 +298,17 @@ fn a_reload_with_a_restart_only_firewall_key_applies_nothing_of_itself() {
         "{hooks}  allow_cidrs: [\"203.0.113.0/28\"]\n  set_size: 8192\n  contain:\n    \
          uids: [4242]\n    interfaces: [\"veth*\"]\n"
     );
-    write_policy(
+    lab.write_policy(&yaml(
         &lab,
-        &yaml(&lab, &["one.allowed.test", "new.allowed.test"], &broken, ""),
-    );
-    let out = ctl(&lab, &["reload"]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        &["one.allowed.test", "new.allowed.test"],
+        &broken,
+        "",
+    ));
+    let out = lab.ctl(&["reload"]);
+    let said = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("firewall.set_size changed"), "{said}");
-    assert_eq!(table_text(&lab), before, "the ruleset changed");
+    assert_eq!(lab.table_text(), before, "the ruleset changed");
     assert!(has_elem(&lab.set_elements("allow4"), &["198.51.100.95"]));
     let a1 = lab.a1();
     assert!(
@@ -367,23 +322,20 @@ fn a_reload_with_a_restart_only_firewall_key_applies_nothing_of_itself() {
     let reply = a1.resolve("new.allowed.test", RecordType::A);
     assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
     // Restart-only keys are still refused whole, with the key named.
-    write_policy(
+    lab.write_policy(&yaml(
         &lab,
-        &yaml(
-            &lab,
-            &["one.allowed.test"],
-            &format!("{hooks}  mark: 7\n"),
-            "",
-        ),
-    );
-    let out = ctl(&lab, &["reload"]);
+        &["one.allowed.test"],
+        &format!("{hooks}  mark: 7\n"),
+        "",
+    ));
+    let out = lab.ctl(&["reload"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("firewall.mark changed"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(table_text(&lab), before);
+    assert_eq!(lab.table_text(), before);
 }
 
 fn require_tool_nft() {

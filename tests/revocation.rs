@@ -5,56 +5,28 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::lab::LabPolicy;
 use common::netns::*;
-use common::{BIN, require_root, sa};
+use common::{require_root, sa};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
 fn yaml(lab: &Lab, allow: &[&str], extra: &str) -> String {
-    let allow: String = allow.iter().map(|r| format!("  - \"{r}\"\n")).collect();
-    format!(
-        "listen: [\"10.77.0.1:53\"]
-upstreams: [\"{upstream}\"]
-upstream_timeout: 2s
-allow:
-{allow}log: \"-\"
-ttl: {{min: 30s, max: 3600s, grace: 1s}}
-firewall:
-  enabled: true
-  table: {table}
-  hooks: [output, forward]
-  on_exit: remove
-control:
-  socket: \"{socket}\"
-{extra}",
-        upstream = addr::UPSTREAM,
-        table = lab.table(),
-        socket = lab.dir.path().join("control.sock").display(),
-    )
-}
-
-fn write_policy(lab: &Lab, text: &str) {
-    let tmp = lab.dir.path().join(".policy.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, lab.policy_path()).unwrap();
+    LabPolicy::new(lab)
+        .allow(allow)
+        .top("ttl: {min: 30s, max: 3600s, grace: 1s}\n")
+        .control(lab, "")
+        .firewall("  hooks: [output, forward]\n")
+        .tail(extra)
+        .yaml()
 }
 
 fn sighup(lab: &Lab) {
     let pid = lab.fence_pid().expect("dnsfence runs");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-}
-
-fn ctl(lab: &Lab, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["ctl", "--socket"])
-        .arg(lab.dir.path().join("control.sock"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn has(lab: &Lab, ip: &str) -> bool {
@@ -111,10 +83,11 @@ fn remove_a_name_and_sighup(tag: &str, connections: &str) -> (bool, bool) {
     echo(&mut kept, b"before").unwrap();
     assert!(has(&lab, "198.51.100.20") && has(&lab, "198.51.100.22"));
 
-    write_policy(
+    lab.write_policy(&yaml(
         &lab,
-        &yaml(&lab, &["kept.allowed.test", "shared2.allowed.test"], &extra),
-    );
+        &["kept.allowed.test", "shared2.allowed.test"],
+        &extra,
+    ));
     sighup(&lab);
     let took = wait_revoked(&lab, "198.51.100.20", Duration::from_secs(1));
     eprintln!("{tag}: element revoked {took:?} after SIGHUP");
@@ -190,17 +163,14 @@ fn a_grant_admits_for_its_time_only_and_its_elements_go_when_it_ends() {
     let denied = lab.a1().resolve("tmp.granted.test", RecordType::A);
     assert_eq!(denied.metadata.response_code, ResponseCode::NXDomain);
 
-    let out = ctl(
-        &lab,
-        &[
-            "grant",
-            "tmp.granted.test",
-            "--ttl",
-            "2s",
-            "--reason",
-            "lab",
-        ],
-    );
+    let out = lab.ctl(&[
+        "grant",
+        "tmp.granted.test",
+        "--ttl",
+        "2s",
+        "--reason",
+        "lab",
+    ]);
     assert!(
         out.status.success(),
         "{}",

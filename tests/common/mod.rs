@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod lab;
 pub mod netns;
 pub mod tools;
 pub mod upstream;
