@@ -8,6 +8,11 @@ instructions one more query costs, start-up and shutdown cancelled out. Every th
 (receive loop, runtime, query log writer). The kernel's share (syscalls) is not counted.
 
     benches/callgrind.py [--bin target/release/dnsfence] [--kind hit|denied|both] [--low 1000] [--high 6000]
+                         [--functions 30] [--inclusive]
+
+`--functions N` also prints the N functions that one more query costs most in (the same
+difference per function, from `callgrind_annotate` of both runs; `--inclusive` counts callees
+too): where the instructions of a query go.
 
 A local upstream (a thread of this script) answers every A question with 11.0.0.1, TTL 3600; a
 hit asks one allowed name again and again, a denial a name outside the allowlist. Only loopback
@@ -64,7 +69,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def instructions(binary, policy, log, kind, count, outdir):
+def per_function(path, inclusive):
+    """Instructions per function of a callgrind output file (exclusive, or inclusive)."""
+    args = ["callgrind_annotate", "--threshold=100", f"--inclusive={'yes' if inclusive else 'no'}", path]
+    text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    costs = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(\S.*?)\s*$", line)
+        if m and ":" in m.group(2):
+            name = re.sub(r"^\S*?:", "", m.group(2), count=1)
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def instructions(binary, policy, log, kind, count, outdir, keep=None):
     port = free_port()
     out = os.path.join(outdir, f"callgrind.{kind}.{count}")
     server = subprocess.Popen(
@@ -90,7 +108,10 @@ def instructions(binary, policy, log, kind, count, outdir):
         server.wait(timeout=120)
     with open(out) as f:
         total = sum(int(m.group(1)) for m in re.finditer(r"^summary: (\d+)", f.read(), re.M))
-    os.unlink(out)
+    if keep is not None:
+        keep.append(out)
+    else:
+        os.unlink(out)
     return total
 
 
@@ -100,6 +121,10 @@ def main():
     parser.add_argument("--kind", default="both", choices=["hit", "denied", "both"])
     parser.add_argument("--low", type=int, default=1000)
     parser.add_argument("--high", type=int, default=6000)
+    parser.add_argument("--functions", type=int, default=0, metavar="N",
+                        help="print the N costliest functions per query")
+    parser.add_argument("--inclusive", action="store_true",
+                        help="with --functions: count what each function calls, too")
     args = parser.parse_args()
     up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     up.bind(("127.0.0.1", 0))
@@ -111,10 +136,19 @@ def main():
                     'allow: ["**.bench.test"]\nlimits: {client_qps: 0}\nfirewall: {enabled: false}\n')
         log = os.path.join(tmp, "queries.jsonl")
         for kind in (["hit", "denied"] if args.kind == "both" else [args.kind]):
-            low = instructions(args.bin, policy, log, kind, args.low, tmp)
-            high = instructions(args.bin, policy, log, kind, args.high, tmp)
+            keep = [] if args.functions else None
+            low = instructions(args.bin, policy, log, kind, args.low, tmp, keep)
+            high = instructions(args.bin, policy, log, kind, args.high, tmp, keep)
             per = (high - low) / (args.high - args.low)
             print(f"{kind}: {per:,.0f} instructions per query (Ir {low:,} at {args.low}, {high:,} at {args.high})")
+            if keep:
+                before, after = (per_function(path, args.inclusive) for path in keep)
+                diff = {name: (after.get(name, 0) - before.get(name, 0)) / (args.high - args.low)
+                        for name in set(before) | set(after)}
+                for name, cost in sorted(diff.items(), key=lambda item: -item[1])[:args.functions]:
+                    print(f"  {cost:9,.0f}  {name[:150]}")
+                for path in keep:
+                    os.unlink(path)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  answering thread                         │ writer thread (dnsfence-querylog)
-//!  QueryRecord: raw fields, fixed size ─────┼─► bounded queue ─► json::write_query ─► file
+//!  QueryRecord: raw fields, fixed size ─────┼─► bounded queue ─► json::LineFormat ─► file
 //!  (name in wire form, type as a number,    │   (full: dropped    (escaping, addresses,
 //!   short inline text; no formatting)       │    and counted)      time: all formatted here)
 //! ```
@@ -36,6 +36,7 @@ use crate::policy::LogTarget;
 mod json;
 mod record;
 
+pub use json::LineFormat;
 pub use record::{LoggedAddress, LoggedAddresses, QueryName, QueryRecord, ShortText};
 
 /// Records waiting to be written before new ones are dropped: about 50 ms at 150,000 queries
@@ -263,12 +264,13 @@ fn open_append(path: &Path) -> io::Result<std::fs::File> {
 fn write_records(receiver: Receiver<LogLine>, mut out: BufWriter<Box<dyn Write + Send>>) {
     let mut failing = false;
     let mut line = Vec::with_capacity(1024);
+    let mut format = json::LineFormat::default();
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
         // Write whatever is queued, then flush once: one syscall per burst, and nothing sits in
         // the buffer while the queue is idle.
         while let Some(record) = next {
-            write_line(&mut out, &mut line, &record, &mut failing);
+            write_line(&mut out, &mut line, &mut format, &record, &mut failing);
             next = receiver.try_recv().ok();
         }
         if let Err(error) = out.flush() {
@@ -279,11 +281,17 @@ fn write_records(receiver: Receiver<LogLine>, mut out: BufWriter<Box<dyn Write +
 }
 
 /// Formats one line into `line` (reused: no allocation per line) and writes it whole.
-fn write_line(out: &mut impl Write, line: &mut Vec<u8>, record: &LogLine, failing: &mut bool) {
+fn write_line(
+    out: &mut impl Write,
+    line: &mut Vec<u8>,
+    format: &mut json::LineFormat,
+    record: &LogLine,
+    failing: &mut bool,
+) {
     line.clear();
     let formatted = match record {
         LogLine::Query(query) => {
-            json::write_query(line, query);
+            format.write(line, query);
             Ok(())
         }
         LogLine::Event(event) => serde_json::to_writer(&mut *line, event).map_err(io::Error::from),

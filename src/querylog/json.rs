@@ -7,90 +7,189 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::ResponseCode;
 
 use super::QueryRecord;
 
-/// Appends `record` as one JSON object (without the newline) to `out`.
-pub(super) fn write_query(out: &mut Vec<u8>, record: &QueryRecord) {
-    let mut text = String::new();
-    out.extend_from_slice(b"{\"time\":\"");
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{}", humantime::format_rfc3339_micros(record.time));
-    out.extend_from_slice(b"\",\"policy\":");
-    string(out, record.policy.as_str());
-    out.extend_from_slice(b",\"client\":\"");
-    let _ = write!(out, "{}", record.client);
-    out.extend_from_slice(b"\",\"port\":");
-    let _ = write!(out, "{}", record.port);
-    out.extend_from_slice(b",\"transport\":");
-    string(out, record.transport);
-    out.extend_from_slice(b",\"qname\":");
-    let _ = write!(text, "{}", record.qname);
-    string(out, &text);
-    out.extend_from_slice(b",\"qtype\":");
-    text.clear();
-    if let Some(qtype) = record.qtype {
-        let _ = write!(text, "{qtype}");
-    }
-    string(out, &text);
-    out.extend_from_slice(b",\"decision\":");
-    string(out, record.decision);
-    if let Some(group) = &record.group {
-        out.extend_from_slice(b",\"group\":");
-        string(out, group);
-    }
-    if let Some(rule) = &record.rule {
-        out.extend_from_slice(b",\"rule\":");
-        string(out, rule);
-    }
-    if let Some(grant) = record.grant {
-        out.extend_from_slice(b",\"grant\":\"g");
-        let _ = write!(out, "{grant}\"");
-    }
-    if let Some(reason) = record.reason {
-        out.extend_from_slice(b",\"reason\":");
-        string(out, reason);
-    }
-    out.extend_from_slice(b",\"rcode\":\"");
-    rcode(out, record.rcode);
-    out.extend_from_slice(b"\",\"answers\":[");
-    for (i, answer) in record.answers.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+/// Formats query lines; keeps the text of the last second it stamped, so that a burst of
+/// records from the same second formats its date and time once (the writer thread keeps one).
+#[derive(Default)]
+pub struct LineFormat {
+    /// The second `stamp` spells, since the epoch.
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS`, as humantime writes it.
+    stamp: Vec<u8>,
+}
+
+impl LineFormat {
+    /// Appends `record` as one JSON object (without the newline) to `out`.
+    pub fn write(&mut self, out: &mut Vec<u8>, record: &QueryRecord) {
+        out.extend_from_slice(b"{\"time\":\"");
+        self.time(out, record.time);
+        out.extend_from_slice(b"\",\"policy\":");
+        string(out, record.policy.as_str());
+        out.extend_from_slice(b",\"client\":\"");
+        ip(out, record.client);
+        out.extend_from_slice(b"\",\"port\":");
+        integer(out, u64::from(record.port));
+        out.extend_from_slice(b",\"transport\":");
+        string(out, record.transport);
+        out.extend_from_slice(b",\"qname\":");
+        if !record.qname.write_plain_json(out) {
+            let mut text = String::new();
+            let _ = write!(text, "{}", record.qname);
+            string(out, &text);
         }
-        let _ = write!(
-            out,
-            "{{\"addr\":\"{}\",\"ttl\":{}}}",
-            answer.addr, answer.ttl
-        );
-    }
-    out.push(b']');
-    if !record.refused.is_empty() {
-        out.extend_from_slice(b",\"refused\":[");
-        for (i, addr) in record.refused.iter().enumerate() {
+        out.extend_from_slice(b",\"qtype\":");
+        string(out, record.qtype.map_or("", <&str>::from));
+        out.extend_from_slice(b",\"decision\":");
+        string(out, record.decision);
+        if let Some(group) = &record.group {
+            out.extend_from_slice(b",\"group\":");
+            string(out, group);
+        }
+        if let Some(rule) = &record.rule {
+            out.extend_from_slice(b",\"rule\":");
+            string(out, rule);
+        }
+        if let Some(grant) = record.grant {
+            out.extend_from_slice(b",\"grant\":\"g");
+            integer(out, grant);
+            out.push(b'"');
+        }
+        if let Some(reason) = record.reason {
+            out.extend_from_slice(b",\"reason\":");
+            string(out, reason);
+        }
+        out.extend_from_slice(b",\"rcode\":\"");
+        rcode(out, record.rcode);
+        out.extend_from_slice(b"\",\"answers\":[");
+        for (i, answer) in record.answers.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            let _ = write!(out, "\"{addr}\"");
+            out.extend_from_slice(b"{\"addr\":\"");
+            ip(out, answer.addr);
+            out.extend_from_slice(b"\",\"ttl\":");
+            integer(out, u64::from(answer.ttl));
+            out.push(b'}');
         }
         out.push(b']');
+        if !record.refused.is_empty() {
+            out.extend_from_slice(b",\"refused\":[");
+            for (i, &addr) in record.refused.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.push(b'"');
+                ip(out, addr);
+                out.push(b'"');
+            }
+            out.push(b']');
+        }
+        if let Some(upstream) = record.upstream {
+            out.extend_from_slice(b",\"upstream\":\"");
+            match upstream {
+                SocketAddr::V4(v4) => {
+                    ip(out, IpAddr::V4(*v4.ip()));
+                    out.push(b':');
+                    integer(out, u64::from(v4.port()));
+                }
+                // Brackets, a scope id: rare enough for std's own formatting.
+                SocketAddr::V6(v6) => {
+                    let _ = write!(out, "{v6}");
+                }
+            }
+            out.push(b'"');
+        }
+        if let Some(error) = &record.error {
+            out.extend_from_slice(b",\"error\":");
+            string(out, error);
+        }
+        if record.truncated {
+            out.extend_from_slice(b",\"truncated\":true");
+        }
+        if record.audit {
+            out.extend_from_slice(b",\"audit\":true");
+        }
+        out.extend_from_slice(b",\"latency_us\":");
+        integer(out, record.latency_us);
+        out.push(b'}');
     }
-    if let Some(upstream) = record.upstream {
-        let _ = write!(out, ",\"upstream\":\"{upstream}\"");
+
+    /// `time` as humantime's RFC 3339 with microseconds (`2026-11-30T08:37:01.123456Z`): the
+    /// date and time of day come from `stamp` when the second is the one last written.
+    fn time(&mut self, out: &mut Vec<u8>, time: SystemTime) {
+        // A clock set before 1970 is written as the epoch (humantime would panic).
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            self.stamp.clear();
+            let _ = write!(
+                self.stamp,
+                "{}",
+                humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + std::time::Duration::from_secs(second)
+                )
+            );
+            // Without the `Z`: the fraction goes before it.
+            self.stamp.pop();
+            self.second = Some(second);
+        }
+        out.extend_from_slice(&self.stamp);
+        out.push(b'.');
+        let micros = since.subsec_micros();
+        let mut digits = [b'0'; 6];
+        let mut rest = micros;
+        for slot in digits.iter_mut().rev() {
+            *slot = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        out.extend_from_slice(&digits);
+        out.push(b'Z');
     }
-    if let Some(error) = &record.error {
-        out.extend_from_slice(b",\"error\":");
-        string(out, error);
+}
+
+/// Appends `record` as one JSON object (without the newline) to `out`.
+pub(super) fn write_query(out: &mut Vec<u8>, record: &QueryRecord) {
+    LineFormat::default().write(out, record);
+}
+
+/// `value` in decimal, as `Display` writes it.
+fn integer(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        if let Some(slot) = digits.get_mut(at) {
+            *slot = b'0' + (value % 10) as u8;
+        }
+        value /= 10;
+        if value == 0 || at == 0 {
+            break;
+        }
     }
-    if record.truncated {
-        out.extend_from_slice(b",\"truncated\":true");
+    out.extend_from_slice(digits.get(at..).unwrap_or_default());
+}
+
+/// An address as `Display` writes it: IPv4 here, IPv6 (zero compression, mapped forms) by std.
+fn ip(out: &mut Vec<u8>, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                integer(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
     }
-    if record.audit {
-        out.extend_from_slice(b",\"audit\":true");
-    }
-    let _ = write!(out, ",\"latency_us\":{}}}", record.latency_us);
 }
 
 fn rcode(out: &mut Vec<u8>, rcode: ResponseCode) {
@@ -241,6 +340,87 @@ mod tests {
         let mut out = Vec::new();
         write_query(&mut out, r);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_formatter_across_seconds_and_addresses_writes_what_serde_wrote() {
+        let mut format = LineFormat::default();
+        let base = 1_795_000_000u64;
+        let cases: &[(u64, u32, &str, &str, u16, u64)] = &[
+            // (second offset, micros, client, upstream, port, latency)
+            (0, 0, "0.0.0.0", "9.9.9.9:53", 0, 0),
+            (0, 999_999, "255.255.255.255", "127.0.0.1:65535", 65535, 1),
+            (0, 10, "10.20.30.40", "[::1]:53", 53, 9),
+            (1, 100_000, "::ffff:192.0.2.1", "1.2.3.4:5353", 1, 10),
+            (1, 5, "2001:db8::1", "[2001:db8::2%3]:53", 10, 99),
+            (86_399, 123_456, "192.0.2.7", "192.0.2.1:53", 100, 100),
+            (86_400, 1, "100.64.0.1", "10.0.0.1:1053", 1000, 1_000_000),
+            (
+                3_000_000_000,
+                42,
+                "8.8.4.4",
+                "8.8.8.8:53",
+                60000,
+                12_345_678_901,
+            ),
+        ];
+        for &(offset, micros, client, upstream, port, latency) in cases {
+            let client: IpAddr = client.parse().unwrap();
+            let mut r = QueryRecord::new(SocketAddr::new(client, port), "udp").with_question(
+                &Name::from_ascii("Api-1.x_y.*.example.").unwrap(),
+                RecordType::A,
+            );
+            r.time = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(base + offset)
+                + Duration::from_micros(u64::from(micros))
+                + Duration::from_nanos(999);
+            r.upstream = Some(upstream.parse().unwrap());
+            r.latency_us = latency;
+            r.grant = Some(latency);
+            r.answers = [client, "203.0.113.9".parse().unwrap()]
+                .into_iter()
+                .map(|addr| LoggedAddress { addr, ttl: micros })
+                .collect();
+            r.refused = vec![client];
+            let mut out = Vec::new();
+            format.write(&mut out, &r);
+            let expected = reference(&r, Some(&Name::from_ascii("Api-1.x_y.*.example.").unwrap()));
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn plain_and_escaped_names_alike_read_as_hickory_prints_them() {
+        let names: &[(&[&[u8]], bool)] = &[
+            (&[b"a"], true),
+            (&[b"a"], false),
+            (&[], true),
+            (&[b"-a", b"b"], true),
+            (&[b"a-", b"B"], true),
+            (&[b"*", b"x"], true),
+            (&[b"a*", b"x"], true),
+            (&[b"_srv", b"_tcp", b"x"], true),
+            (&[b"xn--zs9h", b"x"], true),
+            (&[b"x", b"XN--zs9h"], true),
+            (&[b"a.b", b"c"], true),
+            (&[b"a\"b\\"], true),
+            (&[b"a\0b\xff", b" "], false),
+        ];
+        let mut format = LineFormat::default();
+        for &(labels, fqdn) in names {
+            let mut name = Name::from_labels(labels.iter().copied()).unwrap();
+            name.set_fqdn(fqdn);
+            let mut r = QueryRecord::new("192.0.2.1:1".parse().unwrap(), "udp")
+                .with_question(&name, RecordType::TXT);
+            r.time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+            let mut out = Vec::new();
+            format.write(&mut out, &r);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                reference(&r, Some(&name)),
+                "{labels:?}"
+            );
+        }
     }
 
     #[test]

@@ -209,6 +209,42 @@ impl QueryName {
     }
 }
 
+impl QueryName {
+    /// Appends the name as a JSON string when its presentation form needs no escaping (letters,
+    /// digits, `_`, `-` inside a label, `*` at its start, no IDNA label): the common case,
+    /// written straight from the labels. `false`, with nothing written, otherwise.
+    pub(super) fn write_plain_json(&self, out: &mut Vec<u8>) -> bool {
+        if self.is_absent() {
+            out.extend_from_slice(b"\"\"");
+            return true;
+        }
+        let plain = self.labels().all(|label| {
+            !label.starts_with(b"xn--")
+                && label.iter().enumerate().all(|(i, &byte)| {
+                    byte.is_ascii_alphanumeric()
+                        || byte == b'_'
+                        || (byte == b'-' && i > 0)
+                        || (byte == b'*' && i == 0)
+                })
+        });
+        if !plain {
+            return false;
+        }
+        out.push(b'"');
+        for (i, label) in self.labels().enumerate() {
+            if i > 0 {
+                out.push(b'.');
+            }
+            out.extend_from_slice(label);
+        }
+        if self.state == NameState::Fqdn {
+            out.push(b'.');
+        }
+        out.push(b'"');
+        true
+    }
+}
+
 /// The presentation form, exactly as hickory's `Name` prints it: `\.` for a dot inside a label,
 /// `\000` for bytes outside printable ASCII, IDNA labels (`xn--`) decoded.
 impl fmt::Display for QueryName {
