@@ -144,6 +144,10 @@ impl InflightShares {
     /// Queries `client` has in flight now.
     pub fn count(&self, client: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nobody waiting (every query a hit or a denial): no key to hash.
+        if counts.is_empty() {
+            return 0;
+        }
         counts.get(&client).copied().unwrap_or(0)
     }
 
@@ -173,14 +177,26 @@ impl Drop for InflightSlot<'_> {
 }
 
 /// The exfiltration budget for names matched by wildcard rules.
+///
+/// Windows are filed by client, then by rule pattern, so that a charge looks both up by
+/// reference (`&str`, the name's lower-case wire form on the stack) and allocates only for a
+/// name it has not seen in the window.
 pub struct WildcardBudget {
     limits: ExfiltrationLimits,
-    windows: Mutex<HashMap<(IpAddr, String), Window>>,
+    windows: Mutex<BudgetWindows>,
+}
+
+#[derive(Default)]
+struct BudgetWindows {
+    by_client: HashMap<IpAddr, HashMap<Box<str>, Window>>,
+    /// (client, rule) windows in `by_client`: at most [`MAX_TRACKED_CLIENTS`].
+    windows: usize,
 }
 
 struct Window {
     started: Instant,
-    names: HashSet<Vec<u8>>,
+    /// Names in lower-case wire form.
+    names: HashSet<Box<[u8]>>,
 }
 
 /// Why a wildcard name is over budget.
@@ -212,7 +228,7 @@ impl WildcardBudget {
     pub fn new(limits: ExfiltrationLimits) -> WildcardBudget {
         WildcardBudget {
             limits,
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::new(BudgetWindows::default()),
         }
     }
 
@@ -226,17 +242,20 @@ impl WildcardBudget {
     ) -> Result<(), BudgetExceeded> {
         let limits = &self.limits;
         // Presentation length without the trailing dot: the labels plus the dots between them.
-        let labels: Vec<&[u8]> = name.iter().collect();
-        let octets = labels.iter().map(|l| l.len()).sum::<usize>() + labels.len().saturating_sub(1);
+        let (mut octets, mut count, mut longest) = (0usize, 0usize, 0usize);
+        for label in name.iter() {
+            octets += label.len();
+            count += 1;
+            longest = longest.max(label.len());
+        }
+        let octets = octets + count.saturating_sub(1);
         if octets > limits.max_name_length {
             return Err(BudgetExceeded::NameTooLong {
                 octets,
                 max: limits.max_name_length,
             });
         }
-        if let Some(longest) = labels.iter().map(|l| l.len()).max()
-            && longest > limits.max_label_length
-        {
+        if count > 0 && longest > limits.max_label_length {
             return Err(BudgetExceeded::LabelTooLong {
                 octets: longest,
                 max: limits.max_label_length,
@@ -246,34 +265,72 @@ impl WildcardBudget {
         if per_minute == 0 {
             return Ok(());
         }
-        let key_name: Vec<u8> = name.to_lowercase().to_ascii().into_bytes();
+        // The name's identity: its wire form in lower case (ASCII only, as `Name::to_lowercase`).
+        let mut wire = [0u8; 256];
+        let mut len = 0;
+        for label in name.iter() {
+            let Some(slot) = wire.get_mut(len..=len + label.len()) else {
+                return Err(BudgetExceeded::NameTooLong {
+                    octets,
+                    max: limits.max_name_length,
+                });
+            };
+            if let Some((first, rest)) = slot.split_first_mut() {
+                *first = u8::try_from(label.len()).unwrap_or(u8::MAX);
+                rest.copy_from_slice(label);
+                rest.make_ascii_lowercase();
+            }
+            len += 1 + label.len();
+        }
+        let key_name = wire.get(..len).unwrap_or_default();
         let Ok(mut windows) = self.windows.lock() else {
             return Err(BudgetExceeded::TooManyNames { per_minute });
         };
-        let key = (client, rule.to_owned());
-        if windows.len() >= MAX_TRACKED_CLIENTS && !windows.contains_key(&key) {
-            windows.retain(|_, w| now.duration_since(w.started) < BUDGET_WINDOW);
-            if windows.len() >= MAX_TRACKED_CLIENTS {
+        let known = windows
+            .by_client
+            .get(&client)
+            .is_some_and(|rules| rules.contains_key(rule));
+        if !known && windows.windows >= MAX_TRACKED_CLIENTS {
+            windows.sweep(now);
+            if windows.windows >= MAX_TRACKED_CLIENTS {
                 return Err(BudgetExceeded::TooManyNames { per_minute });
             }
         }
-        let window = windows.entry(key).or_insert_with(|| Window {
-            started: now,
-            names: HashSet::new(),
-        });
+        if !known {
+            windows.windows += 1;
+        }
+        let rules = windows.by_client.entry(client).or_default();
+        let window = match rules.get_mut(rule) {
+            Some(window) => window,
+            None => rules.entry(rule.into()).or_insert_with(|| Window {
+                started: now,
+                names: HashSet::new(),
+            }),
+        };
         if now.duration_since(window.started) >= BUDGET_WINDOW {
             window.started = now;
             window.names.clear();
         }
-        if window.names.contains(&key_name) {
+        if window.names.contains(key_name) {
             return Ok(());
         }
         // The set never holds more than the budget, so its memory is bounded too.
         if window.names.len() >= per_minute as usize {
             return Err(BudgetExceeded::TooManyNames { per_minute });
         }
-        window.names.insert(key_name);
+        window.names.insert(key_name.into());
         Ok(())
+    }
+}
+
+impl BudgetWindows {
+    /// Forgets every window older than [`BUDGET_WINDOW`] (it carries no information).
+    fn sweep(&mut self, now: Instant) {
+        self.by_client.retain(|_, rules| {
+            rules.retain(|_, w| now.duration_since(w.started) < BUDGET_WINDOW);
+            !rules.is_empty()
+        });
+        self.windows = self.by_client.values().map(HashMap::len).sum();
     }
 }
 
@@ -321,6 +378,70 @@ mod tests {
             budget.charge(client, "**.x.test", &n("d.x.test."), later),
             Ok(())
         );
+    }
+
+    #[test]
+    fn each_client_and_rule_has_its_own_budget_and_case_does_not_make_a_name_new() {
+        // (client, rule, name, expected): per_minute 2.
+        let cases: &[(&str, &str, &str, bool)] = &[
+            ("10.0.0.1", "**.x.test", "a.x.test.", true),
+            ("10.0.0.1", "**.x.test", "A.X.TEST.", true),
+            ("10.0.0.1", "**.x.test", "b.x.test", true),
+            ("10.0.0.1", "**.x.test", "c.x.test.", false),
+            ("10.0.0.1", "**.x.test", "B.x.Test.", true),
+            ("10.0.0.1", "*.y.test", "c.y.test.", true),
+            ("10.0.0.1", "*.y.test", "d.y.test.", true),
+            ("10.0.0.1", "*.y.test", "e.y.test.", false),
+            ("10.0.0.2", "**.x.test", "c.x.test.", true),
+            ("10.0.0.2", "**.x.test", "d.x.test.", true),
+            ("10.0.0.2", "**.x.test", "e.x.test.", false),
+            // A label with a dot in it is another name than the two labels.
+            ("10.0.0.3", "**.x.test", "a\\.b.x.test.", true),
+            ("10.0.0.3", "**.x.test", "a.b.x.test.", true),
+            ("10.0.0.3", "**.x.test", "a.c.x.test.", false),
+        ];
+        let budget = WildcardBudget::new(limits(2));
+        let now = Instant::now();
+        for &(client, rule, name, expected) in cases {
+            let charged = budget.charge(client.parse().unwrap(), rule, &n(name), now);
+            assert_eq!(
+                charged.is_ok(),
+                expected,
+                "{client} {rule} {name}: {charged:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_budget_tracks_a_bounded_number_of_windows_and_frees_stale_ones() {
+        let budget = WildcardBudget::new(limits(5));
+        let now = Instant::now();
+        let name = n("a.x.test.");
+        let clients = (0..MAX_TRACKED_CLIENTS as u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+        for client in clients {
+            assert_eq!(budget.charge(client, "**.x.test", &name, now), Ok(()));
+        }
+        let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
+        let known: IpAddr = "10.0.0.0".parse().unwrap();
+        // Full and nothing stale: a new window is refused, known ones go on, even for a new rule
+        // of a known client (a window is a client and a rule).
+        assert!(budget.charge(newcomer, "**.x.test", &name, now).is_err());
+        assert!(
+            budget
+                .charge(known, "**.y.test", &n("a.y.test."), now)
+                .is_err()
+        );
+        assert_eq!(
+            budget.charge(known, "**.x.test", &n("b.x.test."), now),
+            Ok(())
+        );
+        // A window later every one of them is stale and swept.
+        let later = now + BUDGET_WINDOW;
+        assert_eq!(budget.charge(newcomer, "**.x.test", &name, later), Ok(()));
+        let windows = budget.windows.lock().unwrap();
+        assert_eq!(windows.windows, 1);
+        assert_eq!(windows.by_client.len(), 1);
     }
 
     #[test]

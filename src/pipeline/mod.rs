@@ -46,7 +46,9 @@ use tokio::sync::Semaphore;
 
 use crate::firewall::Admitter;
 use crate::policy::{CnameMode, DenyWith, Group, Mode, Policy, Rule};
-use crate::querylog::{LoggedAddress, LoggedAddresses, PolicyTag, QueryRecord, ShortText};
+use crate::querylog::{
+    LoggedAddress, LoggedAddresses, PolicyTag, QueryName, QueryRecord, ShortText,
+};
 use address_guard::{AddressGuard, AddressVerdict};
 use admitted::{AdmittedIndex, Justification};
 use answer_filter::{AnswerContext, filter_answer};
@@ -268,11 +270,27 @@ struct Passed<'g, 'p> {
     group: &'g str,
     rule: Option<&'g Rule>,
     grant: Option<&'g Grant>,
-    _in_flight: tokio::sync::SemaphorePermit<'p>,
-    _client_slot: InflightSlot<'p>,
+    /// The in-flight permit and the client's slot, held to the end of a query that may wait;
+    /// `None` for one answered at once ([`Slots::Check`]).
+    _slots: Option<(tokio::sync::SemaphorePermit<'p>, InflightSlot<'p>)>,
+}
+
+/// What the gate does with the in-flight limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slots {
+    /// Takes a permit and a slot of the client's share, held until the query ends: a query
+    /// that waits on the upstream or the firewall.
+    Take,
+    /// Checks that both a permit and a slot are free, and takes neither: a query answered
+    /// before the gate returns (the fast path), which would release them at once. It is
+    /// refused exactly when `Take` would be.
+    Check,
 }
 
 type Outcome = (Reply, QueryRecord);
+
+/// Addresses of a cached answer the fast path checks without allocating.
+const FEW_ADDRESSES: usize = 8;
 
 /// What the log says of a cache hit: rcode, addresses sent, addresses refused, upstream.
 type HitLog = (
@@ -383,7 +401,7 @@ impl Pipeline {
     /// rate limit, the decision (`decided`, with audit mode), the exfiltration budget, the
     /// in-flight limit and the client's share of it. `Err` carries the local answer.
     // Both arms carry the query's record by value: it is written once, at the end.
-    #[allow(clippy::result_large_err)]
+    #[allow(clippy::result_large_err, clippy::too_many_arguments)]
     fn gate<'g, 'p>(
         &'p self,
         generation: &'g Generation,
@@ -391,6 +409,7 @@ impl Pipeline {
         question: &Question,
         decided: (Decision<'g>, Option<&'g Grant>),
         started: Instant,
+        slots: Slots,
         mut record: QueryRecord,
     ) -> Result<(Passed<'g, 'p>, QueryRecord), Outcome> {
         let policy = generation.policy.as_ref();
@@ -422,7 +441,7 @@ impl Pipeline {
             let charged =
                 generation
                     .budget
-                    .charge(budget_key, &rule.pattern, &question.name, Instant::now());
+                    .charge(budget_key, &rule.pattern, &question.name, started);
             if let Err(exceeded) = charged {
                 record.error = Some(exceeded.to_string());
                 if !audits(policy, DenyReason::ExfiltrationBudget, question) {
@@ -433,28 +452,45 @@ impl Pipeline {
             }
         }
         record.decision = if record.audit { "deny" } else { "allow" };
-        let Ok(in_flight) = self.in_flight.try_acquire() else {
-            record.error = Some("too many queries in flight".to_owned());
-            return Err(refuse(record, DenyReason::RateLimit));
-        };
-        // Taken after the global permit, so the map of counts holds at most max_inflight
-        // clients; released when the query ends or its future is dropped.
         let share = policy.limits.max_inflight_per_client;
-        let client_slot = match self.in_flight_per_client.try_take(budget_key, share) {
-            Ok(slot) => slot,
-            Err(held) => {
-                record.error = Some(format!(
-                    "client has {held} queries in flight (limits.max_inflight_per_client {share})"
-                ));
-                return Err(refuse(record, DenyReason::RateLimit));
+        let too_many = |mut record: QueryRecord, held: usize| {
+            record.error = Some(format!(
+                "client has {held} queries in flight (limits.max_inflight_per_client {share})"
+            ));
+            refuse(record, DenyReason::RateLimit)
+        };
+        let busy = |mut record: QueryRecord| {
+            record.error = Some("too many queries in flight".to_owned());
+            refuse(record, DenyReason::RateLimit)
+        };
+        let slots = match slots {
+            Slots::Take => {
+                let Ok(in_flight) = self.in_flight.try_acquire() else {
+                    return Err(busy(record));
+                };
+                // Taken after the global permit, so the map of counts holds at most
+                // max_inflight clients; released when the query ends or its future is dropped.
+                match self.in_flight_per_client.try_take(budget_key, share) {
+                    Ok(slot) => Some((in_flight, slot)),
+                    Err(held) => return Err(too_many(record, held)),
+                }
+            }
+            Slots::Check => {
+                if self.in_flight.available_permits() == 0 {
+                    return Err(busy(record));
+                }
+                let held = self.in_flight_per_client.count(budget_key);
+                if held >= share {
+                    return Err(too_many(record, held));
+                }
+                None
             }
         };
         let passed = Passed {
             group: group_name,
             rule,
             grant,
-            _in_flight: in_flight,
-            _client_slot: client_slot,
+            _slots: slots,
         };
         Ok((passed, record))
     }
@@ -497,12 +533,24 @@ impl Pipeline {
                 return None;
             }
             hit = Some(self.cached_reply(
-                generation, group, &query, client_ip, max_size, udp_cap, reply,
+                generation, group, &query, client_ip, max_size, udp_cap, started, reply,
             )?);
         }
-        let mut record = new_record(client, transport, Some(&question));
+        let mut record = QueryRecord::new(client, transport.as_str());
+        // The log's copy of the name straight from the datagram (the same labels as `question`).
+        record.qname = QueryName::from_wire(query.wire_name())
+            .unwrap_or_else(|| QueryName::of(&question.name));
+        record.qtype = Some(question.qtype);
         record.policy = generation.tag;
-        match self.gate(generation, client_ip, &question, decided, started, record) {
+        match self.gate(
+            generation,
+            client_ip,
+            &question,
+            decided,
+            started,
+            Slots::Check,
+            record,
+        ) {
             Ok((_passed, mut record)) => {
                 // Only an allowed question passes the gate, and only with a hit.
                 let Some((rcode, answers, refused, upstream)) = hit else {
@@ -535,6 +583,7 @@ impl Pipeline {
         client: IpAddr,
         max_size: u16,
         udp_cap: u16,
+        now: Instant,
         reply: &mut Vec<u8>,
     ) -> Option<HitLog> {
         let mut lower = [0u8; 256];
@@ -552,7 +601,7 @@ impl Pipeline {
         let (found, address_ttl) = self.replies.get(
             hash,
             |key| probe.matches(key),
-            Instant::now(),
+            now,
             |answer, age| {
                 let edns = query.edns_payload.is_some();
                 if answer.reply_len(query.question_len(), edns) > usize::from(max_size) {
@@ -574,17 +623,40 @@ impl Pipeline {
                     answer.refused.to_vec(),
                     answer.upstream,
                 );
-                Some((found, (address_ttl, answer.addresses.clone())))
+                // Copied out (onto the stack when few) for the check after the shard's lock.
+                let mut addresses = [(IpAddr::from([0, 0, 0, 0]), Duration::ZERO); FEW_ADDRESSES];
+                let mut spilled = Vec::new();
+                match addresses.get_mut(..answer.addresses.len()) {
+                    Some(slots) => {
+                        for (slot, &addr) in slots.iter_mut().zip(answer.addresses.iter()) {
+                            slot.0 = addr;
+                        }
+                    }
+                    None => {
+                        spilled = answer
+                            .addresses
+                            .iter()
+                            .map(|&a| (a, Duration::ZERO))
+                            .collect()
+                    }
+                }
+                let count = answer.addresses.len();
+                Some((found, (address_ttl, addresses, spilled, count)))
             },
         )??;
-        let (address_ttl, addresses) = address_ttl;
+        let (address_ttl, mut addresses, mut spilled, count) = address_ttl;
         if let Some(admitter) = &self.admitter
-            && !addresses.is_empty()
+            && count > 0
         {
             let lifetime = answer_filter::admission_lifetime(address_ttl, &generation.policy.ttl);
-            let wanted: Vec<(IpAddr, Duration)> =
-                addresses.iter().map(|&addr| (addr, lifetime)).collect();
-            if !admitter.covered(client, &wanted) {
+            let wanted = match addresses.get_mut(..count) {
+                Some(few) => few,
+                None => spilled.as_mut_slice(),
+            };
+            for (_, wanted_for) in wanted.iter_mut() {
+                *wanted_for = lifetime;
+            }
+            if !admitter.covered(client, wanted) {
                 reply.clear();
                 return None;
             }
@@ -674,11 +746,18 @@ impl Pipeline {
         let client_ip = self.host.client_for(client.ip());
         let started = Instant::now();
         let decided = generation.decide(client_ip, &question.name, question.qtype, started);
-        let (passed, mut record) =
-            match self.gate(generation, client_ip, question, decided, started, record) {
-                Ok(passed) => passed,
-                Err(outcome) => return outcome,
-            };
+        let (passed, mut record) = match self.gate(
+            generation,
+            client_ip,
+            question,
+            decided,
+            started,
+            Slots::Take,
+            record,
+        ) {
+            Ok(passed) => passed,
+            Err(outcome) => return outcome,
+        };
         let (group_name, rule, grant) = (passed.group, passed.rule, passed.grant);
 
         // The upstream gets the name in lower case: the letter case a client chooses would
@@ -812,6 +891,28 @@ impl Pipeline {
             fresh_for,
         );
         (reply, record)
+    }
+}
+
+#[cfg(test)]
+impl Pipeline {
+    /// Holds `n` in-flight permits, each with a slot of `client`'s share, as `n` of its queries
+    /// waiting on the upstream would.
+    pub(crate) fn hold_in_flight(
+        &self,
+        client: IpAddr,
+        n: usize,
+    ) -> Vec<(tokio::sync::SemaphorePermit<'_>, InflightSlot<'_>)> {
+        (0..n)
+            .map(|_| {
+                let permit = self.in_flight.try_acquire().expect("a free permit");
+                let slot = self
+                    .in_flight_per_client
+                    .try_take(limits::client_key(client), usize::MAX)
+                    .expect("a slot");
+                (permit, slot)
+            })
+            .collect()
     }
 }
 

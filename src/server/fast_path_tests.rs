@@ -403,3 +403,42 @@ async fn the_exfiltration_budget_holds_on_the_fast_path() {
     // The fast path sees the same budget (n2 was never cached: it is not a hit).
     assert!(fast(&handler, &message(2), Transport::Udp).is_none());
 }
+
+/// The in-flight limits hold on the fast path exactly as on the full one: with other queries
+/// waiting (held here), a hit is refused by the fast path when and only when the full path
+/// refuses it, with the same record.
+#[tokio::test]
+async fn the_in_flight_limits_hold_on_the_fast_path_as_on_the_full_one() {
+    // (held by this client, held by another, answered, error)
+    let cases: &[(usize, usize, bool, &str)] = &[
+        (0, 0, true, ""),
+        (1, 0, true, ""),
+        (2, 0, false, "client has 2 queries in flight"),
+        (0, 3, true, ""),
+        (0, 4, false, "too many queries in flight"),
+        (1, 3, false, "too many queries in flight"),
+        (3, 1, false, "too many queries in flight"),
+    ];
+    let (handler, _up) =
+        handler_with("limits: {client_qps: 0, max_inflight: 4, max_inflight_per_client: 2}\n")
+            .await;
+    let hit = bytes(&query("api.fast.test.", RecordType::A));
+    full(&handler, &hit, Transport::Udp).await;
+    let client: SocketAddr = PEER.parse().unwrap();
+    for &(mine, others, answered, error) in cases {
+        let pipeline = &handler.pipeline;
+        let _mine = pipeline.hold_in_flight(client.ip(), mine);
+        let _others = pipeline.hold_in_flight("10.0.0.9".parse().unwrap(), others);
+        let (fast_reply, fast_log) = fast(&handler, &hit, Transport::Udp).expect("answered");
+        let (full_reply, full_log) = full(&handler, &hit, Transport::Udp).await;
+        let what = format!("{mine} mine, {others} others");
+        assert_eq!(fast_log, full_log, "{what}");
+        assert_eq!(
+            without_ttls(&fast_reply),
+            without_ttls(&full_reply),
+            "{what}"
+        );
+        assert_eq!(fast_log.contains("NoError"), answered, "{what}: {fast_log}");
+        assert!(fast_log.contains(error), "{what}: {fast_log}");
+    }
+}
