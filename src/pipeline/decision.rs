@@ -81,9 +81,20 @@ const SPECIAL_USE: &[&[&[u8]]] = &[
 
 /// Whether `name` is, or lies below, one of the special-use suffixes.
 pub fn is_special_use(name: &Name) -> bool {
-    SPECIAL_USE
-        .iter()
-        .any(|suffix| ends_with_labels(name, suffix))
+    // Every suffix has one or two labels: read the name's last two once, not once per suffix.
+    let mut labels = name.iter().rev();
+    let Some(last) = labels.next() else {
+        return false;
+    };
+    let before_last = labels.next();
+    SPECIAL_USE.iter().any(|suffix| match suffix {
+        [tld] => last.eq_ignore_ascii_case(tld),
+        [second, tld] => {
+            last.eq_ignore_ascii_case(tld)
+                && before_last.is_some_and(|label| label.eq_ignore_ascii_case(second))
+        }
+        _ => ends_with_labels(name, suffix),
+    })
 }
 
 fn is_test_domain(name: &Name) -> bool {
@@ -140,6 +151,48 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn special_use_names_are_found_by_their_last_labels_in_any_case() {
+        let cases: &[(&str, bool)] = &[
+            ("localhost.", true),
+            ("LocalHost.", true),
+            ("a.b.localhost.", true),
+            ("localhost.example.", false),
+            ("printer.local.", true),
+            ("x.onion.", true),
+            ("x.invalid.", true),
+            ("x.alt.", true),
+            ("home.arpa.", true),
+            ("router.HOME.arpa.", true),
+            ("arpa.", false),
+            ("home.", false),
+            ("x.home.example.arpa.", false),
+            ("1.0.0.127.in-addr.arpa.", true),
+            ("in-addr.arpa.", true),
+            ("ip6.arpa.", true),
+            ("x.ip6.arpa", true),
+            ("use-application-dns.net.", true),
+            ("net.", false),
+            ("application-dns.net.", false),
+            ("x.use-application-dns.net.", true),
+            ("example.com.", false),
+            ("lab.test.", false),
+            (".", false),
+            ("com", false),
+        ];
+        for &(text, special) in cases {
+            let name = Name::from_ascii(text).unwrap();
+            assert_eq!(is_special_use(&name), special, "{text}");
+            let reference = SPECIAL_USE
+                .iter()
+                .any(|suffix| ends_with_labels(&name, suffix));
+            assert_eq!(reference, special, "{text}");
+        }
+        // A label with a dot in it is one label, not two.
+        let dotted = Name::from_labels([b"home.arpa".as_slice()]).unwrap();
+        assert!(!is_special_use(&dotted));
+    }
 
     const POLICY: &str = r#"
 listen: ["127.0.0.1:5353"]
