@@ -241,21 +241,32 @@ impl WildcardBudget {
         now: Instant,
     ) -> Result<(), BudgetExceeded> {
         let limits = &self.limits;
-        // Presentation length without the trailing dot: the labels plus the dots between them.
-        let (mut octets, mut count, mut longest) = (0usize, 0usize, 0usize);
+        // One walk over the labels: the lengths the limits read, and the name's identity, its
+        // wire form in lower case (ASCII only, as `Name::to_lowercase`), on the stack.
+        let mut wire = [0u8; 256];
+        let (mut len, mut labels, mut longest) = (0usize, 0usize, 0usize);
         for label in name.iter() {
-            octets += label.len();
-            count += 1;
+            if let Some((first, rest)) = wire
+                .get_mut(len..=len + label.len())
+                .and_then(<[u8]>::split_first_mut)
+            {
+                *first = u8::try_from(label.len()).unwrap_or(u8::MAX);
+                rest.copy_from_slice(label);
+                rest.make_ascii_lowercase();
+            }
+            len += 1 + label.len();
+            labels += 1;
             longest = longest.max(label.len());
         }
-        let octets = octets + count.saturating_sub(1);
+        // Presentation length without the trailing dot: the labels plus the dots between them.
+        let octets = len.saturating_sub(labels) + labels.saturating_sub(1);
         if octets > limits.max_name_length {
             return Err(BudgetExceeded::NameTooLong {
                 octets,
                 max: limits.max_name_length,
             });
         }
-        if count > 0 && longest > limits.max_label_length {
+        if labels > 0 && longest > limits.max_label_length {
             return Err(BudgetExceeded::LabelTooLong {
                 octets: longest,
                 max: limits.max_label_length,
@@ -265,60 +276,61 @@ impl WildcardBudget {
         if per_minute == 0 {
             return Ok(());
         }
-        // The name's identity: its wire form in lower case (ASCII only, as `Name::to_lowercase`).
-        let mut wire = [0u8; 256];
-        let mut len = 0;
-        for label in name.iter() {
-            let Some(slot) = wire.get_mut(len..=len + label.len()) else {
-                return Err(BudgetExceeded::NameTooLong {
-                    octets,
-                    max: limits.max_name_length,
-                });
-            };
-            if let Some((first, rest)) = slot.split_first_mut() {
-                *first = u8::try_from(label.len()).unwrap_or(u8::MAX);
-                rest.copy_from_slice(label);
-                rest.make_ascii_lowercase();
-            }
-            len += 1 + label.len();
-        }
-        let key_name = wire.get(..len).unwrap_or_default();
+        // A name is at most 255 octets, so it always fits; if it ever did not, it would be over
+        // every name length limit anyway.
+        let Some(key_name) = wire.get(..len) else {
+            return Err(BudgetExceeded::NameTooLong {
+                octets,
+                max: limits.max_name_length,
+            });
+        };
         let Ok(mut windows) = self.windows.lock() else {
             return Err(BudgetExceeded::TooManyNames { per_minute });
         };
-        let known = windows
+        // The common case: a window this client and rule already have (two lookups).
+        if let Some(window) = windows
             .by_client
-            .get(&client)
-            .is_some_and(|rules| rules.contains_key(rule));
-        if !known && windows.windows >= MAX_TRACKED_CLIENTS {
+            .get_mut(&client)
+            .and_then(|rules| rules.get_mut(rule))
+        {
+            return window.charge(key_name, now, per_minute);
+        }
+        if windows.windows >= MAX_TRACKED_CLIENTS {
             windows.sweep(now);
             if windows.windows >= MAX_TRACKED_CLIENTS {
                 return Err(BudgetExceeded::TooManyNames { per_minute });
             }
         }
-        if !known {
-            windows.windows += 1;
-        }
-        let rules = windows.by_client.entry(client).or_default();
-        let window = match rules.get_mut(rule) {
-            Some(window) => window,
-            None => rules.entry(rule.into()).or_insert_with(|| Window {
-                started: now,
-                names: HashSet::new(),
-            }),
+        let mut window = Window {
+            started: now,
+            names: HashSet::new(),
         };
-        if now.duration_since(window.started) >= BUDGET_WINDOW {
-            window.started = now;
-            window.names.clear();
+        let charged = window.charge(key_name, now, per_minute);
+        windows
+            .by_client
+            .entry(client)
+            .or_default()
+            .insert(rule.into(), window);
+        windows.windows += 1;
+        charged
+    }
+}
+
+impl Window {
+    /// Charges one name (lower-case wire form) to this window.
+    fn charge(&mut self, name: &[u8], now: Instant, per_minute: u32) -> Result<(), BudgetExceeded> {
+        if now.duration_since(self.started) >= BUDGET_WINDOW {
+            self.started = now;
+            self.names.clear();
         }
-        if window.names.contains(key_name) {
+        if self.names.contains(name) {
             return Ok(());
         }
         // The set never holds more than the budget, so its memory is bounded too.
-        if window.names.len() >= per_minute as usize {
+        if self.names.len() >= per_minute as usize {
             return Err(BudgetExceeded::TooManyNames { per_minute });
         }
-        window.names.insert(key_name.into());
+        self.names.insert(name.into());
         Ok(())
     }
 }

@@ -175,15 +175,26 @@ fn integer(out: &mut Vec<u8>, mut value: u64) {
     out.extend_from_slice(digits.get(at..).unwrap_or_default());
 }
 
+/// One octet in decimal, without leading zeros.
+fn octet(out: &mut Vec<u8>, byte: u8) {
+    if byte >= 100 {
+        out.push(b'0' + byte / 100);
+    }
+    if byte >= 10 {
+        out.push(b'0' + byte / 10 % 10);
+    }
+    out.push(b'0' + byte % 10);
+}
+
 /// An address as `Display` writes it: IPv4 here, IPv6 (zero compression, mapped forms) by std.
 fn ip(out: &mut Vec<u8>, addr: IpAddr) {
     match addr {
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                integer(out, u64::from(octet));
+            let [first, rest @ ..] = v4.octets();
+            octet(out, first);
+            for byte in rest {
+                out.push(b'.');
+                octet(out, byte);
             }
         }
         IpAddr::V6(v6) => {
@@ -214,6 +225,12 @@ fn string(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = text.as_bytes();
+    // Nearly every string (a policy tag, a group, a rule, a reason) needs no escape at all.
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &byte) in bytes.iter().enumerate() {
         let escape: &[u8] = match byte {
@@ -386,6 +403,29 @@ mod tests {
             format.write(&mut out, &r);
             let expected = reference(&r, Some(&Name::from_ascii("Api-1.x_y.*.example.").unwrap()));
             assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn every_octet_and_every_escape_reads_as_std_and_serde_write_them() {
+        for byte in 0..=255u8 {
+            for addr in [[byte, 0, 9, byte], [1, byte, byte, 255]] {
+                let addr = IpAddr::from(addr);
+                let mut out = Vec::new();
+                ip(&mut out, addr);
+                assert_eq!(String::from_utf8(out).unwrap(), addr.to_string());
+            }
+            let text = format!("a{}b", char::from(byte));
+            if let Ok(expected) = serde_json::to_string(&text) {
+                let mut out = Vec::new();
+                string(&mut out, &text);
+                assert_eq!(String::from_utf8(out).unwrap(), expected, "{byte}");
+            }
+        }
+        for value in [0, 1, 9, 10, 99, 100, 65_535, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            integer(&mut out, value);
+            assert_eq!(String::from_utf8(out).unwrap(), value.to_string());
         }
     }
 
