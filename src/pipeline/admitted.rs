@@ -231,6 +231,18 @@ impl AdmittedIndex {
         list.push(why);
     }
 
+    /// A copy of every address's justifications, so that judging them needs no lock.
+    fn snapshot(&self) -> Option<Vec<(IpAddr, Vec<Justification>)>> {
+        let inner = self.inner.lock().ok()?;
+        Some(
+            inner
+                .by_addr
+                .iter()
+                .map(|(addr, list)| (*addr, list.clone()))
+                .collect(),
+        )
+    }
+
     /// Judges every live justification with `still_allowed`; drops those it rejects and those
     /// expired, and returns the addresses (and clients) left without any justification.
     /// `still_allowed` runs without the index locked.
@@ -239,13 +251,8 @@ impl AdmittedIndex {
         now: Instant,
         mut still_allowed: impl FnMut(IpAddr, &Justification) -> bool,
     ) -> Vec<Lost> {
-        let snapshot: Vec<(IpAddr, Vec<Justification>)> = match self.inner.lock() {
-            Ok(inner) => inner
-                .by_addr
-                .iter()
-                .map(|(addr, list)| (*addr, list.clone()))
-                .collect(),
-            Err(_) => return Vec::new(),
+        let Some(snapshot) = self.snapshot() else {
+            return Vec::new();
         };
         let mut rejected: Vec<(IpAddr, Justification)> = Vec::new();
         for (addr, list) in snapshot {
@@ -314,13 +321,8 @@ impl AdmittedIndex {
         now: Instant,
         mut still_allowed: impl FnMut(IpAddr, &Justification) -> bool,
     ) -> HashMap<IpAddr, Vec<(IpAddr, Instant)>> {
-        let snapshot: Vec<(IpAddr, Vec<Justification>)> = match self.inner.lock() {
-            Ok(inner) => inner
-                .by_addr
-                .iter()
-                .map(|(addr, list)| (*addr, list.clone()))
-                .collect(),
-            Err(_) => return HashMap::new(),
+        let Some(snapshot) = self.snapshot() else {
+            return HashMap::new();
         };
         let mut justified: HashMap<IpAddr, Vec<(IpAddr, Instant)>> = HashMap::new();
         for (addr, list) in snapshot {
@@ -377,6 +379,35 @@ mod tests {
         }
     }
 
+    /// `client`'s answers for `count` names `n0.example.` .. (each justifying `addr`).
+    fn record_names(
+        index: &AdmittedIndex,
+        addr: IpAddr,
+        client: &str,
+        count: usize,
+        until: Instant,
+        now: Instant,
+    ) {
+        for i in 0..count {
+            index.record(addr, j(client, &format!("n{i}.example."), until), now);
+        }
+    }
+
+    /// Judges the index with `name` no longer allowed: what is lost.
+    fn revoke_name(index: &AdmittedIndex, now: Instant, name: &str) -> Vec<Lost> {
+        let name = Name::from_ascii(name).unwrap();
+        index.revoke_unjustified(now, |_, j| j.name != name)
+    }
+
+    /// `client` lost `addr` (and `all`: nobody else keeps it).
+    fn lost_by(addr: IpAddr, client: &str, all: bool) -> Vec<Lost> {
+        vec![Lost {
+            addr,
+            clients: vec![client.parse().unwrap()],
+            all,
+        }]
+    }
+
     #[test]
     fn an_address_another_allowed_name_justifies_stays() {
         let now = Instant::now();
@@ -387,19 +418,13 @@ mod tests {
         index.record(shared, j("10.0.0.1", "a.example.", later), now);
         index.record(shared, j("10.0.0.1", "b.example.", later), now);
         index.record(only, j("10.0.0.1", "a.example.", later), now);
-        let a = Name::from_ascii("a.example.").unwrap();
-        let lost = index.revoke_unjustified(now, |_, j| j.name != a);
         assert_eq!(
-            lost,
-            vec![Lost {
-                addr: only,
-                clients: vec!["10.0.0.1".parse().unwrap()],
-                all: true
-            }]
+            revoke_name(&index, now, "a.example."),
+            lost_by(only, "10.0.0.1", true)
         );
         assert_eq!(index.len(), 1);
         // Judged again: nothing left to revoke.
-        assert!(index.revoke_unjustified(now, |_, j| j.name != a).is_empty());
+        assert!(revoke_name(&index, now, "a.example.").is_empty());
     }
 
     #[test]
@@ -410,15 +435,9 @@ mod tests {
         let addr: IpAddr = "198.51.100.1".parse().unwrap();
         index.record(addr, j("10.0.0.1", "a.example.", later), now);
         index.record(addr, j("10.0.0.2", "b.example.", later), now);
-        let a = Name::from_ascii("a.example.").unwrap();
-        let lost = index.revoke_unjustified(now, |_, j| j.name != a);
         assert_eq!(
-            lost,
-            vec![Lost {
-                addr,
-                clients: vec!["10.0.0.1".parse().unwrap()],
-                all: false
-            }]
+            revoke_name(&index, now, "a.example."),
+            lost_by(addr, "10.0.0.1", false)
         );
     }
 
@@ -489,10 +508,7 @@ mod tests {
         }
         assert_eq!(index.len(), 2);
         let addr: IpAddr = "198.51.100.0".parse().unwrap();
-        for i in 0..40 {
-            let name = format!("n{i}.example.");
-            index.record(addr, j("10.0.0.1", &name, later), now);
-        }
+        record_names(&index, addr, "10.0.0.1", 40, later, now);
         let held = index.inner.lock().unwrap().by_addr[&addr].len();
         assert_eq!(held, MAX_JUSTIFICATIONS);
         // Many clients with one each: bounded all the same.
@@ -514,19 +530,10 @@ mod tests {
         let index = AdmittedIndex::new(16);
         let addr: IpAddr = "198.51.100.1".parse().unwrap();
         index.record(addr, j("10.0.0.1", "victim.example.", soon), now);
-        for i in 0..40 {
-            let name = format!("n{i}.example.");
-            index.record(addr, j("10.0.0.2", &name, later), now);
-        }
-        let victim = Name::from_ascii("victim.example.").unwrap();
-        let lost = index.revoke_unjustified(now, |_, j| j.name != victim);
+        record_names(&index, addr, "10.0.0.2", 40, later, now);
         assert_eq!(
-            lost,
-            vec![Lost {
-                addr,
-                clients: vec!["10.0.0.1".parse().unwrap()],
-                all: false
-            }]
+            revoke_name(&index, now, "victim.example."),
+            lost_by(addr, "10.0.0.1", false)
         );
         // Control: the other client's justifications stayed bounded.
         let held = index.inner.lock().unwrap().by_addr[&addr].len();
