@@ -22,6 +22,8 @@
 //! of them is the loopback client).
 //! [`host_resolver`] tells at start whether a resolver on the host could carry a contained
 //! agent's names out (`firewall.contain.host_dns`).
+//! [`stage_times`] times each stage of a query when asked (`DNSFENCE_STAGE_TIMES=1`), to find
+//! where a latency tail comes from.
 //! [`control`] changes the policy while dnsfence runs (reload, revocation, temporary grants,
 //! the control socket and `dnsfence ctl`).
 
@@ -38,3 +40,4 @@ pub mod policy;
 pub mod querylog;
 pub mod server;
 pub mod service_manager;
+pub mod stage_times;

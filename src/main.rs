@@ -933,6 +933,9 @@ fn serve(
         if let Some((_, metrics)) = &metrics {
             tokio::spawn(heartbeats(Arc::clone(metrics), admitter.clone()));
         }
+        if dnsfence::stage_times::enabled() {
+            tokio::spawn(report_stage_times_on_usr1());
+        }
         let generation = Generation::new(policy.clone(), &digest);
         let pipeline = Arc::new(Pipeline::new(generation, upstreams, admitter));
         dnsfence::host_watch::watch(pipeline.host_addresses())
@@ -1012,6 +1015,9 @@ fn serve(
         explainer.stop();
     }
     writer.finish();
+    if let Some(table) = dnsfence::stage_times::report() {
+        eprint!("dnsfence: stage times since the last report, at exit:\n{table}");
+    }
     if let Some(firewall) = firewall {
         let kept = firewall.keeps_table().then(|| {
             (
@@ -1047,6 +1053,20 @@ async fn heartbeats(metrics: Arc<Metrics>, admitter: Option<firewall::Admitter>)
             if let Ok(Some(live)) = asked.await {
                 metrics.firewall_elements(live);
             }
+        }
+    }
+}
+
+/// Prints the stage times (and starts them afresh) on every SIGUSR1 (`DNSFENCE_STAGE_TIMES=1`).
+async fn report_stage_times_on_usr1() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        tracing::warn!("cannot listen for SIGUSR1: no stage time reports until exit");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        if let Some(table) = dnsfence::stage_times::report() {
+            eprint!("dnsfence: stage times since the last report:\n{table}");
         }
     }
 }

@@ -20,6 +20,7 @@
 //! Every query line names the policy that decided it (`policy`: the first 12 hex digits of the
 //! policy file's SHA-256), so a line can be tied to the reload that preceded it.
 
+use crate::stage_times::{Span, Stage};
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
@@ -266,6 +267,7 @@ fn write_records(receiver: Receiver<LogLine>, mut out: BufWriter<Box<dyn Write +
     let mut line = Vec::with_capacity(1024);
     let mut format = json::LineFormat::default();
     while let Ok(first) = receiver.recv() {
+        let burst = Span::start();
         let mut next = Some(first);
         // Write whatever is queued, then flush once: one syscall per burst, and nothing sits in
         // the buffer while the queue is idle.
@@ -276,6 +278,7 @@ fn write_records(receiver: Receiver<LogLine>, mut out: BufWriter<Box<dyn Write +
         if let Err(error) = out.flush() {
             report_write_error(&error, &mut failing);
         }
+        burst.end(Stage::LogBurst);
         std::thread::sleep(WRITE_CADENCE);
     }
 }

@@ -37,8 +37,8 @@
 //! Most answers (every cache hit) ask for an element the kernel acknowledged moments ago with
 //! at least that lifetime. [`Confirmed`] remembers, per key, the expiry the kernel acknowledged
 //! and when; the caller consults it before queueing a request, and when every address of an
-//! answer is covered by an acknowledgement younger than [`REFRESH_AFTER`] the answer needs no
-//! round trip at all. The kernel stays the source of truth: every element is re-added at least
+//! answer is covered by an acknowledgement younger than [`REFRESH_AFTER`] (to the second:
+//! [`TTL_GRANULARITY`]) the answer needs no round trip at all. The kernel stays the source of truth: every element is re-added at least
 //! that often while answers for it keep coming, so one deleted behind dnsfence's back (by hand,
 //! with `nft`) is back within seconds, and until then connections to it fail closed.
 
@@ -58,6 +58,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::AdmitError;
 use super::netlink::{Elem, NfSocket, NlError, Op};
 use super::ruleset::{Family, element_key};
+use crate::stage_times::{Span, Stage};
 
 /// Shortest lifetime of an element.
 pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
@@ -76,6 +77,14 @@ pub(crate) type Key = (Option<IpAddr>, IpAddr);
 /// An answer is re-sent to the kernel at least this often even when its elements are covered.
 pub(crate) const REFRESH_AFTER: Duration = Duration::from_secs(10);
 
+/// How much an acknowledged expiry may fall short of a request and still cover it: a TTL
+/// counts whole seconds, so an answer served again from a cache asks for its aged TTL rounded
+/// *down* plus the time that went by exactly, up to a second more than its first admission
+/// granted. Without this slack a hit would be covered only in the microseconds after each
+/// whole second of its age, and nearly every cache hit would wait for the kernel. The element
+/// still outlives the TTL the client is told by the grace period less under a second.
+pub(crate) const TTL_GRANULARITY: Duration = Duration::from_secs(1);
+
 /// Expiries the kernel acknowledged, shared with the callers; bounded like [`Lifetimes`].
 pub(crate) struct Confirmed {
     acked: std::sync::Mutex<HashMap<Key, (Instant, Instant)>>,
@@ -91,7 +100,7 @@ impl Confirmed {
     }
 
     /// True when every item is in the kernel, as acknowledged less than [`REFRESH_AFTER`] ago,
-    /// until at least `now + lifetime`.
+    /// until at least `now + lifetime` (less [`TTL_GRANULARITY`]).
     pub(crate) fn covers(
         &self,
         client: Option<IpAddr>,
@@ -105,7 +114,7 @@ impl Confirmed {
             acked.get(&(client, addr)).is_some_and(|&(expiry, at)| {
                 now.saturating_duration_since(at) < REFRESH_AFTER
                     && now
-                        .checked_add(lifetime)
+                        .checked_add(lifetime.saturating_sub(TTL_GRANULARITY))
                         .is_some_and(|wanted| expiry >= wanted)
             })
         })
@@ -135,6 +144,8 @@ pub(crate) struct Request {
     /// Destinations with their lifetimes, already clamped.
     pub(crate) items: Vec<(IpAddr, Duration)>,
     pub(crate) reply: oneshot::Sender<Result<(), AdmitError>>,
+    /// When it was asked (for `stage_times`; empty when those are off).
+    pub(crate) queued: Span,
 }
 
 pub(crate) use replace::ReplaceRequest;
@@ -411,7 +422,12 @@ impl Admission {
                     Err(_) => break,
                 }
             }
+            for r in &group {
+                r.queued.end(Stage::AdmitQueued);
+            }
+            let whole = Span::start();
             self.process(group);
+            whole.end(Stage::AdmitGroup);
             match revoke_after {
                 Some(Msg::Revoke(r)) => self.revoke(r),
                 Some(Msg::Replace(r)) => self.replace(r),
@@ -582,7 +598,10 @@ impl Admission {
                 }
             }
         }
+        let committing = Span::start();
         self.sock.commit(batch)?;
+        committing.end(Stage::AdmitCommit);
+        let bookkeeping = Span::start();
         let mut acked = Vec::with_capacity(granted.len());
         for (key, life, ..) in granted {
             if let Some(expiry) = now.checked_add(life) {
@@ -591,6 +610,7 @@ impl Admission {
             }
         }
         self.confirmed.record(acked.into_iter(), now);
+        bookkeeping.end(Stage::AdmitBookkeeping);
         Ok(())
     }
 
@@ -663,6 +683,7 @@ mod tests {
                         client: None,
                         items: vec![(a.parse().expect("ip"), Duration::from_secs(60))],
                         reply,
+                        queued: Span::start(),
                     }
                 })
                 .collect();
@@ -694,8 +715,13 @@ mod tests {
         let secs = Duration::from_secs;
         assert!(confirmed.covers(None, &[(a, secs(30))], t0));
         assert!(confirmed.covers(None, &[(a, secs(60))], t0));
+        // The same answer from a cache half a second later: its TTL still says 60 s.
         assert!(
-            !confirmed.covers(None, &[(a, secs(61))], t0),
+            confirmed.covers(None, &[(a, secs(60))], t0 + Duration::from_millis(500)),
+            "a TTL rounded down"
+        );
+        assert!(
+            !confirmed.covers(None, &[(a, secs(62))], t0),
             "longer than acknowledged"
         );
         assert!(

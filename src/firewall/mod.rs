@@ -69,6 +69,7 @@ pub use status::{
     ChainStatus, SetStatus, TableStatus, remove_table, running_servers, table_status,
 };
 
+use crate::stage_times::{Span, Stage};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -743,18 +744,22 @@ impl Admitter {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
+        let queued = Span::start();
         // Always the client: the thread pairs it only if the sets are per client when it
         // commits (a reload may switch that meanwhile).
         let req = Request {
             client: Some(client),
             items,
             reply,
+            queued,
         };
         self.tx
             .send(Msg::Admit(req))
             .await
             .map_err(|_| AdmitError::Closed)?;
-        answer.await.map_err(|_| AdmitError::Closed)?
+        let acknowledged = answer.await.map_err(|_| AdmitError::Closed)?;
+        queued.end(Stage::AdmitWait);
+        acknowledged
     }
 }
 

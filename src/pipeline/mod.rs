@@ -33,6 +33,7 @@ pub mod local_source;
 pub mod request;
 pub mod upstream;
 
+use crate::stage_times::{Span, Stage};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -801,7 +802,9 @@ impl Pipeline {
             max_per_family: usize::try_from(policy.firewall.addresses_per_answer())
                 .unwrap_or(usize::MAX),
         };
+        let filtering = Span::start();
         let mut filtered = filter_answer(&cx, &answer.answers);
+        filtering.end(Stage::Filter);
         record.refused = filtered.refused_addresses.clone();
         if filtered.over_quota > 0 {
             record.error = Some(format!(
@@ -843,6 +846,7 @@ impl Pipeline {
                 record.error = Some(format!("firewall admission failed: {error}"));
                 return servfail(record);
             }
+            let recording = Span::start();
             let now = Instant::now();
             let group: Arc<str> = group_name.into();
             // Admitted by audit mode: no rule allowed it.
@@ -860,6 +864,7 @@ impl Pipeline {
                 };
                 self.admitted.record(addr, why, now);
             }
+            recording.end(Stage::IndexRecord);
         }
 
         record.rcode = answer.rcode;
@@ -881,6 +886,7 @@ impl Pipeline {
             answers: filtered.records,
             soa,
         };
+        let sharing = Span::start();
         self.share(
             generation,
             group_name,
@@ -890,6 +896,7 @@ impl Pipeline {
             &filtered.admit,
             fresh_for,
         );
+        sharing.end(Stage::Share);
         (reply, record)
     }
 }

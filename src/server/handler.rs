@@ -30,6 +30,7 @@ use crate::pipeline::fast::{Questions, encode};
 use crate::pipeline::request::question_of;
 use crate::pipeline::{Pipeline, Transport};
 use crate::querylog::{QueryLog, QueryRecord};
+use crate::stage_times::{self, Stage};
 
 /// Answers messages through the pipeline and logs them.
 pub struct Handler {
@@ -42,6 +43,8 @@ pub struct Handler {
 pub struct Pending {
     record: QueryRecord,
     started: Instant,
+    /// Which stage its time counts as in `stage_times`.
+    stage: Stage,
 }
 
 impl Handler {
@@ -68,7 +71,11 @@ impl Handler {
         let record = self
             .pipeline
             .answer_wire(message, peer, transport, MAX_UDP_PAYLOAD, reply)?;
-        Some(Pending { record, started })
+        Some(Pending {
+            record,
+            started,
+            stage: Stage::QueryFast,
+        })
     }
 
     /// Answers `message` from `peer`: writes the reply into `reply` (left empty when the
@@ -153,7 +160,11 @@ impl Handler {
                 record.error = Some(format!("reply not sent: {error}"));
             }
         }
-        Pending { record, started }
+        Pending {
+            record,
+            started,
+            stage: Stage::QueryMiss,
+        }
     }
 
     /// Writes the log record of a reply once it was sent (or failed to be: `sent` says why).
@@ -161,13 +172,16 @@ impl Handler {
         let Pending {
             mut record,
             started,
+            stage,
         } = pending;
         if let Err(error) = sent {
             tracing::debug!(%error, client = %record.client, "cannot send the reply");
             record.error = Some(format!("reply not sent: {error}"));
             record.truncated = false;
         }
-        record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let took = started.elapsed();
+        stage_times::record(stage, took);
+        record.latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.log.record(record);
     }
 
@@ -188,7 +202,11 @@ impl Handler {
         if !answered {
             record.error = Some("not answered".to_owned());
         }
-        Pending { record, started }
+        Pending {
+            record,
+            started,
+            stage: Stage::QueryMiss,
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use super::mmsg::{BATCH, Batch};
 use super::{Handler, Pending};
 use crate::pipeline::Transport;
+use crate::stage_times::{Span, Stage};
 
 /// Datagrams being handled at once, per socket.
 pub const MAX_PENDING: usize = 4096;
@@ -148,6 +149,7 @@ fn fall_through(
         let pending = handler
             .answer(message, peer, Transport::Udp, &mut reply)
             .await;
+        let sending = Span::start();
         let sent = if reply.is_empty() {
             Ok(())
         } else {
@@ -157,6 +159,7 @@ fn fall_through(
                 .map(drop)
                 .map_err(|error| format!("UDP send to {peer}: {error}"))
         };
+        sending.end(Stage::ReplySend);
         handler.finish(pending, sent);
         drop(permit);
     });

@@ -61,6 +61,7 @@ use udp::UdpOutcome;
 use wire::OutgoingQuery;
 
 use crate::policy::{UpstreamOptions, UpstreamOrder as Order, UpstreamTransport};
+use crate::stage_times::{Span, Stage};
 
 /// Fewer source ports than this and the port adds too little to the ID (RFC 5452 asks for as
 /// large a range as practicable).
@@ -203,12 +204,16 @@ impl Upstreams {
             return Ok(hit);
         }
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let span = Span::start();
         let seat = self.board(name, qtype);
-        seat.flight
+        let outcome = seat
+            .flight
             .outcome
             .get_or_init(|| self.ask(name, qtype))
             .await
-            .clone()
+            .clone();
+        span.end(Stage::Resolve);
+        outcome
     }
 
     /// Joins the flight for this question, starting one if there is none.

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::socket;
 use super::wire::OutgoingQuery;
+use crate::stage_times::{Span, Stage};
 
 /// Largest datagram read; the query advertises 1,232 bytes, some upstreams send up to 4,096.
 const RECEIVE_BUFFER: usize = 4096;
@@ -49,10 +50,13 @@ pub async fn ask(
 ) -> UdpOutcome {
     let mut query = question.clone();
     query.randomize(true);
+    let opening = Span::start();
     let socket = match socket::udp(upstream, mark) {
         Ok(socket) => socket,
         Err(error) => return UdpOutcome::Failed(format!("socket to {upstream}: {error}")),
     };
+    opening.end(Stage::UpstreamSocket);
+    let asked = Span::start();
     let mut exchange = Exchange {
         socket,
         query,
@@ -72,7 +76,10 @@ pub async fn ask(
             wait = wait.saturating_mul(2);
         }
         tokio::select! {
-            reply = exchange.reply() => return reply,
+            reply = exchange.reply() => {
+                asked.end(Stage::UpstreamReply);
+                return reply;
+            }
             () = tokio::time::sleep_until(resend_at.min(deadline)) => {
                 if Instant::now() >= deadline {
                     return UdpOutcome::TimedOut(exchange.timeout_reason());
