@@ -40,4 +40,5 @@ pub mod policy;
 pub mod querylog;
 pub mod server;
 pub mod service_manager;
+pub mod sharded_map;
 pub mod stage_times;

@@ -58,6 +58,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::AdmitError;
 use super::netlink::{Elem, NfSocket, NlError, Op};
 use super::ruleset::{Family, element_key};
+use crate::sharded_map::ShardedMap;
 use crate::stage_times::{Span, Stage};
 
 /// Shortest lifetime of an element.
@@ -87,14 +88,24 @@ pub(crate) const TTL_GRANULARITY: Duration = Duration::from_secs(1);
 
 /// Expiries the kernel acknowledged, shared with the callers; bounded like [`Lifetimes`].
 pub(crate) struct Confirmed {
-    acked: std::sync::Mutex<HashMap<Key, (Instant, Instant)>>,
+    acked: std::sync::Mutex<Acked>,
     cap: usize,
+}
+
+/// (key → (expiry, acknowledged at)), and when a full map may next be pruned: pruning walks
+/// every entry under the lock the fast path takes, so at most once per [`PRUNE_INTERVAL`].
+struct Acked {
+    map: ShardedMap<Key, (Instant, Instant)>,
+    next_prune: Instant,
 }
 
 impl Confirmed {
     pub(crate) fn new(cap: usize) -> Confirmed {
         Confirmed {
-            acked: std::sync::Mutex::new(HashMap::new()),
+            acked: std::sync::Mutex::new(Acked {
+                map: ShardedMap::new(),
+                next_prune: Instant::now(),
+            }),
             cap: cap.max(1),
         }
     }
@@ -111,7 +122,7 @@ impl Confirmed {
             return false;
         };
         items.iter().all(|&(addr, lifetime)| {
-            acked.get(&(client, addr)).is_some_and(|&(expiry, at)| {
+            acked.map.get(&(client, addr)).is_some_and(|&(expiry, at)| {
                 now.saturating_duration_since(at) < REFRESH_AFTER
                     && now
                         .checked_add(lifetime.saturating_sub(TTL_GRANULARITY))
@@ -125,13 +136,21 @@ impl Confirmed {
             return;
         };
         for (key, expiry) in granted {
-            if acked.len() >= self.cap && !acked.contains_key(&key) {
-                acked.retain(|_, (_, at)| now.saturating_duration_since(*at) < REFRESH_AFTER);
-                if acked.len() >= self.cap {
+            if acked.map.len() >= self.cap && !acked.map.contains_key(&key) {
+                if now < acked.next_prune {
+                    // Full, and pruned moments ago: this one is not remembered, and answers
+                    // for it ask the kernel (the safe side).
+                    return;
+                }
+                acked.next_prune = now + PRUNE_INTERVAL;
+                acked
+                    .map
+                    .retain(|_, (_, at)| now.saturating_duration_since(*at) < REFRESH_AFTER);
+                if acked.map.len() >= self.cap {
                     return;
                 }
             }
-            acked.insert(key, (expiry, now));
+            acked.map.insert(key, (expiry, now));
         }
     }
 }
@@ -199,11 +218,13 @@ fn millis(d: Duration) -> u64 {
 
 /// The longest expiry granted per key, per family, bounded.
 pub(crate) struct Lifetimes {
-    maps: [HashMap<Key, Instant>; 2],
+    /// Sharded: they grow to the size of the sets, and one map doubling at once stalled the
+    /// thread for milliseconds.
+    maps: [ShardedMap<Key, Instant>; 2],
     /// Per client (per-client sets only), keyed by [`share_key`]: its elements and their
     /// expiries, the same entries as `maps`, to count a client's live elements without
     /// scanning everyone's.
-    clients: HashMap<IpAddr, HashMap<Key, Instant>>,
+    clients: HashMap<IpAddr, ShardedMap<Key, Instant>>,
     cap: usize,
     next_prune: [Instant; 2],
 }
@@ -219,7 +240,7 @@ impl Lifetimes {
     pub(crate) fn new(cap: usize) -> Lifetimes {
         let now = Instant::now();
         Lifetimes {
-            maps: [HashMap::new(), HashMap::new()],
+            maps: [ShardedMap::new(), ShardedMap::new()],
             clients: HashMap::new(),
             cap: cap.max(1),
             next_prune: [now, now],
@@ -303,7 +324,7 @@ impl Lifetimes {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.maps.iter().map(HashMap::len).sum()
+        self.maps.iter().map(ShardedMap::len).sum()
     }
 }
 

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{Name, RecordType};
 
+use crate::sharded_map::ShardedMap;
+
 /// Justifications kept per address before one is evicted (see [`eviction`]).
 pub const MAX_JUSTIFICATIONS: usize = 16;
 /// Justifications kept per address, at most: room for this many clients with one each.
@@ -140,7 +142,9 @@ impl Revoked {
 }
 
 struct Inner {
-    by_addr: HashMap<IpAddr, Vec<Justification>>,
+    /// Sharded: it grows to the size of the sets, and doubling it in one go held the lock (and
+    /// the query recording into it) for milliseconds.
+    by_addr: ShardedMap<IpAddr, Vec<Justification>>,
     revoked: Revoked,
     next_prune: Instant,
 }
@@ -181,7 +185,7 @@ impl AdmittedIndex {
     pub fn new(max_addresses: usize) -> AdmittedIndex {
         AdmittedIndex {
             inner: Mutex::new(Inner {
-                by_addr: HashMap::new(),
+                by_addr: ShardedMap::new(),
                 revoked: Revoked::default(),
                 next_prune: Instant::now(),
             }),
@@ -210,7 +214,9 @@ impl AdmittedIndex {
                 return;
             }
         }
-        let list = inner.by_addr.entry(addr).or_default();
+        let Some(list) = inner.by_addr.get_or_default(addr) else {
+            return;
+        };
         if let Some(same) = list
             .iter_mut()
             .find(|j| j.client == why.client && j.qtype == why.qtype && j.name == why.name)
@@ -509,14 +515,28 @@ mod tests {
         assert_eq!(index.len(), 2);
         let addr: IpAddr = "198.51.100.0".parse().unwrap();
         record_names(&index, addr, "10.0.0.1", 40, later, now);
-        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        let held = index
+            .inner
+            .lock()
+            .unwrap()
+            .by_addr
+            .get(&addr)
+            .unwrap()
+            .len();
         assert_eq!(held, MAX_JUSTIFICATIONS);
         // Many clients with one each: bounded all the same.
         for i in 0..200u8 {
             let client = format!("10.1.0.{i}");
             index.record(addr, j(&client, "a.example.", later), now);
         }
-        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        let held = index
+            .inner
+            .lock()
+            .unwrap()
+            .by_addr
+            .get(&addr)
+            .unwrap()
+            .len();
         assert_eq!(held, MAX_JUSTIFICATIONS_PER_ADDRESS);
     }
 
@@ -536,7 +556,14 @@ mod tests {
             lost_by(addr, "10.0.0.1", false)
         );
         // Control: the other client's justifications stayed bounded.
-        let held = index.inner.lock().unwrap().by_addr[&addr].len();
+        let held = index
+            .inner
+            .lock()
+            .unwrap()
+            .by_addr
+            .get(&addr)
+            .unwrap()
+            .len();
         assert!(held <= MAX_JUSTIFICATIONS, "{held}");
     }
 }

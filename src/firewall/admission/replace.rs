@@ -326,7 +326,7 @@ impl Admission {
         self.lifetimes = lifetimes;
         // Acknowledgements of the old sets' elements say nothing about the new sets.
         if let Ok(mut acked) = self.confirmed.acked.lock() {
-            acked.clear();
+            acked.map.clear();
         }
         // Read back: the kernel holds what was asked for.
         if let Err(why) = bridge::read_back(&mut self.sock, &table, bridge_want.as_ref()) {

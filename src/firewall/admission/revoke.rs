@@ -153,7 +153,7 @@ impl Admission {
         }
         if let Ok(mut acked) = self.confirmed.acked.lock() {
             for (key, _) in keys {
-                acked.remove(key);
+                acked.map.remove(key);
             }
         }
     }
