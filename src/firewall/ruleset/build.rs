@@ -1154,11 +1154,4 @@ mod tests {
         // addresses must stay reachable: no such rule for it.
         assert!(!out.iter().any(|r| r.starts_with("udp dport 53 fib daddr")));
     }
-
-    #[test]
-    #[ignore = "prints the rendered ruleset"]
-    fn print_render() {
-        let l = Layout::from_policy(&policy(vec![Hook::Output, Hook::Forward], false)).unwrap();
-        println!("{}", l.render());
-    }
 }
